@@ -1,0 +1,97 @@
+"""Reading user input strictly and writing outputs atomically.
+
+Every user-facing input error is an `InputError`: the CLI prints its one-line message
+(`FILE:LINE: what is wrong`) and exits 2, with no traceback and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class InputError(Exception):
+    """Bad user input; str(self) is the one line the user sees."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None, line: int | None = None):
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), kind: str = "row", with_lines: bool = False) -> list:
+    """Rows of a JSONL file; each must be an object whose `required` fields are non-empty strings.
+
+    With `with_lines`, (line number, row) pairs, for messages about a row found bad later.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", path, lineno) from None
+            if not isinstance(row, dict):
+                raise InputError(f"expected a JSON object per line, got {type(row).__name__}", path, lineno)
+            check_fields(row, required, path, lineno, kind)
+            rows.append((lineno, row) if with_lines else row)
+    if not rows:
+        raise InputError("file is empty", path)
+    return rows
+
+
+def check_fields(row: dict, required: Iterable[str], path, lineno, kind: str = "row") -> None:
+    for field in required:
+        if field not in row:
+            raise InputError(f"{kind} is missing field '{field}'", path, lineno)
+        if not isinstance(row[field], str):
+            raise InputError(f"field '{field}' must be a string, got {type(row[field]).__name__}", path, lineno)
+        if not row[field].strip():
+            raise InputError(f"field '{field}' is empty", path, lineno)
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator:
+    """Write to a temp file beside `path` and rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)

@@ -1,0 +1,194 @@
+"""Recipes, prefix cuts and labels, checked token by token on hand-made triples."""
+
+import json
+import warnings
+
+import pytest
+
+from derta.cli import main
+from derta.data import IGNORE, RecipeConfig, build_rows, load_training_rows, tokenize_row, word_cut
+from derta.io import InputError
+from derta.models import encode_prompt, encode_text, format_prompt, refusal_token_id, refusal_token_ids
+
+TRIPLE = {
+    "instruction": "How can I steal a car?",
+    "harmful_response": "Sure, here is how to steal a car. Step 1: get the [tool] ready. Step 2: wait for the [signal].",
+    "safe_response": "Sorry, I cannot help with that. Trying to steal a car is harmful and may break the law.",
+    "category": "theft",
+}
+HELPFUL = {"instruction": "Repeat these words: apple river blue", "response": "apple river blue"}
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def trained(row):
+    return [t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
+
+
+def test_refusal_id_comes_from_the_tokenizer(tiny_tokenizer):
+    sorry = tiny_tokenizer.convert_tokens_to_ids("Sorry")
+    assert refusal_token_id(tiny_tokenizer, "Sorry") == sorry
+    # Both forms count for probes: `Sorry` and ` Sorry` are different tokens.
+    ids = refusal_token_ids(tiny_tokenizer, "Sorry")
+    assert ids == [sorry, tiny_tokenizer.convert_tokens_to_ids("ĠSorry")] and ids[0] != ids[1]
+
+
+def test_multi_token_refusal_phrase_warns_and_uses_first_token(tiny_tokenizer):
+    with pytest.warns(UserWarning, match="first token"):
+        rid = refusal_token_id(tiny_tokenizer, "Apologies, friend")
+    assert rid == encode_text(tiny_tokenizer, "Apologies, friend")[0]
+
+
+@pytest.mark.parametrize("recipe,kinds", [("vanilla", ["safe"]), ("prefix", ["prefix"]), ("rto", ["safe", "rto"]),
+                                          ("derta", ["prefix", "rto"])])
+def test_rows_per_recipe(recipe, kinds):
+    rows = build_rows(RecipeConfig(recipe=recipe), [TRIPLE] * 3, [HELPFUL] * 2)
+    assert [r["kind"] for r in rows] == ["helpful"] * 2 + kinds * 3
+    assert all(r["category"] == "theft" for r in rows if r["kind"] != "helpful")
+
+
+def test_mle_labels_mask_prompt_and_prefix_and_train_safe_response_plus_eos(tiny_tokenizer):
+    cfg = RecipeConfig(recipe="prefix", no_prefix_ratio=0.0, seed=3)
+    row = build_rows(cfg, [TRIPLE], [])[0]
+    assert row["prefix"] and TRIPLE["harmful_response"].startswith(row["prefix"])
+    assert row["prefix"] == row["prefix"].rstrip(), "prefix must not end in whitespace"
+    assert row["target"] == " " + TRIPLE["safe_response"], "the separator belongs to the target"
+    tok = tokenize_row(row, tiny_tokenizer, refusal_token_id(tiny_tokenizer))
+    prompt = encode_prompt(tiny_tokenizer, format_prompt(tiny_tokenizer, TRIPLE["instruction"]))
+    prefix = encode_text(tiny_tokenizer, row["prefix"])
+    target = encode_text(tiny_tokenizer, row["target"])
+    # The seam: input is exactly the concatenated segments, masked up to the target.
+    assert tok["input_ids"] == prompt + prefix + target + [tiny_tokenizer.eos_token_id]
+    assert tok["labels"][: len(prompt) + len(prefix)] == [IGNORE] * (len(prompt) + len(prefix))
+    assert tok["labels"][len(prompt) + len(prefix):] == target + [tiny_tokenizer.eos_token_id]
+    # The first trained token is " Sorry" (one token), not a lone space.
+    assert tiny_tokenizer.convert_ids_to_tokens(trained(tok)[0]) == "ĠSorry"
+    assert tiny_tokenizer.decode(trained(tok)[:-1]) == " " + TRIPLE["safe_response"]
+    assert trained(tok)[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_vanilla_and_helpful_labels(tiny_tokenizer):
+    rows = build_rows(RecipeConfig(recipe="vanilla"), [TRIPLE], [HELPFUL])
+    helpful, safe = (tokenize_row(r, tiny_tokenizer, 0) for r in rows)
+    assert tiny_tokenizer.decode(trained(helpful)[:-1]) == HELPFUL["response"]
+    assert tiny_tokenizer.decode(trained(safe)[:-1]) == TRIPLE["safe_response"]
+    assert tiny_tokenizer.convert_ids_to_tokens(trained(safe)[0]) == "Sorry"
+    assert len(safe["input_ids"]) == len(safe["labels"])
+
+
+def test_rto_labels_are_refusal_at_every_response_position(tiny_tokenizer):
+    sorry = refusal_token_id(tiny_tokenizer)
+    row = [r for r in build_rows(RecipeConfig(recipe="rto"), [TRIPLE], []) if r["kind"] == "rto"][0]
+    tok = tokenize_row(row, tiny_tokenizer, sorry)
+    prompt = encode_prompt(tiny_tokenizer, format_prompt(tiny_tokenizer, TRIPLE["instruction"]))
+    harm = encode_text(tiny_tokenizer, TRIPLE["harmful_response"])
+    assert tok["input_ids"] == prompt + harm + [tiny_tokenizer.eos_token_id]
+    assert tok["labels"] == [IGNORE] * len(prompt) + [sorry] * (len(harm) + 1)
+    # Shifted as the model sees it: logits from the prompt's last token through the last harmful token.
+    shifted = tok["labels"][1:]
+    predicting = [i for i, l in enumerate(shifted) if l != IGNORE]
+    assert predicting == list(range(len(prompt) - 1, len(prompt) + len(harm)))
+
+
+def test_rto_keep_ratio_and_weight(tiny_tokenizer):
+    import random
+
+    row = {"kind": "rto", "instruction": TRIPLE["instruction"], "prefix": "", "target": TRIPLE["harmful_response"]}
+    full = tokenize_row(row, tiny_tokenizer, 7)
+    part = tokenize_row(row, tiny_tokenizer, 7, rto_keep_ratio=0.25, rto_weight=2.0, rng=random.Random(0))
+    n = sum(l == 7 for l in full["labels"])
+    assert sum(l == 7 for l in part["labels"]) == round(0.25 * n)
+    assert part["loss_weight"] == 2.0 and part["input_ids"] == full["input_ids"]
+
+
+def test_no_prefix_ratio_and_short_responses_kept():
+    triples = [dict(TRIPLE, instruction=f"q{i}") for i in range(30)] + [dict(TRIPLE, instruction="short", harmful_response="Okay")]
+    rows = build_rows(RecipeConfig(recipe="prefix", no_prefix_ratio=0.33, seed=1), triples, [])
+    assert len(rows) == 31
+    assert sum(r["prefix"] == "" for r in rows[:30]) in (9, 10)
+    short = rows[-1]
+    assert short["prefix"] == "" and short["target"] == TRIPLE["safe_response"]
+    cuts = {r["prefix"] for r in rows if r["prefix"]}
+    assert len(cuts) > 3, "prefix lengths should vary"
+
+
+def test_word_and_token_cuts(tiny_tokenizer):
+    text = "Step 1: do\n the  thing. Step 2: rest."
+    assert word_cut(text, 3) == "Step 1: do"
+    assert word_cut(text, 5) == "Step 1: do\n the  thing."
+    rows = build_rows(RecipeConfig(recipe="prefix", cut="token", no_prefix_ratio=0.0, seed=5), [TRIPLE] * 5, [],
+                      tokenizer=tiny_tokenizer)
+    for r in rows:
+        assert TRIPLE["harmful_response"].startswith(r["prefix"]) and r["prefix"] == r["prefix"].rstrip()
+    with pytest.raises(InputError, match="needs --tokenizer"):
+        build_rows(RecipeConfig(recipe="prefix", cut="token"), [TRIPLE], [])
+
+
+def test_cli_build_is_deterministic_and_complete(tmp_path, tiny_dir):
+    safety = write(tmp_path / "s.jsonl", [dict(TRIPLE, instruction=f"How can I steal car {i}?") for i in range(20)])
+    helpful = write(tmp_path / "h.jsonl", [HELPFUL])
+    outs = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["data", "build", "--recipe", "derta", "--safety", str(safety), "--helpful", str(helpful),
+                     "--out", str(out), "--seed", str(seed), "--tokenizer", str(tiny_dir)]) == 0
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+    rows = [json.loads(l) for l in outs[0].decode().splitlines()]
+    assert len(rows) == 41 and all(len(r["input_ids"]) == len(r["labels"]) for r in rows)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"instruction": "a", "harmful_response": "b", "safe_response": "c"}\n{"instruction": "a",\n', ":2: malformed JSON"),
+    ('{"instruction": "a", "harmful_response": "b"}\n', ":1: safety row is missing field 'safe_response'"),
+    ('{"instruction": "a", "harmful_response": 3, "safe_response": "c"}\n', ":1: field 'harmful_response' must be a string"),
+    ('\n\n', ": file is empty"),
+    ('[1, 2]\n', ":1: expected a JSON object"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "build", "--recipe", "derta", "--safety", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{bad}{message}" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad], "nothing half-written"
+
+
+def test_datasets_source_with_column_mapping(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": "q", "rejected": "bad words here", "chosen": "Sorry, no."}])
+    ds.save_to_disk(str(tmp_path / "ds"))
+    from derta.data import SAFETY_FIELDS, load_rows, parse_mapping
+
+    rows = load_rows(str(tmp_path / "ds"), SAFETY_FIELDS,
+                     parse_mapping("instruction=prompt,harmful_response=rejected,safe_response=chosen"))
+    assert rows == [{"instruction": "q", "harmful_response": "bad words here", "safe_response": "Sorry, no."}]
+    with pytest.raises(InputError, match="no column 'nope'"):
+        load_rows(str(tmp_path / "ds"), SAFETY_FIELDS, {"instruction": "nope"})
+
+
+def test_reference_format_rows_load(tmp_path, tiny_tokenizer):
+    ref = write(tmp_path / "ref.jsonl", [
+        {"prefix": "[INST] q [\\INST] Step 1: x", "text": " Sorry, no.<|end_of_text|>", "safe": "false"},
+        {"prefix": "[INST] q [\\INST]", "text": " Step 1: x.<|end_of_text|>", "safe": "true"},
+    ])
+    mle, rto = load_training_rows(str(ref))
+    assert (mle["kind"], rto["kind"]) == ("helpful", "rto")
+    assert mle["target"] == " Sorry, no." and mle["template"] == "raw"
+    tok = tokenize_row(mle, tiny_tokenizer, 5)
+    assert tiny_tokenizer.decode(trained(tok)[:-1]) == " Sorry, no."
+
+
+def test_training_rows_validation(tmp_path):
+    bad = write(tmp_path / "rows.jsonl", [{"kind": "helpful", "instruction": "a", "target": "b"},
+                                          {"kind": "rto", "input_ids": [1, 2], "labels": [-100]}])
+    with pytest.raises(InputError, match=r"rows.jsonl:2: input_ids \(2\) and labels \(1\) differ"):
+        load_training_rows(str(bad))
+    bad = write(tmp_path / "rows.jsonl", [{"kind": "weird", "instruction": "a", "target": "b"}])
+    with pytest.raises(InputError, match="rows.jsonl:1: field 'kind'"):
+        load_training_rows(str(bad))
