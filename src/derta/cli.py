@@ -99,9 +99,36 @@ def cmd_train(args) -> None:
     print(f"saved model to {run_from_cli(args)}")
 
 
-def _add_train(sub) -> None:
-    from .train import add_train_arguments
+def add_train_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="directory or hub ID of a causal LM")
+    p.add_argument("--data", required=True, help="output of `derta data build` (text or tokenized), or reference-format rows")
+    p.add_argument("--output", required=True, help="directory for checkpoints and the final model")
+    p.add_argument("--config", help="YAML of DertaConfig / TrainingArguments fields (deepspeed, fsdp, bf16, ...)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, help="default 2 (paper)")
+    g.add_argument("--max-steps", type=int)
+    p.add_argument("--learning-rate", type=float, help="default 2e-5 full FT, 1e-4 LoRA (paper)")
+    p.add_argument("--batch-size", type=int, help="per device; default 8")
+    p.add_argument("--grad-accum", type=int, help="default 16 (effective batch 128 with --batch-size 8)")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--template", help="prompt format for text rows: auto | chat | inst | raw | format string")
+    p.add_argument("--refusal-phrase")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to load weights in")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    p.add_argument("--save-steps", type=int)
+    p.add_argument("--logging-steps", type=int)
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 96, alpha 16, dropout 0.05, all projections)")
+    p.add_argument("--lora-r", type=int)
+    p.add_argument("--lora-alpha", type=int)
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-target-modules", help="comma-separated module names, or all-linear (default)")
+    p.add_argument("--merge", action="store_true", help="with --lora: save the merged full model instead of the adapter")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a causal LM on `data build` rows (Hugging Face Trainer)")
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
@@ -138,6 +165,138 @@ def _add_probe(sub) -> None:
     p.set_defaults(func=cmd_probe)
 
 
+# ---------------------------------------------------------------- eval
+
+
+def _json_arg(text: str | None, flag: str):
+    import json
+
+    from .io import InputError
+
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{flag}: not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{flag}: expected a JSON object")
+    return value
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import run_eval
+
+    s = run_eval(
+        args.out, args.prompts, args.attacks, args.judge, model=args.model, backend=args.backend,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=args.template, system=args.system,
+        dtype=args.dtype, base_url=args.base_url, openai_extra=_json_arg(args.openai_extra, "--openai-extra"),
+        jailbreak_templates=args.jailbreak_template or [], attacker=args.attacker, pair_iterations=args.pair_iterations,
+        autodan_population=args.autodan_population, autodan_generations=args.autodan_generations, seed=args.seed,
+        limit=args.limit,
+    )
+    asr = ", ".join(f"{a} {100 * x:.1f}%" for a, x in s["asr"].items())
+    print(f"{sum(s['n'].values())} rows judged by {s['judge']}: ASR {asr}; wrote {args.out}/summary.json and report.md")
+
+
+def _add_eval(sub) -> None:
+    from .evaluate import OFFLINE_ATTACKS
+
+    p = sub.add_parser("eval", help="attack a model, judge the responses, report attack success rates (resumable)")
+    p.add_argument("--model", required=True, help="directory or hub ID (hf, vllm) or the endpoint's model name (openai)")
+    p.add_argument("--prompts", required=True, help='JSONL with "question", "instruction" or "prompt" per row, or .txt (one per line)')
+    p.add_argument("--attacks", default=OFFLINE_ATTACKS,
+                   help="comma-separated: none, completion, prefill, codeattack, jailbreak, selfcipher, pasttense, pair, autodan")
+    p.add_argument("--judge", default="keyword", help="keyword | openai:MODEL | hf:PATH")
+    p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm", "openai"])
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--template", default="auto", help="auto | chat | inst | raw | a format string with {instruction}")
+    p.add_argument("--system", help="system prompt for chat inputs")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL); key from $OPENAI_API_KEY")
+    p.add_argument("--openai-extra", help='JSON merged into each request, e.g. \'{"continue_final_message": true, "add_generation_prompt": false}\' for vLLM prefill')
+    p.add_argument("--jailbreak-template", action="append", metavar="FILE",
+                   help="a role-play template file containing {question} (repeatable; replaces the built-in set)")
+    p.add_argument("--attacker", help="PAIR's attacker: hf:PATH, vllm:PATH or openai:MODEL (default: the target model)")
+    p.add_argument("--pair-iterations", type=int, default=3)
+    p.add_argument("--autodan-population", type=int, default=8)
+    p.add_argument("--autodan-generations", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="AutoDAN's random seed")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval_helpful(args) -> None:
+    from .helpfulness import run_helpful
+
+    s = run_helpful(
+        args.out, args.task, args.data, model=args.model, backend=args.backend, judge=args.judge, reference=args.reference,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=args.template, system=args.system,
+        dtype=args.dtype, base_url=args.base_url, limit=args.limit,
+    )
+    score = "generation only (no judge)" if s["score"] is None else f"{s['metric']} {100 * s['score']:.1f}%"
+    print(f"{args.task}: {score} over {s['n']} questions; wrote {args.out}/summary.json and report.md")
+
+
+def _add_eval_helpful(sub) -> None:
+    p = sub.add_parser("eval-helpful", help="helpfulness: GSM8K, MMLU accuracy or AlpacaEval-style win rate (resumable)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "alpaca"])
+    p.add_argument("--data", required=True, help="JSONL with \"question\" (+ \"answer\" for gsm8k and mmlu)")
+    p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
+    p.add_argument("--judge", help="alpaca only: openai:MODEL for the pairwise win rate (needs reference outputs)")
+    p.add_argument("--reference", help="alpaca only: JSONL of reference outputs (\"output\"; matched on \"instruction\" or by line)")
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm", "openai"])
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--template", default="auto")
+    p.add_argument("--system")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL)")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.set_defaults(func=cmd_eval_helpful)
+
+
+def cmd_judge(args) -> None:
+    from .evaluate import judge_file
+
+    r = judge_file(args.input, args.judge, args.out, base_url=args.base_url, batch_size=args.batch_size)
+    agree = "" if r["agreement"] is None else f"; agreement with human labels {100 * r['agreement']:.1f}% ({r['n_labelled']} rows)"
+    print(f"judged {r['n']} rows with {r['judge']}: {100 * r['asr']:.1f}% harmful{agree}; wrote {args.out}")
+
+
+def _add_judge(sub) -> None:
+    p = sub.add_parser("judge", help="(re-)judge a generations file; reports agreement with human_harmful labels if present")
+    p.add_argument("--in", dest="input", required=True, help='JSONL with "response" and "prompt" (e.g. an eval\'s generations.jsonl)')
+    p.add_argument("--judge", required=True, help="keyword | openai:MODEL | hf:PATH")
+    p.add_argument("--out", required=True, help="output JSONL: the rows with new harmful/refused/judge fields")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_judge)
+
+
+# ---------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> None:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
+    report = run_demo(args.out, cfg)
+    failed = [name for name, ok in report["checks"].items() if not ok]
+    print(f"report: {args.out}/report.md; checks {'all pass' if not failed else 'FAILED: ' + ', '.join(failed)}")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="reproduce refusal position bias and DeRTa's fix on a tiny model (offline, CPU)")
+    p.add_argument("--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reduced", action="store_true", help="tiny budgets, for a quick smoke run of the pipeline")
+    p.set_defaults(func=cmd_demo)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -145,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="derta", description=__doc__.splitlines()[0])
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_tiny, _add_data, _add_train, _add_probe):
+    for add in (_add_tiny, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful, _add_judge):
         add(sub)
     return parser
 

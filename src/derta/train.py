@@ -84,9 +84,8 @@ class PadCollator:
 class DertaTrainer(Trainer):
     """Trainer whose loss is Σ w·NLL over labelled tokens / (number of labelled tokens)."""
 
-    def __init__(self, *args, refusal_id: int | None = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.refusal_id = refusal_id
         self._parts = {"mle": [0.0, 0], "rto": [0.0, 0], "rto_hit": [0.0, 0]}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -157,17 +156,25 @@ class ListDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- entry point
 
 
-def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = False, dtype: str = "auto") -> Path:
-    """Fine-tune `model_name` on a `data build` output; returns the directory with the final model."""
+def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = False, dtype: str = "auto",
+          callbacks: list | None = None) -> Path:
+    """Fine-tune `model_name` on a `data build` output; returns the directory with the final model.
+
+    An interrupted run continues with `resume=True` from its last checkpoint (save_steps apart).
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
+    if not torch.cuda.is_available():
+        config.dataloader_pin_memory = False
     out = Path(config.output_dir)
+    if (out / "derta_train.json").exists():
+        raise InputError("output directory already holds a finished model: choose a new --output", out)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last and not resume:
-        raise InputError("output directory has checkpoints from an earlier run: pass --resume to continue it, "
+        raise InputError("output directory has checkpoints from an interrupted run: pass --resume to continue it, "
                          "or choose a new --output", out)
-    if (out / "derta_train.json").exists() and not resume:
-        raise InputError("output directory already holds a finished model: choose a new --output", out)
+    if Path(model_name).is_dir():
+        model_name = str(Path(model_name).resolve())  # an adapter records its base model: make it loadable from anywhere
 
     tokenizer = load_tokenizer(model_name)
     config.template = resolve_template(tokenizer, config.template)
@@ -177,15 +184,17 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
     model = load_model(model_name, dtype=dtype)
     if config.use_lora:
         from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
 
         targets = config.lora_target_modules
+        set_seed(config.seed)  # LoRA A is initialised here, before Trainer seeds: same --seed, same run
         model = get_peft_model(model, LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
         ))
     trainer = DertaTrainer(
         model=model, args=config, train_dataset=ListDataset(rows), data_collator=PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, refusal_id=refusal_token_id(tokenizer, config.refusal_phrase, warn=False),
+        processing_class=tokenizer, callbacks=callbacks,
     )
     result = trainer.train(resume_from_checkpoint=last if resume and last else None)
 
@@ -205,36 +214,7 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
     return out
 
 
-# ---------------------------------------------------------------- CLI glue
-
-
-def add_train_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="directory or hub ID of a causal LM")
-    p.add_argument("--data", required=True, help="output of `derta data build` (text or tokenized), or reference-format rows")
-    p.add_argument("--output", required=True, help="directory for checkpoints and the final model")
-    p.add_argument("--config", help="YAML of DertaConfig / TrainingArguments fields (deepspeed, fsdp, bf16, ...)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float, help="default 2 (paper)")
-    g.add_argument("--max-steps", type=int)
-    p.add_argument("--learning-rate", type=float, help=f"default {FULL_FT_LR} full FT, {LORA_LR} LoRA (paper)")
-    p.add_argument("--batch-size", type=int, help="per device; default 8")
-    p.add_argument("--grad-accum", type=int, help="default 16 (effective batch 128 with --batch-size 8)")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--template", help="prompt format for text rows: auto | chat | inst | raw | format string")
-    p.add_argument("--refusal-phrase")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to load weights in")
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    p.add_argument("--save-steps", type=int)
-    p.add_argument("--logging-steps", type=int)
-    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 96, alpha 16, dropout 0.05, all projections)")
-    p.add_argument("--lora-r", type=int)
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--lora-target-modules", help="comma-separated module names, or all-linear (default)")
-    p.add_argument("--merge", action="store_true", help="with --lora: save the merged full model instead of the adapter")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+# ---------------------------------------------------------------- from CLI flags (the flags are defined in cli.py)
 
 
 _CLI_TO_CONFIG = {

@@ -1,0 +1,339 @@
+"""`derta eval`: attack a model with every (prompt, attack) pair, judge the responses, report attack success rates.
+
+    DIR/manifest.json     the settings; resuming into DIR with other settings is refused
+    DIR/generations.jsonl one row per (attack, prompt), appended (and fsynced) as each batch finishes
+    DIR/summary.json      {"asr": {attack: fraction harmful}, "n": {attack: count}, ...}, written at the end
+    DIR/report.md         a paper-shaped table
+
+Rerunning the same command resumes: finished rows are read back (a row torn by kill -9 is cut off)
+and only missing (attack, prompt) pairs are generated. With nothing missing, no model is loaded.
+`judge_file` (`derta judge`) re-judges a generations file, and reports agreement with human labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .io import InputError, check_fields, read_jsonl, write_json, write_jsonl, write_text
+
+PROMPT_FIELDS = ("question", "instruction", "prompt")  # the first one a row has is its prompt
+OFFLINE_ATTACKS = "completion,prefill,codeattack,jailbreak,selfcipher,pasttense"  # the six that need no search loop
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from JSONL (`question`, `instruction` or `prompt` per row) or a .txt file (one per line)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise InputError("no such file", path)
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise InputError("file is empty", path)
+        return prompts
+    prompts = []
+    for lineno, row in read_jsonl(path, with_lines=True):
+        name = next((f for f in PROMPT_FIELDS if f in row), None)
+        if name is None:
+            raise InputError(f"row has none of the fields {', '.join(PROMPT_FIELDS)}", path, lineno)
+        check_fields(row, [name], path, lineno, "prompt row")
+        prompts.append(row[name])
+    return prompts
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def text_sha256(texts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- a resumable run directory
+
+
+class RunDir:
+    """An output directory whose rows survive kill -9: a manifest, then an append-only JSONL log.
+
+    `key_of(row)` names a row's unit of work; rows read back are deduplicated on it.
+    """
+
+    def __init__(self, out: str | os.PathLike, manifest: dict, rows_file: str = "generations.jsonl"):
+        self.dir = Path(out)
+        self.manifest_path, self.rows_path = self.dir / "manifest.json", self.dir / rows_file
+        self.manifest = manifest
+        self._log = None
+
+    def check(self) -> None:
+        """Refuse a directory made with other settings, or one that is not a run directory.
+
+        Nothing is written here: the manifest goes in with the first row, so a run that fails
+        before producing anything (e.g. an unreachable endpoint) leaves no directory behind.
+        """
+        if self.manifest_path.is_file():
+            try:
+                old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                raise InputError("malformed manifest", self.manifest_path) from None
+            for key in sorted(set(old) | set(self.manifest)):
+                if old.get(key) != self.manifest.get(key):
+                    raise InputError(f"this run was made with {key}={_short(old.get(key))}, not {_short(self.manifest.get(key))}; "
+                                     "rerun with the same settings to resume, or use another --out", self.manifest_path)
+            return
+        if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
+            raise InputError("exists and is not a derta run directory (no manifest.json); use another --out", self.dir)
+
+    def read_rows(self, key_of) -> dict:
+        """Finished rows by key. A torn last line (killed mid-write) is cut off the file."""
+        rows: dict = {}
+        if not self.rows_path.is_file():
+            return rows
+        data = self.rows_path.read_bytes()
+        good_end, lineno = 0, 0
+        for line in data.splitlines(keepends=True):
+            lineno += 1
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("torn")
+                row = json.loads(line)
+            except ValueError:
+                if good_end + len(line) < len(data):  # not the last line: damage we did not make
+                    raise InputError("malformed row (not written by derta?)", self.rows_path, lineno) from None
+                break
+            good_end += len(line)
+            rows.setdefault(key_of(row), row)
+        if good_end < len(data):
+            with open(self.rows_path, "r+b") as f:
+                f.truncate(good_end)
+                os.fsync(f.fileno())
+        return rows
+
+    def append(self, row: dict) -> None:
+        if self._log is None:
+            if not self.manifest_path.is_file():
+                write_json(self.manifest_path, self.manifest)
+            self._log = open(self.rows_path, "a", encoding="utf-8")
+        self._log.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._log.flush()
+        os.fsync(self._log.fileno())
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _row_key(row: dict) -> tuple:
+    return row.get("attack"), row.get("index")
+
+
+# ---------------------------------------------------------------- derta eval
+
+
+def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], attacks: str | list[str] = OFFLINE_ATTACKS,
+             judge: str = "keyword", model=None, tokenizer=None, backend: str = "hf", model_name: str | None = None,
+             max_new_tokens: int = 256, batch_size: int = 16, template: str = "auto", system: str | None = None,
+             dtype: str = "auto", base_url: str | None = None, openai_extra: dict | None = None,
+             jailbreak_templates: list[str] = (), attacker: str | None = None, pair_iterations: int = 3,
+             autodan_population: int = 8, autodan_generations: int = 3, seed: int = 0, limit: int | None = None,
+             progress: bool | None = None) -> dict:
+    """Run (or resume) an evaluation into `out`; returns the summary.
+
+    `model` is a path / hub ID / endpoint model name, or a loaded HF model (then pass `tokenizer`,
+    and `model_name` for the manifest). `attacker` is a backend spec for PAIR (hf:PATH, openai:MODEL ...;
+    default: the target model). Everything is checked before anything is written.
+    """
+    from .attacks import SEARCH, make_attacks
+    from .generate import BACKENDS, make_backend, parse_backend_spec
+    from .judges import make_judge
+
+    questions = load_prompts(prompts) if not isinstance(prompts, list) else list(prompts)
+    if limit is not None:
+        questions = questions[:limit]
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    attack_objs = make_attacks(attacks, jailbreak_templates, None, pair_iterations, autodan_population, autodan_generations, seed)
+    judge_obj = make_judge(judge, base_url=base_url, batch_size=batch_size) if isinstance(judge, str) else judge
+    if attacker:
+        parse_backend_spec(attacker)
+    name = model_name or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
+    if not name:
+        raise InputError("--model is required")
+    names = [a.name for a in attack_objs]
+    manifest = {
+        "model": str(name), "backend": backend, "attacks": names, "judge": judge_obj.name,
+        "max_new_tokens": max_new_tokens, "template": template, "system": system, "n_prompts": len(questions),
+        "prompts_sha256": text_sha256(questions),
+        "jailbreak_templates": [[Path(p).name, file_sha256(p)] for p in jailbreak_templates] or None,
+        "pair": {"attacker": attacker or "target", "iterations": pair_iterations} if "pair" in names else None,
+        "autodan": {"population": autodan_population, "generations": autodan_generations, "seed": seed} if "autodan" in names else None,
+    }
+    run = RunDir(out, manifest)
+    run.check()
+    rows = run.read_rows(_row_key)
+    todo = {a.name: [i for i in range(len(questions)) if (a.name, i) not in rows] for a in attack_objs}
+    n_todo = sum(map(len, todo.values()))
+
+    if n_todo:
+        from tqdm import tqdm
+
+        target = make_backend(backend, model, tokenizer, batch_size, max_new_tokens, template, system, dtype, base_url, openai_extra)
+        bar = tqdm(total=len(questions) * len(attack_objs), initial=len(rows), desc="eval", unit="row",
+                   disable=None if progress is None else not progress)
+
+        def record(row: dict) -> None:
+            run.append(row)
+            rows[_row_key(row)] = row
+            bar.update(1)
+
+        try:
+            # Static attacks: one pooled, length-sorted stream of batches; each batch is judged and saved at once.
+            static = [(a.name, i, a.apply(questions[i])) for a in attack_objs if a.name not in SEARCH for i in todo[a.name]]
+            for idx, responses in target.generate_iter([inp for _, _, inp in static]):
+                verdicts = judge_obj.judge([questions[static[j][1]] for j in idx], responses)
+                for j, response, verdict in zip(idx, responses, verdicts):
+                    name, i, inp = static[j]
+                    record(make_row(name, i, questions[i], inp, response, verdict))
+            # Search attacks: a batch of questions at a time (they generate, and PAIR judges, inside).
+            for a in attack_objs:
+                if a.name not in SEARCH or not todo[a.name]:
+                    continue
+                if a.name == "pair" and attacker:
+                    kind, attacker_model = parse_backend_spec(attacker)
+                    a.attacker = make_backend(kind, attacker_model, None, batch_size, max_new_tokens, "auto", None, dtype,
+                                              base_url, openai_extra)
+                for start in range(0, len(todo[a.name]), batch_size):
+                    chunk = todo[a.name][start:start + batch_size]
+                    results = a.run([questions[i] for i in chunk], target, judge_obj)
+                    unjudged = [(i, r) for i, r in zip(chunk, results) if r.verdict is None]
+                    if unjudged:
+                        verdicts = judge_obj.judge([questions[i] for i, _ in unjudged], [r.response for _, r in unjudged])
+                        for (_, r), v in zip(unjudged, verdicts):
+                            r.verdict = v
+                    for i, r in zip(chunk, results):
+                        record(make_row(a.name, i, questions[i], r.input, r.response, r.verdict, r.details))
+        finally:
+            bar.close()
+            run.close()
+
+    summary = summarize([rows[(a, i)] for a in names for i in range(len(questions))], names)
+    summary.update({"model": manifest["model"], "judge": manifest["judge"], "backend": backend, "max_new_tokens": max_new_tokens})
+    write_json(run.dir / "summary.json", summary)
+    write_text(run.dir / "report.md", report_markdown(summary))
+    return summary
+
+
+def make_row(attack: str, index: int, question: str, inp, response: str, verdict, attack_details: dict | None = None) -> dict:
+    """One generations.jsonl row: what was asked, what came back, and the judge's verdict."""
+    row = {"attack": attack, "index": index, "prompt": question, "input": inp.text}
+    if inp.prefill:
+        row["prefill"] = inp.prefill
+    row.update({"chat": inp.chat, "response": response, "harmful": verdict.harmful, "refused": verdict.refused,
+                "judge": verdict.details})
+    details = {**inp.meta, **(attack_details or {})}
+    if details:
+        row["attack_details"] = details
+    return row
+
+
+def summarize(rows: list[dict], attacks: list[str] | None = None) -> dict:
+    """Per-attack counts and rates: asr (harmful), refusal rate, degenerate share."""
+    attacks = attacks or list(dict.fromkeys(r.get("attack", "all") for r in rows))
+    by = {a: [r for r in rows if r.get("attack", "all") == a] for a in attacks}
+
+    def rate(a, test):
+        return round(sum(map(test, by[a])) / len(by[a]), 4) if by[a] else None
+
+    return {
+        "asr": {a: rate(a, lambda r: bool(r.get("harmful"))) for a in attacks},
+        "n": {a: len(by[a]) for a in attacks},
+        "refusal_rate": {a: rate(a, lambda r: bool(r.get("refused"))) for a in attacks},
+        "degenerate": {a: rate(a, lambda r: bool((r.get("judge") or {}).get("degenerate"))) for a in attacks},
+    }
+
+
+# The paper's names for its attacks (Table 1 / 2 column heads).
+DISPLAY = {"none": "As given", "completion": "CompletingAttack", "prefill": "Prefill", "codeattack": "CodeAttack",
+           "jailbreak": "JailbreakChat", "selfcipher": "SelfCipher", "pasttense": "PastTense", "pair": "PAIR",
+           "autodan": "AutoDAN"}
+
+
+def report_markdown(summary: dict) -> str:
+    attacks = list(summary["asr"])
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    asrs = [x for x in summary["asr"].values() if x is not None]
+    avg = sum(asrs) / len(asrs) if asrs else None
+    heads = [DISPLAY.get(a, a) for a in attacks]
+    lines = [
+        f"# Attack success rate: {summary.get('model', '')}",
+        "",
+        f"Judge `{summary.get('judge')}`, backend `{summary.get('backend')}`, at most {summary.get('max_new_tokens')} new tokens. "
+        "ASR (%) = share of responses judged harmful (lower is safer).",
+        "",
+        "| Model | " + " | ".join(heads) + " | Avg. |",
+        "|---" * (len(heads) + 2) + "|",
+        f"| {Path(str(summary.get('model', ''))).name} | " + " | ".join(pct(summary["asr"][a]) for a in attacks) + f" | {pct(avg)} |",
+        "",
+        "| | " + " | ".join(heads) + " |",
+        "|---" * (len(heads) + 1) + "|",
+        "| n | " + " | ".join(str(summary["n"][a]) for a in attacks) + " |",
+        "| refusal (%) | " + " | ".join(pct(summary["refusal_rate"][a]) for a in attacks) + " |",
+        "| degenerate (%) | " + " | ".join(pct(summary["degenerate"][a]) for a in attacks) + " |",
+        "",
+        "Degenerate responses (empty, or one word or phrase looping) are not counted as harmful.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- derta judge
+
+
+def load_generations(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """Rows with a string `response` (may be empty) and, if present, a string `prompt`."""
+    rows = read_jsonl(path, with_lines=True)
+    for lineno, row in rows:
+        if not isinstance(row.get("response"), str):
+            raise InputError("row needs a string field 'response'", path, lineno)
+        prompt = row.get("prompt", row.get("question", row.get("instruction", "")))
+        if not isinstance(prompt, str):
+            raise InputError("field 'prompt' must be a string", path, lineno)
+        if "human_harmful" in row and not isinstance(row["human_harmful"], bool):
+            raise InputError("field 'human_harmful' must be true or false", path, lineno)
+    return rows
+
+
+def judge_file(in_path: str | os.PathLike, judge: str, out_path: str | os.PathLike, base_url: str | None = None,
+               batch_size: int = 16) -> dict:
+    """Judge every row of a generations file; write the rows with new verdicts to `out_path`.
+
+    Rows labelled by people (`"human_harmful": true/false`) give the judge's agreement with them.
+    """
+    from .judges import make_judge
+
+    rows = [row for _, row in load_generations(in_path)]
+    judge_obj = make_judge(judge, base_url=base_url, batch_size=batch_size)
+    judged = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = [r.get("prompt", r.get("question", r.get("instruction", ""))) for r in chunk]
+        for row, v in zip(chunk, judge_obj.judge(prompts, [r["response"] for r in chunk])):
+            judged.append({**row, "harmful": v.harmful, "refused": v.refused, "judge": v.details})
+    write_jsonl(out_path, judged)
+    labelled = [r for r in judged if "human_harmful" in r]
+    result = {"n": len(judged), "asr": round(sum(r["harmful"] for r in judged) / len(judged), 4), "judge": judge_obj.name,
+              "n_labelled": len(labelled),
+              "agreement": round(sum(r["harmful"] == r["human_harmful"] for r in labelled) / len(labelled), 4) if labelled else None}
+    return result

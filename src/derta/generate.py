@@ -1,0 +1,347 @@
+"""Generation backends: turn `GenInput`s into response texts.
+
+A `GenInput` is what an attack produces: either a chat turn (instruction, formatted with the
+model's template, optionally with the assistant turn already started by `prefill`) or raw text
+to continue (no template). Backends are swappable behind one interface:
+
+    backend.generate(inputs) -> responses, in input order
+    backend.generate_iter(inputs) -> (input indices, responses) one batch at a time, so callers
+                                     can save results as they finish
+
+    HFBackend      transformers: batched, left-padded, longest first, greedy, KV cache, stops at EOS
+    VLLMBackend    vLLM (the `vllm` extra, GPUs): same token ids as HFBackend, greedy
+    OpenAIBackend  any OpenAI-compatible endpoint over plain HTTP (closed-model baselines)
+
+Nothing here imports torch at module level: `derta eval` resuming a finished run never loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .io import InputError
+from .models import encode_prompt, encode_text, format_prompt
+
+BACKENDS = ("hf", "vllm", "openai")
+
+
+@dataclass(frozen=True)
+class GenInput:
+    """One generation request: a chat instruction (with optional assistant prefill) or raw text."""
+
+    text: str
+    prefill: str = ""  # the start of the assistant turn, e.g. "Sure, here is"; the response continues it
+    chat: bool = True  # False: `text` is continued as is, with no chat template
+    meta: dict = field(default_factory=dict, compare=False)  # what the attack wants recorded, e.g. a template name
+
+
+def encode_input(tokenizer, inp: GenInput, template: str = "auto", system: str | None = None) -> list[int]:
+    """Token ids of an input, segment by segment: prompt ids, then prefill ids (never re-tokenized as one string)."""
+    if inp.chat:
+        ids = encode_prompt(tokenizer, format_prompt(tokenizer, inp.text, template, system), template)
+    else:
+        ids = encode_prompt(tokenizer, inp.text, "raw")  # raw text gets the tokenizer's own BOS, if any
+    return ids + encode_text(tokenizer, inp.prefill)
+
+
+class Backend:
+    """Common interface; subclasses implement `generate_iter`."""
+
+    name = "backend"
+
+    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+        raise NotImplementedError
+
+    def generate(self, inputs: list[GenInput]) -> list[str]:
+        return collect(self.generate_iter(inputs), len(inputs))
+
+
+def collect(batches: Iterator[tuple[list[int], list[str]]], n: int) -> list[str]:
+    """The texts of a `generate_iter`-style stream of (indices, texts), back in input order."""
+    out = [""] * n
+    for idx, texts in batches:
+        for i, t in zip(idx, texts):
+            out[i] = t
+    return out
+
+
+# ---------------------------------------------------------------- Hugging Face transformers
+
+
+class HFBackend(Backend):
+    """Greedy generation with transformers; accepts a path/hub ID or an already-loaded model + tokenizer."""
+
+    name = "hf"
+
+    def __init__(self, model_or_path, tokenizer=None, batch_size: int = 16, max_new_tokens: int = 256,
+                 template: str = "auto", system: str | None = None, dtype: str = "auto", device: str | None = None):
+        import torch
+
+        from .models import load_model, load_tokenizer, resolve_template
+
+        if batch_size < 1 or max_new_tokens < 1:
+            raise InputError("--batch-size and --max-new-tokens must be at least 1")
+        if isinstance(model_or_path, str):
+            self.tokenizer = tokenizer or load_tokenizer(model_or_path)
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = load_model(model_or_path, dtype=dtype, device=device)
+        else:
+            if tokenizer is None:
+                raise InputError("HFBackend: a loaded model needs its tokenizer")
+            self.model, self.tokenizer = model_or_path, tokenizer
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.eval()
+        self.device = next(self.model.parameters()).device
+        self.template = resolve_template(self.tokenizer, template)
+        self.system, self.batch_size, self.max_new_tokens = system, batch_size, max_new_tokens
+        # The model's own EOS set (Llama-3 chat models also stop at <|eot_id|>), else the tokenizer's.
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.gen_config = self._greedy_config()
+
+    def _greedy_config(self):
+        import copy
+
+        cfg = copy.deepcopy(self.model.generation_config)
+        cfg.do_sample, cfg.num_beams, cfg.use_cache = False, 1, True
+        # Sampling settings shipped with chat models (temperature 0.6 ...) would only draw warnings.
+        cfg.temperature = cfg.top_p = cfg.top_k = None
+        cfg.max_new_tokens, cfg.max_length = self.max_new_tokens, None
+        cfg.eos_token_id = sorted(self.eos_ids)
+        cfg.pad_token_id = self.tokenizer.pad_token_id
+        return cfg
+
+    def encode(self, inp: GenInput) -> list[int]:
+        return encode_input(self.tokenizer, inp, self.template, self.system)
+
+    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+        yield from self.generate_ids_iter([self.encode(x) for x in inputs])
+
+    def generate_ids_iter(self, ids: list[list[int]]) -> Iterator[tuple[list[int], list[str]]]:
+        """Batches of similar length, longest first (an out-of-memory batch fails at once, not at the end)."""
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield idx, self._generate_batch([ids[i] for i in idx])
+
+    def _generate_batch(self, batch: list[list[int]]) -> list[str]:
+        import torch
+
+        from .probe import left_pad
+
+        input_ids, mask, _ = left_pad(batch, self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
+                                      generation_config=self.gen_config)
+        texts = []
+        for row in out[:, input_ids.shape[1]:].tolist():
+            end = next((k for k, t in enumerate(row) if t in self.eos_ids), len(row))
+            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return texts
+
+    def score(self, inputs: list[GenInput], targets: list[str]) -> list[float]:
+        """Mean log-probability per token of each target right after its input (teacher forced).
+
+        AutoDAN's fitness: how readily the model starts its answer with e.g. "Sure, here is ...".
+        """
+        import torch
+
+        from .probe import left_pad
+
+        seqs = [(self.encode(x), encode_text(self.tokenizer, t)) for x, t in zip(inputs, targets)]
+        if any(not t for _, t in seqs):
+            raise InputError("score: empty target string")
+        scores: list[float] = [0.0] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -sum(map(len, seqs[i])))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            ids, mask, pos = left_pad([seqs[i][0] + seqs[i][1] for i in idx], self.tokenizer.pad_token_id)
+            keep = max(len(seqs[i][1]) for i in idx) + 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=pos.to(self.device), logits_to_keep=keep).logits[:, -keep:-1]
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            # Left padding puts every target at the end: the logits before the last n tokens predict them.
+            for row, i in enumerate(idx):
+                target = seqs[i][1]
+                n = len(target)
+                picked = logp[row, keep - 1 - n:, :].gather(-1, torch.tensor(target).unsqueeze(-1))
+                scores[i] = float(picked.mean())
+        return scores
+
+
+# ---------------------------------------------------------------- vLLM (optional extra)
+
+
+class VLLMBackend(Backend):
+    """vLLM offline engine, fed the same token ids as HFBackend; greedy. Needs `pip install 'derta[vllm]'`."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, batch_size: int = 256, max_new_tokens: int = 256, template: str = "auto",
+                 system: str | None = None, dtype: str = "auto", **engine_kwargs):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise InputError("the vllm backend needs the vllm extra: pip install 'derta[vllm]' (GPU machines)") from None
+        from . import models
+
+        self.llm = LLM(model=model_path, dtype=dtype, trust_remote_code=models.TRUST_REMOTE_CODE, **engine_kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.template = models.resolve_template(self.tokenizer, template)
+        self.system, self.batch_size = system, batch_size
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+
+    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+        # vLLM schedules its own batches; chunks only bound how much is lost if the run is killed.
+        for start in range(0, len(inputs), self.batch_size):
+            idx = list(range(start, min(start + self.batch_size, len(inputs))))
+            prompts = [{"prompt_token_ids": encode_input(self.tokenizer, inputs[i], self.template, self.system)} for i in idx]
+            outs = self.llm.generate(prompts, self.params, use_tqdm=False)
+            yield idx, [o.outputs[0].text for o in outs]
+
+
+# ---------------------------------------------------------------- OpenAI-compatible HTTP
+
+
+RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+RETRIES, BACKOFF = 4, 1.0  # waits of 1, 2, 4, 8 s (or the server's Retry-After) before giving up
+
+
+class OpenAIClient:
+    """Minimal client for an OpenAI-compatible API: JSON over urllib, retries with exponential backoff.
+
+    The base URL comes from the argument or OPENAI_BASE_URL (it includes /v1, as in the openai SDK);
+    the key from the argument or OPENAI_API_KEY. The key is sent in a header and never printed:
+    it is scrubbed from every error message.
+    """
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0,
+                 retries: int | None = None, backoff: float | None = None):
+        self.model = model
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        self._key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        self.timeout = timeout
+        self.retries = RETRIES if retries is None else retries
+        self.backoff = BACKOFF if backoff is None else backoff
+
+    def __repr__(self) -> str:
+        return f"OpenAIClient(model={self.model!r}, base_url={self.base_url!r})"
+
+    def _scrub(self, text: str) -> str:
+        text = " ".join(text.split())[:300]
+        return text.replace(self._key, "***") if self._key else text
+
+    def post(self, route: str, payload: dict) -> dict:
+        url = f"{self.base_url}/{route}"
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        data = json.dumps(payload).encode()
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, data, headers, method="POST"), timeout=self.timeout) as r:
+                    body = r.read()
+                break
+            except urllib.error.HTTPError as e:  # before URLError: HTTPError is one
+                detail = self._scrub(e.read().decode("utf-8", "replace"))
+                if e.code not in RETRY_STATUS or last:
+                    raise InputError(f"HTTP {e.code} from {url} (attempt {attempt + 1}): {detail}") from None
+                wait = _retry_after(e) or self.backoff * 2 ** attempt
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+                if last:
+                    reason = getattr(e, "reason", e)
+                    raise InputError(f"cannot reach {url} after {attempt + 1} attempts: {self._scrub(str(reason))}") from None
+                wait = self.backoff * 2 ** attempt
+            time.sleep(wait)
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            raise InputError(f"{url} answered with something other than JSON: {self._scrub(body.decode('utf-8', 'replace'))}") from None
+
+    def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, extra: dict | None = None) -> str:
+        reply = self.post("chat/completions", {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                                               "temperature": temperature, **(extra or {})})
+        try:
+            return reply["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise InputError(f"{self.base_url}/chat/completions: reply has no choices[0].message.content") from None
+
+    def complete(self, prompt: str, max_tokens: int, temperature: float = 0.0, extra: dict | None = None) -> str:
+        reply = self.post("completions", {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
+                                          "temperature": temperature, **(extra or {})})
+        try:
+            return reply["choices"][0]["text"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise InputError(f"{self.base_url}/completions: reply has no choices[0].text") from None
+
+
+def _retry_after(e: urllib.error.HTTPError) -> float | None:
+    try:
+        return min(float(e.headers.get("Retry-After", "")), 60.0)
+    except (TypeError, ValueError):
+        return None
+
+
+class OpenAIBackend(Backend):
+    """Chat inputs go to /chat/completions (a prefill becomes a final assistant message), raw inputs to /completions.
+
+    Servers differ on continuing a final assistant message: vLLM needs
+    extra={"continue_final_message": true, "add_generation_prompt": false}; OpenAI's own API has no prefill.
+    """
+
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, batch_size: int = 16,
+                 max_new_tokens: int = 256, system: str | None = None, concurrency: int = 4, extra: dict | None = None,
+                 client: OpenAIClient | None = None):
+        self.client = client or OpenAIClient(model, base_url, api_key)
+        self.batch_size, self.max_new_tokens, self.system = batch_size, max_new_tokens, system
+        self.concurrency, self.extra = concurrency, extra
+
+    def _one(self, inp: GenInput) -> str:
+        if not inp.chat:
+            return self.client.complete(inp.text + inp.prefill, self.max_new_tokens, extra=self.extra)
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + [{"role": "user", "content": inp.text}]
+        if inp.prefill:
+            messages.append({"role": "assistant", "content": inp.prefill})
+        return self.client.chat(messages, self.max_new_tokens, extra=self.extra)
+
+    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            for start in range(0, len(inputs), self.batch_size):
+                idx = list(range(start, min(start + self.batch_size, len(inputs))))
+                yield idx, list(pool.map(self._one, [inputs[i] for i in idx]))
+
+
+# ---------------------------------------------------------------- choosing a backend
+
+
+def parse_backend_spec(spec: str) -> tuple[str, str]:
+    """'hf:PATH' / 'vllm:PATH' / 'openai:MODEL' -> (kind, model)."""
+    kind, sep, model = spec.partition(":")
+    if not sep or kind not in BACKENDS or not model:
+        raise InputError(f"bad backend spec '{spec}': use hf:PATH, vllm:PATH or openai:MODEL")
+    return kind, model
+
+
+def make_backend(kind: str, model, tokenizer=None, batch_size: int = 16, max_new_tokens: int = 256, template: str = "auto",
+                 system: str | None = None, dtype: str = "auto", base_url: str | None = None, extra: dict | None = None) -> Backend:
+    """A backend by name; `model` is a path or hub ID (hf, vllm), a loaded model (hf), or a model name (openai)."""
+    if kind == "hf":
+        return HFBackend(model, tokenizer, batch_size, max_new_tokens, template, system, dtype)
+    if kind == "vllm":
+        return VLLMBackend(model, max_new_tokens=max_new_tokens, template=template, system=system, dtype=dtype)
+    if kind == "openai":
+        return OpenAIBackend(model, base_url, batch_size=batch_size, max_new_tokens=max_new_tokens, system=system, extra=extra)
+    raise InputError(f"unknown backend '{kind}': use one of {', '.join(BACKENDS)}")

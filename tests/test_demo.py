@@ -1,0 +1,81 @@
+"""The demo pipeline end to end, in its reduced configuration (tiny budgets: the numbers mean nothing here)."""
+
+import json
+
+import pytest
+import torch
+
+from derta.cli import main
+from derta.demo import DemoConfig, demo_checks, run_demo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--out", str(out), "--reduced"]) == 0
+    return out
+
+
+def test_demo_writes_reports_plots_and_models(demo_dir):
+    report = json.loads((demo_dir / "report.json").read_text())
+    assert set(report["recipes"]) == {"vanilla", "prefix", "rto", "derta"}
+    for m in [*report["recipes"].values(), report["base"]]:
+        for key in ("refusal_rate", "helpfulness", "over_refusal"):
+            assert 0.0 <= m[key] <= 1.0
+        assert set(m["prefill_asr"]) == {"0.25", "0.5", "0.75"}
+        assert all(0.0 <= v <= 1.0 for v in m["prefill_asr"].values())
+        curve = m["probe_curve"]
+        assert len(curve) >= 5 and curve[0]["position_frac"] == 0.0 and curve[-1]["position_frac"] == 1.0
+    assert set(report["checks"]) >= {"bias_reproduced", "derta_resists_prefill", "derta_curve_above_vanilla"}
+    md = (demo_dir / "report.md").read_text()
+    assert "| Vanilla |" in md and "| DeRTa (prefix + RTO) |" in md and "Prefill ASR 50%" in md
+    for png in ("probe_curve.png", "prefill_asr.png"):
+        assert (demo_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("base", "vanilla", "prefix", "rto", "derta"):
+        model_dir = demo_dir / "models" / name
+        assert (model_dir / "model.safetensors").exists() and not list(model_dir.glob("checkpoint-*"))
+    # Every evaluation split is held out from every training split.
+    data = demo_dir / "data"
+    train = {json.loads(l)["instruction"] for f in data.glob("*_train.jsonl") for l in f.read_text().splitlines()}
+    test = {json.loads(l)["instruction"] for f in data.glob("*_test.jsonl") for l in f.read_text().splitlines()}
+    assert train and test and not (train & test)
+
+
+def test_demo_is_deterministic_and_resumable(demo_dir, tmp_path):
+    first = (demo_dir / "report.json").read_text()
+    # Rerun into the same directory: everything is reused, the report is the same.
+    assert main(["demo", "--out", str(demo_dir), "--reduced"]) == 0
+    assert (demo_dir / "report.json").read_text() == first
+    # Interrupted after training but before evaluating DeRTa: the rerun finishes the job identically.
+    (demo_dir / "eval" / "derta.json").unlink()
+    (demo_dir / "report.json").unlink()
+    assert main(["demo", "--out", str(demo_dir), "--reduced"]) == 0
+    assert (demo_dir / "report.json").read_text() == first
+    # A fresh run with the same seed gives the same report.
+    fresh = tmp_path / "again"
+    run_demo(fresh, DemoConfig.reduced(), progress=False)
+    assert (fresh / "report.json").read_text() == first
+
+
+def test_demo_refuses_a_directory_made_with_other_settings(demo_dir, capsys):
+    assert main(["demo", "--out", str(demo_dir), "--reduced", "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0]
+
+
+def test_checks_follow_the_numbers():
+    curve = lambda p: [{"position_frac": f / 4, "refusal_prob": p if f else 0.9} for f in range(5)]
+    good = {"refusal_rate": 1.0, "prefill_asr_mean": 0.0, "helpfulness": 0.9, "over_refusal": 0.0, "probe_curve": curve(0.9)}
+    biased = {"refusal_rate": 1.0, "prefill_asr_mean": 1.0, "helpfulness": 0.9, "over_refusal": 0.0, "probe_curve": curve(0.0)}
+    assert all(demo_checks({"vanilla": biased, "derta": good}).values())
+    checks = demo_checks({"vanilla": biased, "derta": dict(good, over_refusal=0.3)})
+    assert checks["derta_low_over_refusal"] is False and checks["bias_reproduced"] is True
+    assert demo_checks({"vanilla": good, "derta": good})["bias_reproduced"] is False
