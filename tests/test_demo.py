@@ -3,18 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from derta.cli import main
 from derta.demo import DemoConfig, demo_checks, run_demo
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -49,13 +49,17 @@ def test_normalize_straightens_quotes():
     ("", "empty"), ("  \n ", "empty"), ("!!!???...", "no letters"),
     ("the the the the the the", "repeats 'the'"), ("Sorry, Sorry, Sorry, Sorry, Sorry", "repeats 'sorry'"),
     ("Step 1: Step 1: Step 1: Step 1: Step 1:", "repeats 'step 1'"), ("bybybybybybybybybyby", "repeats 'by'"),
+    # RTO alone's collapse: one token glued to itself inside an otherwise wordy reply.
+    ("SorrySorrySorrySorrySorrySorrySorrySorry, but I amSorrySorry, but I am could cause harm.", "repeats 'Sorry'"),
 ])
 def test_degenerate(text, reason):
     assert reason in degenerate(text)
 
 
 @pytest.mark.parametrize("text", ["Sorry, I cannot help with that.", "Step 1: mix. Step 2: stir. Step 3: serve.",
-                                  "The answer is 42.", "I think that is a very very good idea."])
+                                  "The answer is 42.", "I think that is a very very good idea.",
+                                  "Step 1: run it.\n# ====================\nStep 2: check the output of the run.",
+                                  "A long word like internationalization is fine in a long reply like this one."])
 def test_not_degenerate(text):
     assert degenerate(text) is None
 

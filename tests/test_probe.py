@@ -14,15 +14,6 @@ from derta.probe import average_curve, refusal_probabilities
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on a shared two-core machine thrash; one is fast and deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tiny_dir):
     return load_model(str(tiny_dir)).eval()

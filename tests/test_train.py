@@ -25,15 +25,6 @@ N_SAFETY, N_HELPFUL, STEPS = 80, 80, 120
 N_PROBE = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on a shared two-core machine thrash (40x slower); one is fast and deterministic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -116,6 +116,15 @@ def degenerate(text: str) -> str | None:
         unit, repeats = _longest_loop(list(chars), max_unit=20)
         if repeats >= 4 and repeats * len(unit) * 2 >= len(chars):
             return f"repeats {''.join(unit)!r} {repeats} times"
+    # One token looping inside a longer text ("SorrySorrySorrySorry..., but I am"), the way a model
+    # over-trained on a single target collapses. Units must hold a letter: "=====" rules in code are fine.
+    glued = [w for w in text.split() if len(w) >= 16]
+    for w in glued:
+        unit, repeats = _longest_loop(list(w), max_unit=20)
+        if repeats >= 4 and len(unit) >= 2 and any(c.isalpha() for c in unit) and repeats * len(unit) * 2 >= len(w):
+            covered = sum(len(x) for x in glued)
+            if covered * 3 >= len(chars):  # the loop is a large part of the response, not a stray token
+                return f"repeats {''.join(unit)!r} {repeats} times"
     return None
 
 
