@@ -331,3 +331,14 @@ def test_malformed_training_rows_name_file_and_line(tiny_dir, tmp_path, capsys, 
     assert main(train_args(tiny_dir, data, out, 2)) == 2
     assert f"{data}:{lineno}:" in one_error_line(capsys)
     assert not (out / "model.safetensors").exists()
+
+
+def test_rows_tokenized_for_another_model_are_refused(tiny_dir, tmp_path, capsys):
+    good = json.dumps({"kind": "helpful", "instruction": "Repeat: cat", "prefix": "", "target": "cat"})
+    foreign = json.dumps({"kind": "safe", "input_ids": [1, 5, 128000], "labels": [-100, 5, 128000]})
+    data = tmp_path / "rows.jsonl"
+    data.write_text(f"{good}\n\n{foreign}\n")
+    capsys.readouterr()
+    assert main(train_args(tiny_dir, data, tmp_path / "out", 2)) == 2
+    line = one_error_line(capsys)
+    assert f"{data}:3:" in line and "another model" in line

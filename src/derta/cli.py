@@ -125,7 +125,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--lora-target-modules", help="comma-separated module names, or all-linear (default)")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged full model instead of the adapter")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the log is kept in OUTPUT/derta_train.json)")
 
 
 def _add_train(sub) -> None:

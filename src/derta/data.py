@@ -238,7 +238,10 @@ def from_reference_row(row: dict) -> dict:
 
 
 def load_training_rows(path: str) -> list[dict]:
-    """Rows of a `data build` output (text or tokenized), or of the reference format, validated."""
+    """Rows of a `data build` output (text or tokenized), or of the reference format, validated.
+
+    Each row carries its line number as `_line`.
+    """
     rows = []
     for lineno, r in read_jsonl(path, with_lines=True):
         if "kind" not in r and {"prefix", "text"} <= r.keys():
@@ -258,5 +261,5 @@ def load_training_rows(path: str) -> list[dict]:
             check_fields(r, ("instruction", "target"), path, lineno)
             if not isinstance(r.get("prefix", ""), str):
                 raise InputError("field 'prefix' must be a string", path, lineno)
-        rows.append(r)
+        rows.append({**r, "_line": lineno})  # for messages about the row found later (e.g. vocabulary)
     return rows

@@ -126,15 +126,21 @@ class DertaTrainer(Trainer):
 # ---------------------------------------------------------------- data
 
 
-def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig) -> list[dict]:
+def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: str | None = None) -> list[dict]:
     """Tokenize text rows with the model's tokenizer, truncate to max_length, drop rows left with no label."""
     refusal_id = refusal_token_id(tokenizer, config.refusal_phrase)
     rng = random.Random(config.seed + 1)
+    vocab = len(tokenizer)
     out = []
     for row in rows:
         if "input_ids" not in row:
             row = {**row, **tokenize_row(row, tokenizer, refusal_id, config.template, config.rto_keep_ratio,
                                          config.rto_weight, rng)}
+        elif max(row["input_ids"] + row["labels"]) >= vocab:
+            # Rows tokenized for another model would train on garbage without a word said.
+            raise InputError(f"token id {max(row['input_ids'] + row['labels'])} is outside this model's vocabulary "
+                             f"({vocab}): the rows were tokenized for another model; rebuild them with its --tokenizer, "
+                             "or without --tokenizer", data_path, row.get("_line"))
         ids, labels = row["input_ids"][: config.max_length], row["labels"][: config.max_length]
         if all(x == IGNORE for x in labels[1:]):
             continue
@@ -178,7 +184,7 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
 
     tokenizer = load_tokenizer(model_name)
     config.template = resolve_template(tokenizer, config.template)
-    rows = prepare_rows(load_training_rows(data_path), tokenizer, config)
+    rows = prepare_rows(load_training_rows(data_path), tokenizer, config, data_path)
     if not rows:
         raise InputError("no row has a trained token within --max-length", data_path)
     model = load_model(model_name, dtype=dtype)
@@ -196,6 +202,10 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
         model=model, args=config, train_dataset=ListDataset(rows), data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, callbacks=callbacks,
     )
+    if config.disable_tqdm:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # quiet: the log still goes to derta_train.json
     result = trainer.train(resume_from_checkpoint=last if resume and last else None)
 
     final = trainer.model
