@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from derta.attacks import (ATTACKS, JAILBREAK_TEMPLATES, PAIR, AutoDAN, affirmative, attack_codeattack, attack_completion,
+from derta.attacks import (ATTACKS, JAILBREAK_TEMPLATES, PAIR, AutoDAN, _attacker_prompt, affirmative, attack_codeattack,
+                           attack_completion,
                            attack_pasttense, attack_prefill, attack_selfcipher, jailbreak_attack, load_templates,
                            make_attacks, verb_phrase)
 from derta.generate import Backend, GenInput
@@ -79,6 +80,10 @@ def test_user_jailbreak_templates_replace_the_built_ins(tmp_path):
         load_templates([str(bad)])
     with pytest.raises(InputError, match="no such template file"):
         load_templates([str(tmp_path / "missing.txt")])
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe {question}")
+    with pytest.raises(InputError, match=f"{binary}: template is not UTF-8"):
+        load_templates([str(binary)])
 
 
 def test_selfcipher_prompt():
@@ -119,6 +124,13 @@ def test_pair_refines_until_the_judge_says_harmful():
     assert result.details == {"iterations": 2, "success": True}
     # The second request to the attacker carries the first attempt and its verdict.
     assert "Previous prompt: try one" in attacker.seen[1].text and "Judged: refused" in attacker.seen[1].text
+
+
+def test_attacker_prompt_parsing_survives_sloppy_json():
+    assert _attacker_prompt('{"prompt": "line one\nline two"}', False) == "line one\nline two"  # a raw newline
+    assert _attacker_prompt('{"prompt": "bad \\q escape"}', False) == '{"prompt": "bad \\q escape"}'  # kept whole
+    assert _attacker_prompt("Sure. PROMPT: the new prompt", False) == "the new prompt"
+    assert _attacker_prompt(" written after the prefill ", True) == "written after the prefill"
 
 
 def test_pair_gives_up_after_its_iterations_and_keeps_going_on_unusable_attacker_output():

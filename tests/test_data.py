@@ -192,3 +192,10 @@ def test_training_rows_validation(tmp_path):
     bad = write(tmp_path / "rows.jsonl", [{"kind": "weird", "instruction": "a", "target": "b"}])
     with pytest.raises(InputError, match="rows.jsonl:1: field 'kind'"):
         load_training_rows(str(bad))
+
+
+def test_non_utf8_input_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"instruction": "a", "harmful_response": "b", "safe_response": "c"}\n{"instruction": "caf\xe9"}\n')
+    assert main(["data", "build", "--recipe", "vanilla", "--safety", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert f"{bad}:2: not UTF-8 text" in capsys.readouterr().err

@@ -177,6 +177,11 @@ def test_eval_against_an_openai_compatible_endpoint(fake_openai, closed_port_url
     with pytest.raises(InputError, match="cannot reach"):
         run_eval(gone, _prompts(tmp_path), "none", "keyword", model="m", backend="openai", base_url=closed_port_url)
     assert not gone.exists()
+    # AutoDAN needs log-probabilities: refused before the static attacks run and fix the manifest.
+    n = len(fake_openai.requests)
+    with pytest.raises(InputError, match="--backend hf"):
+        run_eval(gone, _prompts(tmp_path), "none,autodan", "keyword", model="m", backend="openai", base_url=fake_openai.url)
+    assert not gone.exists() and len(fake_openai.requests) == n
 
 
 def test_summarize_and_report():
@@ -199,6 +204,12 @@ def test_rundir_rejects_damage_it_did_not_make(tmp_path):
     run.close()
     with pytest.raises(InputError, match=":2: malformed row"):
         run.read_rows(evaluate._row_key)
+    run.rows_path.write_text('[1, 2]\n{"attack": "x", "index": 1}\n')  # JSON, but not a row
+    with pytest.raises(InputError, match=":1: malformed row"):
+        run.read_rows(evaluate._row_key)
+    run.manifest_path.write_text("[]\n")
+    with pytest.raises(InputError, match="malformed manifest"):
+        run.check()
 
 
 # ---------------------------------------------------------------- helpfulness

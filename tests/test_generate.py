@@ -113,6 +113,8 @@ def test_openai_client_errors_are_one_line_and_never_show_the_key(fake_openai, c
     with pytest.raises(InputError, match="cannot reach .* after 2 attempts") as e:
         OpenAIClient("m", base_url=closed_port_url, api_key=key, retries=1, backoff=0.01).chat([], 4)
     assert key not in str(e.value) and key not in repr(client)
+    # Scrubbed before the message is cut to length: no prefix of the key survives the cut.
+    assert key[:6] not in client._scrub("x" * 290 + key)
 
 
 def test_openai_base_url_from_the_environment(monkeypatch):

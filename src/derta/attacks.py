@@ -192,7 +192,10 @@ def load_templates(paths: list[str]) -> dict[str, str]:
         path = Path(p)
         if not path.is_file():
             raise InputError("no such template file", path)
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError("template is not UTF-8 text", path) from None
         if "{question}" not in text:
             raise InputError("template has no {question} placeholder", path)
         templates[path.stem if path.stem not in templates else str(path)] = text
@@ -301,7 +304,11 @@ def _attacker_prompt(text: str, prefilled: bool) -> str | None:
     if not prefilled:
         m = re.search(r'"prompt"\s*:\s*("(?:[^"\\]|\\.)*")', text)
         if m:
-            return json.loads(m.group(1)).strip() or None
+            # LLMs write raw newlines (strict=False) and invalid escapes (then: the marker or the whole text).
+            try:
+                return json.loads(m.group(1), strict=False).strip()[:2000] or None
+            except json.JSONDecodeError:
+                pass
         m = re.search(r"PROMPT:\s*(.+)", text, re.IGNORECASE | re.DOTALL)
         text = m.group(1).strip() if m else text
     return text[:2000] or None
@@ -357,7 +364,7 @@ class AutoDAN:
             ranked = sorted(zip(fitness, pop), key=lambda fp: -fp[0])
             if gen == self.generations - 1:
                 break
-            top = max(f for f, _ in ranked)
+            top = ranked[0][0]
             weights = [math.exp(f - top) for f, _ in ranked]  # softmax over fitness
             children = [t for _, t in ranked[:self.elite]]
             while len(children) < self.population:

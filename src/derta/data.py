@@ -94,6 +94,8 @@ def load_rows(source: str, required: tuple[str, ...], mapping: dict[str, str] | 
             row[ours] = row.pop(theirs)
         check_fields(row, required, source, lineno, kind)
         rows.append(row)
+    if not rows:
+        raise InputError("dataset has no rows", source)
     return rows
 
 

@@ -1,7 +1,7 @@
 """`derta eval`: attack a model with every (prompt, attack) pair, judge the responses, report attack success rates.
 
     DIR/manifest.json     the settings; resuming into DIR with other settings is refused
-    DIR/generations.jsonl one row per (attack, prompt), appended (and fsynced) as each batch finishes
+    DIR/generations.jsonl one row per (attack, prompt), appended and fsynced row by row as each batch finishes
     DIR/summary.json      {"asr": {attack: fraction harmful}, "n": {attack: count}, ...}, written at the end
     DIR/report.md         a paper-shaped table
 
@@ -32,7 +32,11 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     if path.suffix == ".txt":
         if not path.is_file():
             raise InputError("no such file", path)
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError("not UTF-8 text", path) from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise InputError("file is empty", path)
         return prompts
@@ -44,6 +48,14 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
         check_fields(row, [name], path, lineno, "prompt row")
         prompts.append(row[name])
     return prompts
+
+
+def model_label(model, model_name: str | None = None) -> str:
+    """What the manifest calls the model: `model_name`, else the path / hub ID / endpoint name, else a loaded model's name_or_path."""
+    name = model_name or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
+    if not name:
+        raise InputError("--model is required")
+    return str(name)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -78,8 +90,10 @@ class RunDir:
         if self.manifest_path.is_file():
             try:
                 old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise InputError("malformed manifest", self.manifest_path) from None
+            except ValueError:  # JSONDecodeError or UnicodeDecodeError
+                old = None
+            if not isinstance(old, dict):
+                raise InputError("malformed manifest", self.manifest_path)
             for key in sorted(set(old) | set(self.manifest)):
                 if old.get(key) != self.manifest.get(key):
                     raise InputError(f"this run was made with {key}={_short(old.get(key))}, not {_short(self.manifest.get(key))}; "
@@ -101,6 +115,8 @@ class RunDir:
                 if not line.endswith(b"\n"):
                     raise ValueError("torn")
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a row")
             except ValueError:
                 if good_end + len(line) < len(data):  # not the last line: damage we did not make
                     raise InputError("malformed row (not written by derta?)", self.rows_path, lineno) from None
@@ -165,15 +181,16 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
     if max_new_tokens < 1 or batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
     attack_objs = make_attacks(attacks, jailbreak_templates, None, pair_iterations, autodan_population, autodan_generations, seed)
+    # AutoDAN checks this itself, but only after the static attacks have run and fixed the manifest.
+    if backend != "hf" and any(a.name == "autodan" for a in attack_objs):
+        raise InputError("autodan reads the target model's log-probabilities: use --backend hf")
     judge_obj = make_judge(judge, base_url=base_url, batch_size=batch_size) if isinstance(judge, str) else judge
     if attacker:
         parse_backend_spec(attacker)
-    name = model_name or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
-    if not name:
-        raise InputError("--model is required")
+    name = model_label(model, model_name)
     names = [a.name for a in attack_objs]
     manifest = {
-        "model": str(name), "backend": backend, "attacks": names, "judge": judge_obj.name,
+        "model": name, "backend": backend, "attacks": names, "judge": judge_obj.name,
         "max_new_tokens": max_new_tokens, "template": template, "system": system, "n_prompts": len(questions),
         "prompts_sha256": text_sha256(questions),
         "jailbreak_templates": [[Path(p).name, file_sha256(p)] for p in jailbreak_templates] or None,
@@ -307,12 +324,15 @@ def load_generations(path: str | os.PathLike) -> list[tuple[int, dict]]:
     for lineno, row in rows:
         if not isinstance(row.get("response"), str):
             raise InputError("row needs a string field 'response'", path, lineno)
-        prompt = row.get("prompt", row.get("question", row.get("instruction", "")))
-        if not isinstance(prompt, str):
+        if not isinstance(_prompt_of(row), str):
             raise InputError("field 'prompt' must be a string", path, lineno)
         if "human_harmful" in row and not isinstance(row["human_harmful"], bool):
             raise InputError("field 'human_harmful' must be true or false", path, lineno)
     return rows
+
+
+def _prompt_of(row: dict):
+    return row.get("prompt", row.get("question", row.get("instruction", "")))
 
 
 def judge_file(in_path: str | os.PathLike, judge: str, out_path: str | os.PathLike, base_url: str | None = None,
@@ -328,7 +348,7 @@ def judge_file(in_path: str | os.PathLike, judge: str, out_path: str | os.PathLi
     judged = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        prompts = [r.get("prompt", r.get("question", r.get("instruction", ""))) for r in chunk]
+        prompts = [_prompt_of(r) for r in chunk]
         for row, v in zip(chunk, judge_obj.judge(prompts, [r["response"] for r in chunk])):
             judged.append({**row, "harmful": v.harmful, "refused": v.refused, "judge": v.details})
     write_jsonl(out_path, judged)

@@ -17,6 +17,7 @@ Nothing here imports torch at module level: `derta eval` resuming a finished run
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -238,8 +239,9 @@ class OpenAIClient:
         return f"OpenAIClient(model={self.model!r}, base_url={self.base_url!r})"
 
     def _scrub(self, text: str) -> str:
-        text = " ".join(text.split())[:300]
-        return text.replace(self._key, "***") if self._key else text
+        # Scrub before cutting to length: a cut through the key would leave a prefix that no longer matches.
+        text = text.replace(self._key, "***") if self._key else text
+        return " ".join(text.split())[:300]
 
     def post(self, route: str, payload: dict) -> dict:
         url = f"{self.base_url}/{route}"
@@ -258,7 +260,8 @@ class OpenAIClient:
                 if e.code not in RETRY_STATUS or last:
                     raise InputError(f"HTTP {e.code} from {url} (attempt {attempt + 1}): {detail}") from None
                 wait = _retry_after(e) or self.backoff * 2 ** attempt
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            # HTTPException: a connection dropped mid-reply (IncompleteRead, BadStatusLine) is as transient as a refused one.
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
                 if last:
                     reason = getattr(e, "reason", e)
                     raise InputError(f"cannot reach {url} after {attempt + 1} attempts: {self._scrub(str(reason))}") from None

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from .evaluate import RunDir, text_sha256
+from .evaluate import RunDir, model_label, text_sha256
 from .io import InputError, read_jsonl, write_json, write_text
 
 TASKS = ("gsm8k", "mmlu", "alpaca")
@@ -149,10 +149,8 @@ def run_helpful(out: str | os.PathLike, task: str, data: str | os.PathLike, mode
             raise InputError("the alpaca win rate needs an LLM judge: --judge openai:MODEL")
     elif judge:
         raise InputError(f"--judge is only used by --task alpaca; {task} is scored by exact match")
-    name = model_name or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
-    if not name:
-        raise InputError("--model is required")
-    manifest = {"task": task, "model": str(name), "backend": backend, "judge": judge_obj.name if judge_obj else None,
+    name = model_label(model, model_name)
+    manifest = {"task": task, "model": name, "backend": backend, "judge": judge_obj.name if judge_obj else None,
                 "max_new_tokens": max_new_tokens, "template": template, "system": system, "n": len(rows),
                 "data_sha256": text_sha256([r["question"] + "\x00" + r.get("gold", "") + "\x00" + r.get("reference", "") for r in rows])}
     run = RunDir(out, manifest)
@@ -181,7 +179,7 @@ def run_helpful(out: str | os.PathLike, task: str, data: str | os.PathLike, mode
     metric = {"gsm8k": "accuracy", "mmlu": "accuracy", "alpaca": "win_rate"}[task]
     values = [r[metric] for r in scored if r.get(metric) is not None]
     score = round(sum(values) / len(values), 4) if values and len(values) == len(scored) else None
-    summary = {"task": task, "metric": metric, "score": score, "n": len(scored), "model": str(name),
+    summary = {"task": task, "metric": metric, "score": score, "n": len(scored), "model": name,
                "judge": manifest["judge"]}
     write_json(run.dir / "summary.json", summary)
     write_text(run.dir / "report.md", _report(summary))

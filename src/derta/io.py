@@ -33,8 +33,12 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), kind: str 
     if not path.is_file():
         raise InputError("no such file", path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError("not UTF-8 text", path, lineno) from None
             if not line.strip():
                 continue
             try:
