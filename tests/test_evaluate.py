@@ -141,6 +141,8 @@ def test_eval_refuses_to_resume_with_other_settings(tiny_dir, tmp_path):
     run_eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
     with pytest.raises(InputError, match="max_new_tokens=2, not 3"):
         run_eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=3)
+    with pytest.raises(InputError, match='dtype="auto", not "bfloat16"'):
+        run_eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2, dtype="bfloat16")
     with pytest.raises(InputError, match="n_prompts=4, not 2"):
         run_eval(out, _prompts(tmp_path, QUESTIONS[:2]), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
     with pytest.raises(InputError, match="prompts_sha256"):

@@ -191,7 +191,8 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
     names = [a.name for a in attack_objs]
     manifest = {
         "model": name, "backend": backend, "attacks": names, "judge": judge_obj.name,
-        "max_new_tokens": max_new_tokens, "template": template, "system": system, "n_prompts": len(questions),
+        "max_new_tokens": max_new_tokens, "template": template, "system": system, "dtype": dtype,
+        "openai_extra": openai_extra, "n_prompts": len(questions),
         "prompts_sha256": text_sha256(questions),
         "jailbreak_templates": [[Path(p).name, file_sha256(p)] for p in jailbreak_templates] or None,
         "pair": {"attacker": attacker or "target", "iterations": pair_iterations} if "pair" in names else None,

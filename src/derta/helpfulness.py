@@ -151,7 +151,7 @@ def run_helpful(out: str | os.PathLike, task: str, data: str | os.PathLike, mode
         raise InputError(f"--judge is only used by --task alpaca; {task} is scored by exact match")
     name = model_label(model, model_name)
     manifest = {"task": task, "model": name, "backend": backend, "judge": judge_obj.name if judge_obj else None,
-                "max_new_tokens": max_new_tokens, "template": template, "system": system, "n": len(rows),
+                "max_new_tokens": max_new_tokens, "template": template, "system": system, "dtype": dtype, "n": len(rows),
                 "data_sha256": text_sha256([r["question"] + "\x00" + r.get("gold", "") + "\x00" + r.get("reference", "") for r in rows])}
     run = RunDir(out, manifest)
     run.check()
