@@ -301,7 +301,9 @@ def _add_demo(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="derta", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="derta", description="Decoupled Refusal Training (DeRTa): train language models to refuse harmful requests "
+        "at any position of a response, and evaluate whether they do.")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_tiny, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful, _add_judge):
