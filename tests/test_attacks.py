@@ -82,7 +82,7 @@ def test_user_jailbreak_templates_replace_the_built_ins(tmp_path):
         load_templates([str(tmp_path / "missing.txt")])
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe {question}")
-    with pytest.raises(InputError, match=f"{binary}: template is not UTF-8"):
+    with pytest.raises(InputError, match=f"{binary}: template file is not UTF-8"):
         load_templates([str(binary)])
 
 

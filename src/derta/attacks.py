@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from .generate import Backend, GenInput
-from .io import InputError
+from .io import InputError, read_text
 from .judges import Judge, Verdict
 
 STATIC = ("none", "completion", "prefill", "codeattack", "jailbreak", "selfcipher", "pasttense")
@@ -190,12 +190,7 @@ def load_templates(paths: list[str]) -> dict[str, str]:
     templates = {}
     for p in paths:
         path = Path(p)
-        if not path.is_file():
-            raise InputError("no such template file", path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InputError("template is not UTF-8 text", path) from None
+        text = read_text(path, "template file")
         if "{question}" not in text:
             raise InputError("template has no {question} placeholder", path)
         templates[path.stem if path.stem not in templates else str(path)] = text

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from .io import InputError, check_fields, read_jsonl, write_json, write_jsonl, write_text
+from .io import InputError, check_fields, read_jsonl, read_text, write_json, write_jsonl, write_text
 
 PROMPT_FIELDS = ("question", "instruction", "prompt")  # the first one a row has is its prompt
 OFFLINE_ATTACKS = "completion,prefill,codeattack,jailbreak,selfcipher,pasttense"  # the six that need no search loop
@@ -30,13 +30,7 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from JSONL (`question`, `instruction` or `prompt` per row) or a .txt file (one per line)."""
     path = Path(path)
     if path.suffix == ".txt":
-        if not path.is_file():
-            raise InputError("no such file", path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InputError("not UTF-8 text", path) from None
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
         if not prompts:
             raise InputError("file is empty", path)
         return prompts

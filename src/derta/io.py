@@ -54,6 +54,17 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), kind: str 
     return rows
 
 
+def read_text(path: str | os.PathLike, kind: str = "file") -> str:
+    """A whole UTF-8 text file, or an InputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such {kind}", path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{kind} is not UTF-8 text", path) from None
+
+
 def check_fields(row: dict, required: Iterable[str], path, lineno, kind: str = "row") -> None:
     for field in required:
         if field not in row:
