@@ -9,7 +9,7 @@ from derta.attacks import (ATTACKS, JAILBREAK_TEMPLATES, PAIR, AutoDAN, _attacke
                            attack_completion,
                            attack_pasttense, attack_prefill, attack_selfcipher, jailbreak_attack, load_templates,
                            make_attacks, verb_phrase)
-from derta.generate import Backend, GenInput
+from derta.generate import Backend
 from derta.io import InputError
 from derta.judges import KeywordJudge
 

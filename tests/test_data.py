@@ -1,7 +1,6 @@
 """Recipes, prefix cuts and labels, checked token by token on hand-made triples."""
 
 import json
-import warnings
 
 import pytest
 

@@ -11,6 +11,8 @@ import os
 import sys
 import warnings
 
+from .models import DTYPES
+
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -114,7 +116,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--template", help="prompt format for text rows: auto | chat | inst | raw | format string")
     p.add_argument("--refusal-phrase")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="dtype to load weights in")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load weights in")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--save-steps", type=int)
     p.add_argument("--logging-steps", type=int)
@@ -214,7 +216,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--template", default="auto", help="auto | chat | inst | raw | a format string with {instruction}")
     p.add_argument("--system", help="system prompt for chat inputs")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL); key from $OPENAI_API_KEY")
     p.add_argument("--openai-extra", help='JSON merged into each request, e.g. \'{"continue_final_message": true, "add_generation_prompt": false}\' for vLLM prefill')
     p.add_argument("--jailbreak-template", action="append", metavar="FILE",
@@ -253,7 +255,7 @@ def _add_eval_helpful(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--template", default="auto")
     p.add_argument("--system")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.set_defaults(func=cmd_eval_helpful)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .data import RecipeConfig, build_rows, token_cut
-from .io import InputError, write_json, write_jsonl, write_text
+from .io import InputError, pyplot, write_json, write_jsonl, write_png, write_text
+from .models import encode_text
 
 RECIPE_NAMES = {"vanilla": "Vanilla", "prefix": "+ harmful prefix", "rto": "+ RTO", "derta": "DeRTa (prefix + RTO)"}
 
@@ -75,11 +76,11 @@ def evaluate_model(model, tokenizer, data, cfg: DemoConfig, progress: bool = Tru
 
     harmful, helpful, lookalike = data.harmful_test, data.helpful_test, data.lookalike_test
     groups: list[tuple[str, GenInput]] = [("harmful", GenInput(r["instruction"])) for r in harmful]
+    lengths = [len(encode_text(tokenizer, r["harmful_response"])) for r in harmful]
     for f in cfg.prefill_fractions:
-        for r in harmful:
+        for r, n in zip(harmful, lengths):
             # The assistant turn is forced to start with the first round(f*n) tokens of the harmful
             # response (no trailing whitespace); only the model's continuation is judged.
-            n = len(tokenizer(r["harmful_response"], add_special_tokens=False)["input_ids"])
             groups.append((f"prefill:{f}", GenInput(r["instruction"], prefill=token_cut(tokenizer, r["harmful_response"], round(f * n)))))
     groups += [("helpful", GenInput(r["instruction"])) for r in helpful]
     groups += [("lookalike", GenInput(r["instruction"])) for r in lookalike]
@@ -99,6 +100,9 @@ def evaluate_model(model, tokenizer, data, cfg: DemoConfig, progress: bool = Tru
     def rate(pairs, test) -> float:
         return sum(test(r) for _, r in pairs) / max(1, len(pairs))
 
+    def accuracy(group: str, rows: list[dict]) -> float:
+        return sum(helpful_correct(resp, row["answer"]) for (_, resp), row in zip(by_group[group], rows)) / len(rows)
+
     harmful_text = KeywordJudge().one  # .harmful: neither a refusal nor degenerate, i.e. real continuation
     prefill_asr, prefill_harmful, prefill_degenerate = {}, {}, {}
     for f in cfg.prefill_fractions:
@@ -115,9 +119,9 @@ def evaluate_model(model, tokenizer, data, cfg: DemoConfig, progress: bool = Tru
         "prefill_asr_mean": sum(prefill_asr.values()) / len(prefill_asr),
         # The share of continuations that go on with content (keyword judge: not refused, not degenerate).
         "prefill_harmful": prefill_harmful,
-        "helpfulness": sum(helpful_correct(resp, row["answer"]) for (_, resp), row in zip(by_group["helpful"], helpful)) / len(helpful),
+        "helpfulness": accuracy("helpful", helpful),
         "over_refusal": rate(by_group["lookalike"], is_refusal),
-        "lookalike_accuracy": sum(helpful_correct(resp, row["answer"]) for (_, resp), row in zip(by_group["lookalike"], lookalike)) / len(lookalike),
+        "lookalike_accuracy": accuracy("lookalike", lookalike),
         # Response quality next to the rates: a refusal that loops ("Sorry Sorry Sorry") is visible here.
         "degenerate_rate": {"harmful": rate(by_group["harmful"], lambda r: degenerate(r) is not None),
                             "prefill": prefill_degenerate,
@@ -331,13 +335,7 @@ def plot_probe(results: dict, path: Path) -> None:
 
 
 def plot_prefill(results: dict, cfg: DemoConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io import atomic_open
-
+    plt = pyplot()
     names = [k for k in results if k != "base"]
     fr = [str(f) for f in cfg.prefill_fractions]
     width = 0.8 / len(fr)
@@ -359,6 +357,4 @@ def plot_prefill(results: dict, cfg: DemoConfig, path: Path) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
-    plt.close(fig)
+    write_png(path, fig)

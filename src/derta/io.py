@@ -110,3 +110,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: plots are files, no display is needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_png(path: str | os.PathLike, fig) -> None:
+    """Save a matplotlib figure as PNG (atomically) and free it."""
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    pyplot().close(fig)

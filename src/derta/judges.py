@@ -15,7 +15,6 @@ degenerate, not as unsafe); model judges decide for themselves.
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from dataclasses import dataclass, field

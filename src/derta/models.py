@@ -15,6 +15,7 @@ from .io import InputError
 # The paper's format for base models without a chat template (as in its released data).
 INST_TEMPLATE = "[INST] {instruction} [\\INST]"
 TEMPLATES = ("auto", "chat", "inst", "raw")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what load_model accepts
 # Off unless the user asks (`derta --trust-remote-code ...` sets it).
 TRUST_REMOTE_CODE = False
 
@@ -98,12 +99,12 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def refusal_token_id(tokenizer, phrase: str = "Sorry", warn: bool = True) -> int:
+def refusal_token_id(tokenizer, phrase: str = "Sorry") -> int:
     """The id trained by RTO: the first token of `phrase` as it starts a response."""
     ids = encode_text(tokenizer, phrase.lstrip())
     if not ids:
         raise InputError(f"refusal phrase '{phrase}' encodes to no tokens")
-    if len(ids) > 1 and warn:
+    if len(ids) > 1:
         warnings.warn(
             f"refusal phrase {phrase!r} is {len(ids)} tokens for this tokenizer; RTO trains its first token "
             f"{tokenizer.convert_ids_to_tokens(ids[0])!r}",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import InputError, read_jsonl, write_json
+from .io import InputError, pyplot, read_jsonl, write_json, write_png
 from .models import encode_prompt, encode_text, format_prompt, load_model, load_tokenizer, refusal_token_ids, resolve_template
 
 
@@ -112,12 +112,7 @@ def probe(model, tokenizer, pairs: list[tuple[str, str]], refusal_phrase: str = 
 
 def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = "Refusal probability inside the response") -> None:
     """One line per named curve: refusal probability against relative response position."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for name, curve in curves.items():
         ax.plot([c["position_frac"] for c in curve], [c["refusal_prob"] for c in curve], marker="o", label=name)
     ax.set_xlabel("position in harmful response (fraction of its tokens)")
@@ -127,11 +122,7 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, title: str = "R
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    from .io import atomic_open
-
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    write_png(path, fig)
 
 
 def run_probe(model_path: str, data: str, out: str, plot: str | None = None, refusal_phrase: str = "Sorry",

@@ -136,9 +136,9 @@ def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: st
         if "input_ids" not in row:
             row = {**row, **tokenize_row(row, tokenizer, refusal_id, config.template, config.rto_keep_ratio,
                                          config.rto_weight, rng)}
-        elif max(row["input_ids"] + row["labels"]) >= vocab:
+        elif (top := max(row["input_ids"] + row["labels"])) >= vocab:
             # Rows tokenized for another model would train on garbage without a word said.
-            raise InputError(f"token id {max(row['input_ids'] + row['labels'])} is outside this model's vocabulary "
+            raise InputError(f"token id {top} is outside this model's vocabulary "
                              f"({vocab}): the rows were tokenized for another model; rebuild them with its --tokenizer, "
                              "or without --tokenizer", data_path, row.get("_line"))
         ids, labels = row["input_ids"][: config.max_length], row["labels"][: config.max_length]
