@@ -46,29 +46,55 @@ def _add_tiny(sub) -> None:
     p.set_defaults(func=cmd_tiny)
 
 
+# ---------------------------------------------------------------- convert
+
+
+def cmd_convert(args) -> None:
+    from .models import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out, dtype=args.dtype)
+    print(f"wrote {out} (safetensors + tokenizer); every derta command takes it as --model")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn a GGUF checkpoint into a safetensors model directory")
+    p.add_argument("--gguf", required=True, help="a .gguf file (dequantized on load)")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"])
+    p.set_defaults(func=cmd_convert)
+
+
 # ---------------------------------------------------------------- data build
 
 
 def cmd_data_build(args) -> None:
-    from .data import RecipeConfig, load_rows, parse_mapping, build_rows, tokenize_rows, SAFETY_FIELDS, HELPFUL_FIELDS
-    from .io import write_jsonl
-    from .models import load_tokenizer, refusal_token_id, resolve_template
+    from .data import (HELPFUL_FIELDS, KINDS, SAFETY_FIELDS, RecipeConfig, build_rows, cap_rto_share, describe_shares,
+                       load_rows, parse_mapping, tokenize_rows)
+    from .io import InputError, write_jsonl
+    from .models import load_tokenizer, resolve_template
 
     cfg = RecipeConfig(
         recipe=args.recipe, seed=args.seed, no_prefix_ratio=args.no_prefix_ratio, cut=args.cut,
         refusal_phrase=args.refusal_phrase, rto_keep_ratio=args.rto_keep_ratio, rto_weight=args.rto_weight,
-        template=args.template,
+        template=args.template, max_rto_share=args.max_rto_share,
     )
+    if cfg.max_rto_share is not None and not args.tokenizer:
+        raise InputError("--max-rto-share counts tokens: give --tokenizer (or pass --max-rto-share to derta train)")
     safety = load_rows(args.safety, SAFETY_FIELDS, parse_mapping(args.safety_columns), kind="safety row")
     helpful = load_rows(args.helpful, HELPFUL_FIELDS, parse_mapping(args.helpful_columns), kind="helpful row") if args.helpful else []
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    rows = build_rows(cfg, safety, helpful, tokenizer=tok)
     if tok is not None:
-        cfg.template = resolve_template(tok, cfg.template)
-        rows = tokenize_rows(rows, tok, cfg, refusal_token_id(tok, cfg.refusal_phrase))
+        resolve_template(tok, cfg.template)  # a bad --template fails before any work
+    rows = build_rows(cfg, safety, helpful, tokenizer=tok)
+    shares = ""
+    if tok is not None:
+        rows = tokenize_rows(rows, tok, cfg)
+        if cfg.max_rto_share is not None and (ratio := cap_rto_share(rows, cfg.max_rto_share)) is not None:
+            print(f"--max-rto-share {cfg.max_rto_share}: RTO rows now train {100 * ratio:.1f}% of their positions")
+        shares = "; " + describe_shares(rows)
     write_jsonl(args.out, rows)
-    counts = {k: sum(r["kind"] == k for r in rows) for k in ("helpful", "safe", "prefix", "rto")}
-    print(f"wrote {len(rows)} rows to {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})")
+    counts = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
+    print(f"wrote {len(rows)} rows to {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)}){shares}")
 
 
 def _add_data(sub) -> None:
@@ -88,6 +114,7 @@ def _add_data(sub) -> None:
     b.add_argument("--cut", choices=["word", "token"], default="word", help="cut harmful prefixes at word or token boundaries")
     b.add_argument("--rto-keep-ratio", type=float, default=1.0, help="share of RTO positions trained (reference 8B run: ~0.05)")
     b.add_argument("--rto-weight", type=float, default=1.0, help="loss weight of RTO tokens")
+    b.add_argument("--max-rto-share", type=float, help="cap RTO's share of labelled tokens by lowering its keep ratio (needs --tokenizer)")
     b.add_argument("--template", default="auto", help="auto | chat | inst | raw | a format string with {instruction}")
     b.set_defaults(func=cmd_data_build)
 
@@ -308,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         "at any position of a response, and evaluate whether they do.")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_tiny, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful, _add_judge):
+    for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful, _add_judge):
         add(sub)
     return parser
 

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from .data import IGNORE, load_training_rows, tokenize_row
+from .data import IGNORE, load_training_rows, sample_rto_labels, tokenize_row
 from .io import InputError, write_json
-from .models import load_model, load_tokenizer, refusal_token_id, resolve_template
+from .models import load_model, load_tokenizer, resolve_template
 
 FULL_FT_LR, LORA_LR = 2e-5, 1e-4
 
@@ -128,20 +128,21 @@ class DertaTrainer(Trainer):
 
 def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: str | None = None) -> list[dict]:
     """Tokenize text rows with the model's tokenizer, truncate to max_length, drop rows left with no label."""
-    refusal_id = refusal_token_id(tokenizer, config.refusal_phrase)
     rng = random.Random(config.seed + 1)
     vocab = len(tokenizer)
     out = []
     for row in rows:
         if "input_ids" not in row:
-            row = {**row, **tokenize_row(row, tokenizer, refusal_id, config.template, config.rto_keep_ratio,
-                                         config.rto_weight, rng)}
+            row = {**row, **tokenize_row(row, tokenizer, config.template, config.refusal_phrase, config.rto_weight)}
         elif (top := max(row["input_ids"] + row["labels"])) >= vocab:
             # Rows tokenized for another model would train on garbage without a word said.
             raise InputError(f"token id {top} is outside this model's vocabulary "
                              f"({vocab}): the rows were tokenized for another model; rebuild them with its --tokenizer, "
                              "or without --tokenizer", data_path, row.get("_line"))
-        ids, labels = row["input_ids"][: config.max_length], row["labels"][: config.max_length]
+        labels = row["labels"]
+        if row["kind"] == "rto":
+            labels = sample_rto_labels(labels, row.get("rto_keep_ratio", config.rto_keep_ratio), rng)
+        ids, labels = row["input_ids"][: config.max_length], labels[: config.max_length]
         if all(x == IGNORE for x in labels[1:]):
             continue
         out.append({"input_ids": ids, "labels": labels, "loss_weight": row.get("loss_weight", 1.0), "kind": row["kind"]})
