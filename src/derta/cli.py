@@ -11,7 +11,10 @@ import os
 import sys
 import warnings
 
+from .data import RECIPES
 from .models import DTYPES
+
+RECIPE_CHOICES = tuple(RECIPES)
 
 
 def _quiet_libraries() -> None:
@@ -101,7 +104,7 @@ def _add_data(sub) -> None:
     p = sub.add_parser("data", help="build training data")
     dsub = p.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="turn safety triples and helpful rows into recipe rows (JSONL)")
-    b.add_argument("--recipe", required=True, choices=["vanilla", "prefix", "rto", "derta"])
+    b.add_argument("--recipe", required=True, choices=list(RECIPE_CHOICES))
     b.add_argument("--safety", required=True, help='JSONL of {"instruction","harmful_response","safe_response"}, or a datasets name[:split]')
     b.add_argument("--helpful", help='JSONL of {"instruction","response"}, or a datasets name[:split]')
     b.add_argument("--safety-columns", help="column mapping for --safety, ours=theirs,... e.g. instruction=prompt")
@@ -152,6 +155,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--lora-alpha", type=int)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--lora-target-modules", help="comma-separated module names, or all-linear (default)")
+    p.add_argument("--lora-layers", type=int, help="LoRA on the top N decoder layers only (no backward below them)")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged full model instead of the adapter")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the log is kept in OUTPUT/derta_train.json)")
@@ -312,17 +316,46 @@ def _add_judge(sub) -> None:
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
+    real = dict(eval_prompts=args.eval_prompts, eval_limit=args.eval_limit, overrefusal_prompts=args.overrefusal_prompts)
+    if args.model:
+        extra = {k: v for k, v in dict(recipes=tuple(args.recipes.split(",")) if args.recipes else None,
+                                       tune_steps=args.steps, anchors=args.anchors).items() if v is not None}
+        cfg = DemoConfig.for_model(args.model, args.seed, **real, **extra)
+    else:
+        if any(v is not None for v in real.values()) or args.anchors:
+            raise_input("--eval-prompts, --overrefusal-prompts and --anchors need --model (a pretrained chat model)")
+        cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
+        if args.recipes:
+            cfg.recipes = tuple(args.recipes.split(","))
+        if args.steps:
+            cfg.tune_steps = args.steps
+    unknown = [r for r in cfg.recipes if r not in RECIPE_CHOICES]
+    if unknown or not cfg.recipes:
+        raise_input(f"--recipes: unknown recipe {', '.join(unknown)}; use a comma-separated subset of {', '.join(RECIPE_CHOICES)}")
     report = run_demo(args.out, cfg)
     failed = [name for name, ok in report["checks"].items() if not ok]
     print(f"report: {args.out}/report.md; checks {'all pass' if not failed else 'FAILED: ' + ', '.join(failed)}")
 
 
+def raise_input(message: str) -> None:
+    from .io import InputError
+
+    raise InputError(message)
+
+
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="reproduce refusal position bias and DeRTa's fix on a tiny model (offline, CPU)")
+    p = sub.add_parser("demo", help="reproduce refusal position bias and DeRTa's fix (tiny model offline, or --model)")
     p.add_argument("--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reduced", action="store_true", help="tiny budgets, for a quick smoke run of the pipeline")
+    p.add_argument("--model", help="a pretrained chat model directory (e.g. from derta convert): the same ablation with LoRA")
+    p.add_argument("--recipes", help=f"comma-separated subset of {','.join(RECIPE_CHOICES)} "
+                                     "(default: all four on the tiny model, vanilla,derta with --model)")
+    p.add_argument("--steps", type=int, help="safety-tuning steps per recipe")
+    p.add_argument("--anchors", type=int, help="with --model: self-distilled helpful rows from the built-in benign prompts")
+    p.add_argument("--eval-prompts", help="with --model: derta eval's plain/completion/prefill attacks on these prompts")
+    p.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
+    p.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
     p.set_defaults(func=cmd_demo)
 
 

@@ -53,6 +53,8 @@ class DertaConfig(TrainingArguments):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: str = "all-linear"
+    lora_layers: int | None = field(default=None, metadata={"help": "LoRA on the top N decoder layers only: no backward "
+                                                                    "through the layers below (CPU runs)"})
     merge_lora: bool = False
 
 
@@ -195,9 +197,21 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
 
         targets = config.lora_target_modules
         set_seed(config.seed)  # LoRA A is initialised here, before Trainer seeds: same --seed, same run
+        layers = None
+        if config.lora_layers is not None:
+            total = model.config.num_hidden_layers
+            if not 0 < config.lora_layers <= total:
+                raise InputError(f"--lora-layers must be between 1 and the model's {total} layers")
+            layers = list(range(total - config.lora_layers, total))
+        if targets == "all-linear" and layers is not None:
+            # peft takes a layer subset only with module names: every linear layer's name but the output head's.
+            out_head = model.get_output_embeddings()
+            targets = ",".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                       if isinstance(m, torch.nn.Linear) and m is not out_head}))
         model = get_peft_model(model, LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
+            layers_to_transform=layers,
         ))
     trainer = DertaTrainer(
         model=model, args=config, train_dataset=ListDataset(rows), data_collator=PadCollator(tokenizer.pad_token_id),
@@ -233,7 +247,7 @@ _CLI_TO_CONFIG = {
     "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
     "max_length": "max_length", "seed": "seed", "template": "template", "refusal_phrase": "refusal_phrase",
     "save_steps": "save_steps", "logging_steps": "logging_steps", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules",
+    "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules", "lora_layers": "lora_layers",
 }
 
 
