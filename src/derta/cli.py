@@ -319,11 +319,12 @@ def cmd_demo(args) -> None:
     real = dict(eval_prompts=args.eval_prompts, eval_limit=args.eval_limit, overrefusal_prompts=args.overrefusal_prompts)
     if args.model:
         extra = {k: v for k, v in dict(recipes=tuple(args.recipes.split(",")) if args.recipes else None,
-                                       tune_steps=args.steps, anchors=args.anchors).items() if v is not None}
+                                       tune_steps=args.steps, anchors=args.anchors, max_rto_share=args.max_rto_share,
+                                       tune_lr=args.learning_rate).items() if v is not None}
         cfg = DemoConfig.for_model(args.model, args.seed, **real, **extra)
     else:
-        if any(v is not None for v in real.values()) or args.anchors:
-            raise_input("--eval-prompts, --overrefusal-prompts and --anchors need --model (a pretrained chat model)")
+        if any(v is not None for v in real.values()) or args.anchors or args.max_rto_share or args.learning_rate:
+            raise_input("--eval-prompts, --overrefusal-prompts, --anchors, --max-rto-share and --learning-rate need --model")
         cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
         if args.recipes:
             cfg.recipes = tuple(args.recipes.split(","))
@@ -353,6 +354,8 @@ def _add_demo(sub) -> None:
                                      "(default: all four on the tiny model, vanilla,derta with --model)")
     p.add_argument("--steps", type=int, help="safety-tuning steps per recipe")
     p.add_argument("--anchors", type=int, help="with --model: self-distilled helpful rows from the built-in benign prompts")
+    p.add_argument("--max-rto-share", type=float, help="with --model: cap on RTO's share of labelled tokens (default 0.15)")
+    p.add_argument("--learning-rate", type=float, help="with --model: safety-tuning learning rate (default 2e-4, LoRA)")
     p.add_argument("--eval-prompts", help="with --model: derta eval's plain/completion/prefill attacks on these prompts")
     p.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
     p.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
