@@ -128,6 +128,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged full model instead of the adapter")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the log is kept in OUTPUT/derta_train.json)")
+    # RTO balance (issue #7): the kept positions are re-drawn every epoch.
+    p.add_argument("--rto-keep-ratio", type=float, help="share of each RTO row's positions trained per epoch, in (0, 1]; default 1")
+    p.add_argument("--rto-weight", type=float, help="loss weight of RTO tokens (text rows); default 1")
 
 
 def _add_train(sub) -> None:

@@ -1,0 +1,114 @@
+"""Issue #8: the labelled-positions loss and padding-free batches give the plain loss exactly; bench output.
+
+These check equality of losses and gradients, never speed (`derta bench` measures speed).
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from derta import train as train_mod
+from derta.data import RECIPES, RecipeConfig, build_rows, tokenize_row
+from derta.models import refusal_token_id
+from derta.train import EpochRows, PackCollator, PadCollator, _label_shares, batch_loss
+
+TOL = 1e-5
+
+
+def recipe_rows(tokenizer, synthetic, recipe, n=3):
+    cfg = RecipeConfig(recipe=recipe, seed=1)
+    text_rows = build_rows(cfg, synthetic.harmful_train[:n], synthetic.helpful_train[:n])
+    refusal = refusal_token_id(tokenizer, "Sorry")
+    rows = []
+    for r in text_rows:
+        # RTO rows weigh 0.3: the weighting must survive both loss paths and packing.
+        t = tokenize_row(r, tokenizer, refusal, "auto", 1.0, 0.3)
+        rows.append({**t, "kind": r["kind"]})
+    return rows
+
+
+def tiny_model(tiny_dir, lora=False):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM", init_lora_weights=False))
+    return model
+
+
+def loss_and_grads(model, batch, impl):
+    model.zero_grad()
+    loss, parts = batch_loss(model, batch, impl)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, parts
+
+
+def max_diff(a, b):
+    assert a[1].keys() == b[1].keys() and a[1]
+    return max([float((a[0] - b[0]).abs())] + [float((a[1][k] - b[1][k]).abs().max()) for k in a[1]])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_chunked_loss_equals_full_logits_loss(tiny_dir, tiny_tokenizer, synthetic, monkeypatch, recipe, lora):
+    rows = recipe_rows(tiny_tokenizer, synthetic, recipe)
+    batch = PadCollator(tiny_tokenizer.pad_token_id)(rows)
+    model = tiny_model(tiny_dir, lora)
+    full = loss_and_grads(model, batch, "full")
+    # Small chunks, so the per-chunk checkpointing is exercised more than once.
+    monkeypatch.setattr(train_mod, "LOGITS_PER_CHUNK", 40 * len(tiny_tokenizer))
+    chunked = loss_and_grads(model, batch, "chunked")
+    assert max_diff(full, chunked) <= TOL
+    for name in full[2]:
+        assert full[2][name][1] == chunked[2][name][1]
+        assert full[2][name][0] == pytest.approx(chunked[2][name][0], abs=1e-4)
+    if "rto" in RECIPES[recipe]:
+        assert full[2]["rto"][1] > 0 and "rto_hit" in chunked[2]
+
+
+@pytest.mark.parametrize("recipe", ["derta", "vanilla"])
+def test_packed_batch_equals_padded_batch(tiny_dir, tiny_tokenizer, synthetic, recipe):
+    rows = recipe_rows(tiny_tokenizer, synthetic, recipe)
+    model = tiny_model(tiny_dir)
+    padded = loss_and_grads(model, PadCollator(tiny_tokenizer.pad_token_id)(rows), "chunked")
+    packed_batch = PackCollator()(rows)
+    assert packed_batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    packed = loss_and_grads(model, packed_batch, "chunked")
+    assert max_diff(padded, packed) <= TOL
+    # Without the row boundaries (one long sequence) the loss differs: the test can fail.
+    merged = dict(packed_batch, position_ids=torch.arange(packed_batch["input_ids"].shape[1])[None])
+    assert float((batch_loss(model, merged)[0].detach() - padded[0]).abs()) > 1e-3
+
+
+def test_pack_collator_cuts_labels_at_row_boundaries():
+    rows = [{"input_ids": [5, 6, 7], "labels": [6, 6, 7], "kind": "helpful"},
+            {"input_ids": [8, 9], "labels": [8, 9], "loss_weight": 0.5, "kind": "rto"}]
+    b = PackCollator()(rows)
+    assert b["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert b["loss_weight"].tolist() == [[1.0, 1.0, 1.0, 0.5, 0.5]]
+    assert b["is_rto"].tolist() == [[False, False, False, True, True]]
+
+
+def test_rto_positions_redrawn_each_epoch_and_reproducible():
+    row = {"input_ids": list(range(60)), "labels": [-100] * 10 + [3] * 50, "kind": "rto", "loss_weight": 1.0}
+    helpful = {"input_ids": list(range(20)), "labels": [-100] * 5 + [4] * 15, "kind": "helpful"}
+
+    def kept(seed, epoch):
+        ds = EpochRows([helpful, row], keep_ratio=0.2, seed=seed)
+        ds.set_epoch(epoch)
+        assert ds[0] is helpful
+        return [j for j, x in enumerate(ds[1]["labels"]) if x != -100]
+
+    assert len(kept(0, 0)) == 10 and all(j >= 10 for j in kept(0, 0))
+    assert kept(0, 0) != kept(0, 1)
+    assert kept(0, 1) == kept(0, 1)
+    assert kept(0, 0) != kept(1, 0)
+    assert row["labels"].count(3) == 50  # the row itself keeps every label
+    shares = _label_shares([helpful, row], keep_ratio=0.2)
+    assert shares == {"helpful": 0.6, "safe": 0.0, "prefix": 0.0, "rto": 0.4}
