@@ -112,3 +112,76 @@ def test_rto_positions_redrawn_each_epoch_and_reproducible():
     assert row["labels"].count(3) == 50  # the row itself keeps every label
     shares = _label_shares([helpful, row], keep_ratio=0.2)
     assert shares == {"helpful": 0.6, "safe": 0.0, "prefix": 0.0, "rto": 0.4}
+
+
+# ---------------------------------------------------------------- derta train: issue #7 flags and records
+
+
+def write_rows(path, tokenizer, synthetic, recipe="derta", n=4):
+    cfg = RecipeConfig(recipe=recipe, seed=1)
+    rows = build_rows(cfg, synthetic.harmful_train[:n], synthetic.helpful_train[:n])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_records_dropped_rows_and_label_shares(tmp_path, tiny_dir, tiny_tokenizer, synthetic, capsys):
+    from derta.cli import main
+
+    data = write_rows(tmp_path / "rows.jsonl", tiny_tokenizer, synthetic)
+    # One row whose answer starts after --max-length: dropped and counted.
+    long_prompt = {"kind": "helpful", "instruction": "word " * 300, "prefix": "", "target": "the answer"}
+    with data.open("a") as f:
+        f.write(json.dumps(long_prompt) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(out), "--max-steps", "2",
+                 "--batch-size", "4", "--grad-accum", "1", "--max-length", "200", "--rto-keep-ratio", "0.5",
+                 "--rto-weight", "0.5", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "dropped 1 rows" in err
+    record = json.loads((out / "derta_train.json").read_text())
+    assert record["dropped_rows"] == 1
+    assert record["padding_free"] is True
+    assert record["config"]["rto_keep_ratio"] == 0.5 and record["config"]["rto_weight"] == 0.5
+    shares = record["label_shares"]
+    assert set(shares) == {"helpful", "safe", "prefix", "rto"} and abs(sum(shares.values()) - 1) < 1e-3
+    assert 0 < shares["rto"] < 1 and shares["safe"] == 0
+    # The derta mix at full keep ratio is RTO-heavy: the warning fires only then.
+    assert ("warning: RTO is" in err) == (shares["rto"] > 0.25)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rto-keep-ratio", "0"], "--rto-keep-ratio must be in (0, 1]"),
+    (["--rto-keep-ratio", "1.5"], "--rto-keep-ratio must be in (0, 1]"),
+    (["--rto-weight", "-1"], "--rto-weight must be a finite number >= 0"),
+    (["--rto-weight", "nan"], "--rto-weight must be a finite number >= 0"),
+])
+def test_rto_flags_are_range_checked(tmp_path, tiny_dir, capsys, flags, message):
+    from derta.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"kind": "helpful", "instruction": "hi", "target": "ok"}) + "\n")
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "o"), *flags]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"derta: error: {message}"]
+
+
+# ---------------------------------------------------------------- derta bench (tiny sizes: structure, not speed)
+
+
+def test_bench_smoke_writes_json_and_table(tmp_path, tiny_dir):
+    from derta.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--out", str(out), "--model", str(tiny_dir), "--batch", "2", "--seq", "32", "--steps", "1",
+                 "--pack-batches", "1", "--short", "8-16", "--long", "24-40", "--prompts", "3", "--gen-batch", "3",
+                 "--max-new-tokens", "3", "--probe-pairs", "2", "--quiet"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert set(result["ratios"]) >= {"loss_peak_memory", "loss_step_time", "packing_tokens_per_s", "batched_generation"}
+    assert all(v > 0 for v in result["ratios"].values())
+    assert result["max_abs_loss_diff"] <= TOL
+    assert result["packing"]["abs_loss_diff"] <= TOL
+    assert result["probe"]["max_abs_probability_diff"] <= 1e-4
+    for impl in ("full", "chunked"):
+        assert result["loss"][impl]["peak_memory_mb"] >= 0 and result["loss"][impl]["step_s"] > 0
+    assert result["packing"]["packed"]["positions_computed"] < result["packing"]["padded"]["positions_computed"]
+    assert "| measure |" in (out / "bench.md").read_text()
