@@ -140,45 +140,62 @@ def _chunk_nll(hidden, targets, head, softcap):
     return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1)
 
 
-def _fused_nll(hidden, targets, head):
-    """Liger-Kernel's fused linear cross-entropy on CUDA when installed (the `cuda` extra), else None."""
+def labelled_hidden(model, inputs: dict, labels: torch.Tensor):
+    """Decoder-body hidden states at the positions whose next-token label is not -100.
+
+    Returns (hidden (N, H), targets (N,), mask (B, T-1), output projection, final-logit softcap or None).
+    """
+    body, head, lm = _causal_lm_parts(model)
+    hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets.ne(IGNORE)
+    return hidden[mask], targets[mask], mask, head, getattr(lm.config, "final_logit_softcapping", None)
+
+
+def chunked_nll(hidden, targets, head, softcap=None):
+    """Per-token NLL and argmax, LOGITS_PER_CHUNK logits at a time, each chunk recomputed in backward."""
+    rows = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+    parts = []
+    for start in range(0, hidden.shape[0], rows):
+        h, t = hidden[start:start + rows], targets[start:start + rows]
+        parts.append(checkpoint(_chunk_nll, h, t, head, softcap, use_reentrant=False)
+                     if torch.is_grad_enabled() else _chunk_nll(h, t, head, softcap))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32), targets.new_zeros(0)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _liger_function(hidden, head):
+    """Liger-Kernel's fused linear cross-entropy when it applies (CUDA, liger-kernel installed: the `cuda` extra)."""
     if not hidden.is_cuda or head.bias is not None:
         return None
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
         return None
-    return liger_fused_linear_cross_entropy(hidden, head.weight, targets, reduction="none")
+    return liger_fused_linear_cross_entropy
 
 
-def labelled_nll(model, inputs: dict, labels: torch.Tensor, fused: bool = True):
-    """NLL and argmax at the positions whose next-token label is not -100, without full logits.
+def grouped_fused_loss(fused_ce, hidden, targets, head, token_weight, token_rto, softcap=None):
+    """Σ w·NLL and the per-part sums from a fused linear cross-entropy `fused_ce(h, W, t, reduction="sum", softcap=)`.
 
-    Returns (nll, argmax, mask): nll and argmax are 1-D over the labelled positions of `mask`,
-    the (B, T-1) boolean mask of labelled next-token targets. argmax is None on the fused path.
+    It is called once per (weight, kind) group, so per-token weights need no per-token output from
+    the kernel. The kernel gives no argmax, so rto_accuracy is not logged on this path.
     """
-    body, head, lm = _causal_lm_parts(model)
-    hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]
-    targets = labels[:, 1:]
-    mask = targets.ne(IGNORE)
-    hidden, targets = hidden[mask], targets[mask]
-    nll = _fused_nll(hidden, targets, head) if fused else None
-    if nll is not None:
-        return nll, None, mask
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    rows = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
-    parts = []
-    for start in range(0, hidden.shape[0], rows):
-        h = hidden[start:start + rows]
-        parts.append(checkpoint(_chunk_nll, h, targets[start:start + rows], head, softcap, use_reentrant=False)
-                     if torch.is_grad_enabled() else _chunk_nll(h, targets[start:start + rows], head, softcap))
-    if not parts:
-        return hidden.new_zeros(0, dtype=torch.float32), targets.new_zeros(0), mask
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), mask
+    total, parts = hidden.new_zeros((), dtype=torch.float32), {"mle": [0.0, 0], "rto": [0.0, 0]}
+    for w, rto in torch.unique(torch.stack([token_weight, token_rto.float()], 1), dim=0).tolist():
+        group = token_weight.eq(w) & token_rto.eq(bool(rto))
+        out = fused_ce(hidden[group], head.weight, targets[group], reduction="sum", softcap=softcap)
+        nll_sum = (out[0] if isinstance(out, tuple) else out).float()
+        total = total + w * nll_sum
+        part = parts["rto" if rto else "mle"]
+        part[0] += float(nll_sum.detach())
+        part[1] += int(group.sum())
+    return total, {k: tuple(v) for k, v in parts.items() if v[1]}
 
 
 def full_logits_nll(model, inputs: dict, labels: torch.Tensor):
-    """The plain loss: logits at every position, copied to fp32. Same return as `labelled_nll`."""
+    """The plain loss: logits at every position, copied to fp32. Returns (nll, argmax, mask) at the labelled positions."""
     logits = model(**inputs).logits[:, :-1]
     targets = labels[:, 1:]
     mask = targets.ne(IGNORE)
@@ -199,11 +216,17 @@ def batch_loss(model, inputs: dict, loss_impl: str = "chunked", num_items_in_bat
     if loss_impl == "full":
         nll, argmax, mask = full_logits_nll(model, inputs, labels)
     else:
-        nll, argmax, mask = labelled_nll(model, inputs, labels)
+        hidden, targets, mask, head, softcap = labelled_hidden(model, inputs, labels)
     # The label at t+1 is predicted at t: a target's weight and kind are those of its own token.
-    token_weight = weight[:, 1:][mask].to(nll.dtype)
+    token_weight = weight[:, 1:][mask].float()
     token_rto = is_rto[:, 1:][mask]
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    if loss_impl != "full":
+        fused_ce = _liger_function(hidden, head)
+        if fused_ce is not None and hidden.shape[0]:
+            loss, parts = grouped_fused_loss(fused_ce, hidden, targets, head, token_weight, token_rto, softcap)
+            return loss / denom, parts
+        nll, argmax = chunked_nll(hidden, targets, head, softcap)
     loss = (nll * token_weight).sum() / denom
     parts = {}
     with torch.no_grad():
