@@ -202,3 +202,41 @@ def test_grouped_fused_loss_path_equals_chunked(tiny_dir, tiny_tokenizer, synthe
     for name in ("mle", "rto"):
         assert fused[2][name][1] == chunked[2][name][1]
         assert fused[2][name][0] == pytest.approx(chunked[2][name][0], rel=1e-6)
+
+
+def test_unpackable_attention_falls_back_to_length_grouped_padding(tmp_path, tiny_dir, tiny_tokenizer, synthetic, monkeypatch):
+    from derta.cli import build_parser
+    from derta.train import config_from_cli, train
+
+    seen = []
+    original = PadCollator.__call__
+    monkeypatch.setattr(PadCollator, "__call__", lambda self, rows: seen.append(len(rows)) or original(self, rows))
+    monkeypatch.setattr(train_mod, "PACKING_ATTENTION", ())  # as if the model's attention could not read packed rows
+    data = write_rows(tmp_path / "rows.jsonl", tiny_tokenizer, synthetic)
+    args = build_parser().parse_args(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                                      "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--quiet"])
+    config = config_from_cli(args)
+    out = train(config, str(tiny_dir), str(data))
+    assert seen and config.train_sampling_strategy == "group_by_length"
+    assert json.loads((out / "derta_train.json").read_text())["padding_free"] is False
+
+
+def test_training_redraws_rto_positions_each_epoch(tmp_path, tiny_dir, tiny_tokenizer, synthetic, monkeypatch):
+    """The epoch reaches the dataset inside a real Trainer run (accelerate's loader does not forward it)."""
+    from derta.cli import main
+
+    seen: dict = {}
+    original = PackCollator.__call__
+
+    def record(self, rows):
+        for r in rows:
+            if r["kind"] == "rto":
+                seen.setdefault(tuple(r["input_ids"]), []).append([j for j, x in enumerate(r["labels"]) if x != -100])
+        return original(self, rows)
+
+    monkeypatch.setattr(PackCollator, "__call__", record)
+    data = write_rows(tmp_path / "rows.jsonl", tiny_tokenizer, synthetic, n=2)
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "o"), "--epochs", "2",
+                 "--batch-size", "8", "--grad-accum", "1", "--rto-keep-ratio", "0.3", "--quiet"]) == 0
+    assert seen and all(len(draws) == 2 for draws in seen.values())
+    assert all(draws[0] != draws[1] for draws in seen.values())

@@ -378,8 +378,9 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
               "lower --rto-keep-ratio or --rto-weight, or the model may learn to refuse everywhere", file=sys.stderr)
     model = load_model(model_name, dtype=dtype)
     packing = config.padding_free and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
-    if config.padding_free and not packing:
-        config.group_by_length = True  # the next best thing to packing: rows of similar length share a batch
+    if config.padding_free and not packing and config.train_sampling_strategy == "random":
+        # The next best thing to packing: rows of similar length share a batch (less padding).
+        config.train_sampling_strategy = "group_by_length"
     if config.use_lora:
         from peft import LoraConfig, get_peft_model
         from transformers import set_seed
