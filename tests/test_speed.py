@@ -173,7 +173,7 @@ def test_bench_smoke_writes_json_and_table(tmp_path, tiny_dir):
 
     out = tmp_path / "bench"
     assert main(["bench", "--out", str(out), "--model", str(tiny_dir), "--batch", "2", "--seq", "32", "--steps", "1",
-                 "--pack-batches", "1", "--short", "8-16", "--long", "24-40", "--prompts", "3", "--gen-batch", "3",
+                 "--pack-batches", "1", "--repeats", "1", "--short", "8-16", "--long", "24-40", "--prompts", "3", "--gen-batch", "3",
                  "--max-new-tokens", "3", "--probe-pairs", "2", "--quiet"]) == 0
     result = json.loads((out / "bench.json").read_text())
     assert set(result["ratios"]) >= {"loss_peak_memory", "loss_step_time", "packing_tokens_per_s", "batched_generation"}

@@ -322,6 +322,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--seq", type=int, default=1024, help="tokens per row of the loss-step batch (first half unlabelled)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per loss variant")
     p.add_argument("--pack-batches", type=int, default=4, help="batches of the length-skewed mix per packing variant")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes per packing variant (the fastest counts)")
     p.add_argument("--short", help="helpful row lengths MIN-MAX (default 32-96)")
     p.add_argument("--long", help="RTO row lengths MIN-MAX (default 512-1024)")
     p.add_argument("--prompts", type=int, default=32, help="generation prompts")
