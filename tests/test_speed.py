@@ -240,3 +240,16 @@ def test_training_redraws_rto_positions_each_epoch(tmp_path, tiny_dir, tiny_toke
                  "--batch-size", "8", "--grad-accum", "1", "--rto-keep-ratio", "0.3", "--quiet"]) == 0
     assert seen and all(len(draws) == 2 for draws in seen.values())
     assert all(draws[0] != draws[1] for draws in seen.values())
+
+
+def test_loss_impl_is_checked(tmp_path, tiny_dir, capsys):
+    from derta.cli import main
+
+    config = tmp_path / "train.yaml"
+    config.write_text("loss_impl: fused\n")
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"kind": "helpful", "instruction": "hi", "target": "ok"}) + "\n")
+    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                 "--config", str(config)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"derta: error: {config}: unknown loss_impl 'fused': use chunked or full"]
