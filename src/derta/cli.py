@@ -11,7 +11,10 @@ import os
 import sys
 import warnings
 
+from .data import RECIPES
 from .models import DTYPES
+
+RECIPE_CHOICES = tuple(RECIPES)
 
 
 def _quiet_libraries() -> None:
@@ -46,36 +49,62 @@ def _add_tiny(sub) -> None:
     p.set_defaults(func=cmd_tiny)
 
 
+# ---------------------------------------------------------------- convert
+
+
+def cmd_convert(args) -> None:
+    from .models import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out, dtype=args.dtype)
+    print(f"wrote {out} (safetensors + tokenizer); every derta command takes it as --model")
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="turn a GGUF checkpoint into a safetensors model directory")
+    p.add_argument("--gguf", required=True, help="a .gguf file (dequantized on load)")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"])
+    p.set_defaults(func=cmd_convert)
+
+
 # ---------------------------------------------------------------- data build
 
 
 def cmd_data_build(args) -> None:
-    from .data import RecipeConfig, load_rows, parse_mapping, build_rows, tokenize_rows, SAFETY_FIELDS, HELPFUL_FIELDS
-    from .io import write_jsonl
-    from .models import load_tokenizer, refusal_token_id, resolve_template
+    from .data import (HELPFUL_FIELDS, KINDS, SAFETY_FIELDS, RecipeConfig, build_rows, cap_rto_share, describe_shares,
+                       load_rows, parse_mapping, tokenize_rows)
+    from .io import InputError, write_jsonl
+    from .models import load_tokenizer, resolve_template
 
     cfg = RecipeConfig(
         recipe=args.recipe, seed=args.seed, no_prefix_ratio=args.no_prefix_ratio, cut=args.cut,
         refusal_phrase=args.refusal_phrase, rto_keep_ratio=args.rto_keep_ratio, rto_weight=args.rto_weight,
-        template=args.template,
+        template=args.template, max_rto_share=args.max_rto_share,
     )
+    if cfg.max_rto_share is not None and not args.tokenizer:
+        raise InputError("--max-rto-share counts tokens: give --tokenizer (or pass --max-rto-share to derta train)")
     safety = load_rows(args.safety, SAFETY_FIELDS, parse_mapping(args.safety_columns), kind="safety row")
     helpful = load_rows(args.helpful, HELPFUL_FIELDS, parse_mapping(args.helpful_columns), kind="helpful row") if args.helpful else []
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    rows = build_rows(cfg, safety, helpful, tokenizer=tok)
     if tok is not None:
-        cfg.template = resolve_template(tok, cfg.template)
-        rows = tokenize_rows(rows, tok, cfg, refusal_token_id(tok, cfg.refusal_phrase))
+        resolve_template(tok, cfg.template)  # a bad --template fails before any work
+    rows = build_rows(cfg, safety, helpful, tokenizer=tok)
+    shares = ""
+    if tok is not None:
+        rows = tokenize_rows(rows, tok, cfg)
+        if cfg.max_rto_share is not None and (ratio := cap_rto_share(rows, cfg.max_rto_share)) is not None:
+            print(f"--max-rto-share {cfg.max_rto_share}: RTO rows now train {100 * ratio:.1f}% of their positions")
+        shares = "; " + describe_shares(rows)
     write_jsonl(args.out, rows)
-    counts = {k: sum(r["kind"] == k for r in rows) for k in ("helpful", "safe", "prefix", "rto")}
-    print(f"wrote {len(rows)} rows to {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)})")
+    counts = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
+    print(f"wrote {len(rows)} rows to {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)}){shares}")
 
 
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="build training data")
     dsub = p.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="turn safety triples and helpful rows into recipe rows (JSONL)")
-    b.add_argument("--recipe", required=True, choices=["vanilla", "prefix", "rto", "derta"])
+    b.add_argument("--recipe", required=True, choices=list(RECIPE_CHOICES))
     b.add_argument("--safety", required=True, help='JSONL of {"instruction","harmful_response","safe_response"}, or a datasets name[:split]')
     b.add_argument("--helpful", help='JSONL of {"instruction","response"}, or a datasets name[:split]')
     b.add_argument("--safety-columns", help="column mapping for --safety, ours=theirs,... e.g. instruction=prompt")
@@ -88,6 +117,7 @@ def _add_data(sub) -> None:
     b.add_argument("--cut", choices=["word", "token"], default="word", help="cut harmful prefixes at word or token boundaries")
     b.add_argument("--rto-keep-ratio", type=float, default=1.0, help="share of RTO positions trained (reference 8B run: ~0.05)")
     b.add_argument("--rto-weight", type=float, default=1.0, help="loss weight of RTO tokens")
+    b.add_argument("--max-rto-share", type=float, help="cap RTO's share of labelled tokens by lowering its keep ratio (needs --tokenizer)")
     b.add_argument("--template", default="auto", help="auto | chat | inst | raw | a format string with {instruction}")
     b.set_defaults(func=cmd_data_build)
 
@@ -125,6 +155,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--lora-alpha", type=int)
     p.add_argument("--lora-dropout", type=float)
     p.add_argument("--lora-target-modules", help="comma-separated module names, or all-linear (default)")
+    p.add_argument("--lora-layers", type=int, help="LoRA on the top N decoder layers only (no backward below them)")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged full model instead of the adapter")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the log is kept in OUTPUT/derta_train.json)")
@@ -288,17 +319,46 @@ def _add_judge(sub) -> None:
 def cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
+    real = dict(eval_prompts=args.eval_prompts, eval_limit=args.eval_limit, overrefusal_prompts=args.overrefusal_prompts)
+    if args.model:
+        extra = {k: v for k, v in dict(recipes=tuple(args.recipes.split(",")) if args.recipes else None,
+                                       tune_steps=args.steps, anchors=args.anchors).items() if v is not None}
+        cfg = DemoConfig.for_model(args.model, args.seed, **real, **extra)
+    else:
+        if any(v is not None for v in real.values()) or args.anchors:
+            raise_input("--eval-prompts, --overrefusal-prompts and --anchors need --model (a pretrained chat model)")
+        cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
+        if args.recipes:
+            cfg.recipes = tuple(args.recipes.split(","))
+        if args.steps:
+            cfg.tune_steps = args.steps
+    unknown = [r for r in cfg.recipes if r not in RECIPE_CHOICES]
+    if unknown or not cfg.recipes:
+        raise_input(f"--recipes: unknown recipe {', '.join(unknown)}; use a comma-separated subset of {', '.join(RECIPE_CHOICES)}")
     report = run_demo(args.out, cfg)
     failed = [name for name, ok in report["checks"].items() if not ok]
     print(f"report: {args.out}/report.md; checks {'all pass' if not failed else 'FAILED: ' + ', '.join(failed)}")
 
 
+def raise_input(message: str) -> None:
+    from .io import InputError
+
+    raise InputError(message)
+
+
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="reproduce refusal position bias and DeRTa's fix on a tiny model (offline, CPU)")
+    p = sub.add_parser("demo", help="reproduce refusal position bias and DeRTa's fix (tiny model offline, or --model)")
     p.add_argument("--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reduced", action="store_true", help="tiny budgets, for a quick smoke run of the pipeline")
+    p.add_argument("--model", help="a pretrained chat model directory (e.g. from derta convert): the same ablation with LoRA")
+    p.add_argument("--recipes", help=f"comma-separated subset of {','.join(RECIPE_CHOICES)} "
+                                     "(default: all four on the tiny model, vanilla,derta with --model)")
+    p.add_argument("--steps", type=int, help="safety-tuning steps per recipe")
+    p.add_argument("--anchors", type=int, help="with --model: self-distilled helpful rows from the built-in benign prompts")
+    p.add_argument("--eval-prompts", help="with --model: derta eval's plain/completion/prefill attacks on these prompts")
+    p.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
+    p.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
     p.set_defaults(func=cmd_demo)
 
 
@@ -343,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
         "at any position of a response, and evaluate whether they do.")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_tiny, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful, _add_judge,
-                _add_bench):
+    for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful,
+                _add_judge, _add_bench):
         add(sub)
     return parser
 

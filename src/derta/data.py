@@ -14,13 +14,15 @@ A row is text first (`kind`, `instruction`, `prefix`, `target`); `tokenize_row` 
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .io import InputError, check_fields, read_jsonl
-from .models import encode_prompt, encode_text, format_prompt
+from .models import end_of_turn_ids, encode_prompt, encode_text, format_prompt, refusal_text, refusal_transition
 
 RECIPES = {
     "vanilla": ("safe",),
@@ -41,9 +43,10 @@ class RecipeConfig:
     no_prefix_ratio: float = 0.33
     cut: str = "word"  # "word" (word boundaries) or "token" (needs a tokenizer)
     refusal_phrase: str = "Sorry"
-    rto_keep_ratio: float = 1.0  # fraction of RTO positions trained (the reference's 8B run kept ~5 %)
+    rto_keep_ratio: float = 1.0  # fraction of RTO positions trained, drawn afresh each epoch (reference 8B run: ~5 %)
     rto_weight: float = 1.0  # loss weight of RTO tokens relative to MLE tokens
     template: str = "auto"
+    max_rto_share: float | None = None  # cap on RTO's share of labelled tokens (lowers rto_keep_ratio; needs tokens)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -54,8 +57,21 @@ class RecipeConfig:
             raise InputError("--no-prefix-ratio must be between 0 and 1")
         if not 0.0 < self.rto_keep_ratio <= 1.0:
             raise InputError("--rto-keep-ratio must be in (0, 1]")
-        if self.rto_weight < 0:
-            raise InputError("--rto-weight must be >= 0")
+        if not (math.isfinite(self.rto_weight) and self.rto_weight >= 0):
+            raise InputError("--rto-weight must be a finite number >= 0")
+        if self.max_rto_share is not None and not 0.0 < self.max_rto_share < 1.0:
+            raise InputError("--max-rto-share must be in (0, 1)")
+        if not self.refusal_phrase.split():
+            raise InputError("--refusal-phrase must not be empty")
+
+    def row_settings(self, kind: str) -> dict:
+        """The settings a text row carries so that training tokenizes it as built (nothing dropped silently)."""
+        out = {} if self.template == "auto" else {"template": self.template}
+        if kind in ("safe", "prefix", "rto"):
+            out["refusal_phrase"] = self.refusal_phrase
+        if kind == "rto":
+            out.update(rto_keep_ratio=self.rto_keep_ratio, loss_weight=self.rto_weight)
+        return out
 
 
 # ---------------------------------------------------------------- loading inputs
@@ -156,22 +172,24 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
     no_prefix = set(rng.sample(range(n_prefix), round(cfg.no_prefix_ratio * n_prefix))) if n_prefix else set()
 
     rows = [
-        {**_extras(h, HELPFUL_FIELDS), "kind": "helpful", "instruction": h["instruction"], "prefix": "", "target": h["response"]}
+        {**_extras(h, HELPFUL_FIELDS), "kind": "helpful", "instruction": h["instruction"], "prefix": "",
+         "target": h["response"], **cfg.row_settings("helpful")}
         for h in helpful
     ]
     for i, t in enumerate(safety):
         extras = _extras(t, SAFETY_FIELDS)
         for kind in kinds:
-            row = {**extras, "kind": kind, "instruction": t["instruction"], "prefix": "", "target": t["safe_response"]}
+            # Refusal targets are stored as given; tokenization writes them with the tokenizer's refusal
+            # transition (models.refusal_transition), which text rows cannot know yet.
+            row = {**extras, "kind": kind, "instruction": t["instruction"], "prefix": "",
+                   "target": t["safe_response"].strip(), **cfg.row_settings(kind)}
             if kind == "prefix":
                 units = _cut_points(cfg, t["harmful_response"], tokenizer)
                 # A response too short to cut (< 2 units) keeps k = 0 rather than being dropped.
                 k = 0 if (i in no_prefix or units < 2) else rng.randint(1, units - 1)
-                cut = token_cut(tokenizer, t["harmful_response"], k) if cfg.cut == "token" else word_cut(t["harmful_response"], k)
-                if cut:
-                    # The separator belongs to the target: a prefix ending in whitespace would let the
-                    # model learn "lone space -> Sorry" instead of the transition itself.
-                    row["prefix"], row["target"] = cut, " " + t["safe_response"].lstrip()
+                # No trailing whitespace: the separator belongs to the refusal, or the model would learn
+                # "lone space -> refuse" instead of the transition itself.
+                row["prefix"] = token_cut(tokenizer, t["harmful_response"], k) if cfg.cut == "token" else word_cut(t["harmful_response"], k)
             elif kind == "rto":
                 row["target"] = t["harmful_response"]
             rows.append(row)
@@ -185,44 +203,104 @@ def _extras(row: dict, known: tuple[str, ...]) -> dict:
 # ---------------------------------------------------------------- tokenization
 
 
-def tokenize_row(row: dict, tokenizer, refusal_id: int, template: str = "auto",
-                 rto_keep_ratio: float = 1.0, rto_weight: float = 1.0, rng: random.Random | None = None) -> dict:
-    """input_ids and labels (unshifted, -100 where no loss) for one text row.
+@functools.lru_cache(maxsize=32)
+def _turn_parts(tokenizer, template: str, phrase: str):
+    return end_of_turn_ids(tokenizer, template), refusal_transition(tokenizer, phrase)
 
-    MLE rows (helpful, safe, prefix): prompt + prefix + target + EOS; loss on target + EOS.
-    rto rows: prompt + harmful response + EOS; the label at each of those |r̂|+1 positions is
-    the refusal token, so the logits from the end of the prompt through the last harmful token
-    all point at it.
+
+def tokenize_row(row: dict, tokenizer, template: str = "auto", refusal_phrase: str = "Sorry",
+                 rto_weight: float = 1.0) -> dict:
+    """input_ids and labels (unshifted, -100 where no loss) for one text row; settings the row carries win.
+
+    MLE rows (helpful, safe, prefix): prompt + prefix + target + end of turn; loss on target and the
+    end-of-turn token(s) the chat template writes (not necessarily eos). Refusal targets start with
+    the refusal transition: its start form at the start of a response, its mid form after a prefix.
+    rto rows: prompt + harmful response + end of turn; the labels at those |r̂|+1 positions are the
+    transition token for that position (start form first, then mid form), so the logits from the
+    end of the prompt through the last harmful token all point at a refusal. Every position is
+    labelled here; `rto_keep_ratio` (carried in the row) is applied by the trainer, afresh each epoch.
     """
-    template = row.get("template", template)
+    from .models import resolve_template
+
+    template = resolve_template(tokenizer, row.get("template", template))
+    phrase = row.get("refusal_phrase", refusal_phrase)
+    eot, transition = _turn_parts(tokenizer, template, phrase)
     prompt = encode_prompt(tokenizer, format_prompt(tokenizer, row["instruction"], template), template)
     prefix = encode_text(tokenizer, row.get("prefix", ""))
-    target = encode_text(tokenizer, row["target"])
-    eos = tokenizer.eos_token_id
+    text = row["target"]
+    if row["kind"] in ("safe", "prefix"):
+        text = refusal_text(text, transition.mid_text if row.get("prefix") else transition.start_text, phrase)
+    target = encode_text(tokenizer, text)
+    input_ids = prompt + prefix + target + eot
+    context = [IGNORE] * (len(prompt) + len(prefix))
     if row["kind"] == "rto":
-        input_ids = prompt + prefix + target + [eos]
         n = len(target) + 1
-        keep = list(range(n))
-        if rto_keep_ratio < 1.0:
-            keep = sorted((rng or random.Random(0)).sample(keep, max(1, round(rto_keep_ratio * n))))
-        response_labels = [IGNORE] * n
-        for j in keep:
-            response_labels[j] = refusal_id
-        labels = [IGNORE] * (len(prompt) + len(prefix)) + response_labels
-        weight = rto_weight
+        first = transition.mid_id if prefix else transition.start_id
+        labels = context + [first] + [transition.mid_id] * (n - 1) + [IGNORE] * (len(eot) - 1)
+        weight = row.get("loss_weight", rto_weight)
     else:
-        input_ids = prompt + prefix + target + [eos]
-        labels = [IGNORE] * (len(prompt) + len(prefix)) + target + [eos]
-        weight = 1.0
+        labels = context + target + eot
+        weight = row.get("loss_weight", 1.0)
     return {"input_ids": input_ids, "labels": labels, "loss_weight": weight}
 
 
-def tokenize_rows(rows: list[dict], tokenizer, cfg: RecipeConfig, refusal_id: int) -> list[dict]:
-    rng = random.Random(cfg.seed + 1)
-    return [
-        {**row, **tokenize_row(row, tokenizer, refusal_id, cfg.template, cfg.rto_keep_ratio, cfg.rto_weight, rng)}
-        for row in rows
-    ]
+def tokenize_rows(rows: list[dict], tokenizer, cfg: RecipeConfig) -> list[dict]:
+    return [{**row, **tokenize_row(row, tokenizer, cfg.template, cfg.refusal_phrase, cfg.rto_weight)} for row in rows]
+
+
+def sample_rto_labels(labels: list[int], keep_ratio: float, rng: random.Random) -> list[int]:
+    """An RTO row's labels with only `keep_ratio` of its labelled positions kept (at least one)."""
+    positions = [j for j, x in enumerate(labels) if x != IGNORE]
+    if keep_ratio >= 1.0 or not positions:
+        return labels
+    keep = set(rng.sample(positions, max(1, round(keep_ratio * len(positions)))))
+    return [x if j in keep else IGNORE for j, x in enumerate(labels)]
+
+
+# ---------------------------------------------------------------- labelled-token budget
+
+# Above this share of all labelled tokens, RTO drowned the other objectives in a real run (SmolLM2:
+# 63 % RTO tokens -> "SorrySorry..." loops); the paper's mix puts it at a few percent.
+RTO_SHARE_WARN = 0.25
+
+
+def label_token_counts(rows: list[dict]) -> dict[str, float]:
+    """Labelled tokens per objective (kind), RTO rows counted at their expected kept share."""
+    counts = {k: 0.0 for k in KINDS}
+    for r in rows:
+        n = sum(x != IGNORE for x in r["labels"])
+        counts[r["kind"]] += n * (r.get("rto_keep_ratio", 1.0) if r["kind"] == "rto" else 1.0)
+    return counts
+
+
+def label_token_shares(rows: list[dict]) -> dict[str, float]:
+    counts = label_token_counts(rows)
+    total = sum(counts.values()) or 1.0
+    return {k: round(v / total, 4) for k, v in counts.items() if v}
+
+
+def cap_rto_share(rows: list[dict], max_share: float) -> float | None:
+    """Lower every RTO row's keep ratio so RTO is at most `max_share` of labelled tokens; the new ratio, or None."""
+    counts = label_token_counts(rows)
+    rto, other = counts["rto"], sum(v for k, v in counts.items() if k != "rto")
+    if rto <= max_share * (rto + other):
+        return None
+    scale = max_share * other / ((1.0 - max_share) * rto)
+    ratio = None
+    for r in rows:
+        if r["kind"] == "rto":
+            r["rto_keep_ratio"] = ratio = round(r.get("rto_keep_ratio", 1.0) * scale, 6)
+    return ratio
+
+
+def describe_shares(rows: list[dict]) -> str:
+    """One line of labelled-token shares, warning-worthy or not."""
+    shares = label_token_shares(rows)
+    line = "labelled-token shares: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items())
+    if shares.get("rto", 0.0) > RTO_SHARE_WARN:
+        line += (f" -- warning: RTO is {100 * shares['rto']:.0f}% of labelled tokens (> {100 * RTO_SHARE_WARN:.0f}%); "
+                 "lower --rto-keep-ratio or set --max-rto-share (the model may loop on the refusal token)")
+    return line
 
 
 # ---------------------------------------------------------------- reading built rows back (for training)

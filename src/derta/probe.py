@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .io import InputError, pyplot, read_jsonl, write_json, write_png
-from .models import encode_prompt, encode_text, format_prompt, load_model, load_tokenizer, refusal_token_ids, resolve_template
+from .models import (encode_prompt, encode_text, format_prompt, load_model, load_tokenizer, refusal_token_ids,
+                     refusal_transition, resolve_template)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,7 +35,8 @@ def refusal_probabilities(model, tokenizer, pairs: list[tuple[str, str]], refusa
                           template: str = "auto", batch_size: int = 16, progress: bool = False) -> list[list[float]]:
     """For each (instruction, response): P(next token is a refusal token) at each of the |response|+1 positions.
 
-    Both `Sorry` and ` Sorry` (where the tokenizer has them) count as the refusal token.
+    The refusal tokens are the transition DeRTa trains (`models.refusal_transition`): its start
+    form ("Sorry") and its mid form (" Sorry", or " sorry" where " Sorry" is two fragments).
     """
     template = resolve_template(tokenizer, template)
     refusal = torch.tensor(refusal_token_ids(tokenizer, refusal_phrase))
@@ -103,6 +105,7 @@ def probe(model, tokenizer, pairs: list[tuple[str, str]], refusal_phrase: str = 
     return {
         "n_examples": len(pairs),
         "refusal_phrase": refusal_phrase,
+        "refusal_tokens": refusal_transition(tokenizer, refusal_phrase).tokens(tokenizer),
         "mean_refusal_prob": float(np.mean([c["refusal_prob"] for c in curve])),
         "curve": curve,
         "per_example": [{"instruction": q, "refusal_probs": [round(p, 6) for p in probs]}

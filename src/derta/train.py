@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import IGNORE, load_training_rows, tokenize_row
+from .data import IGNORE, load_training_rows, sample_rto_labels, tokenize_row
 from .io import InputError, write_json
-from .models import load_model, load_tokenizer, refusal_token_id, resolve_template
+from .models import load_model, load_tokenizer, resolve_template
 
 FULL_FT_LR, LORA_LR = 2e-5, 1e-4
 
@@ -53,8 +53,9 @@ class DertaConfig(TrainingArguments):
     max_length: int = field(default=2048, metadata={"help": "rows are truncated to this many tokens"})
     template: str = field(default="auto", metadata={"help": "prompt format for text rows: auto|chat|inst|raw|format string"})
     refusal_phrase: str = "Sorry"
-    rto_keep_ratio: float = field(default=1.0, metadata={"help": "share of each RTO row's positions trained, re-drawn every epoch"})
-    rto_weight: float = 1.0
+    # None: what each row carries from `data build` (else 1.0); a value overrides every RTO row.
+    rto_keep_ratio: float | None = field(default=None, metadata={"help": "share of each RTO row's positions trained, re-drawn every epoch"})
+    rto_weight: float | None = field(default=None, metadata={"help": "loss weight of RTO tokens"})
     loss_impl: str = field(default="chunked", metadata={"help": "chunked (labelled positions only) | full (all logits)"})
     padding_free: bool = field(default=True, metadata={"help": "pack each batch into one sequence (else pad, length-grouped)"})
     # LoRA (peft)
@@ -63,6 +64,8 @@ class DertaConfig(TrainingArguments):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: str = "all-linear"
+    lora_layers: int | None = field(default=None, metadata={"help": "LoRA on the top N decoder layers only: no backward "
+                                                                    "through the layers below (CPU runs)"})
     merge_lora: bool = False
 
 
@@ -271,12 +274,11 @@ def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: st
     Returns (rows, dropped): rows left with no label by the truncation are dropped and counted.
     RTO rows keep every refusal label here; `EpochRows` draws the kept share afresh each epoch.
     """
-    refusal_id = refusal_token_id(tokenizer, config.refusal_phrase)
     vocab = len(tokenizer)
     out, dropped = [], 0
     for row in rows:
         if "input_ids" not in row:
-            row = {**row, **tokenize_row(row, tokenizer, refusal_id, config.template, 1.0, config.rto_weight)}
+            row = {**row, **tokenize_row(row, tokenizer, config.template, config.refusal_phrase)}
         elif (top := max(row["input_ids"] + row["labels"])) >= vocab:
             # Rows tokenized for another model would train on garbage without a word said.
             raise InputError(f"token id {top} is outside this model's vocabulary "
@@ -286,7 +288,13 @@ def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: st
         if all(x == IGNORE for x in labels[1:]):
             dropped += 1
             continue
-        out.append({"input_ids": ids, "labels": labels, "loss_weight": row.get("loss_weight", 1.0), "kind": row["kind"]})
+        kept = {"input_ids": ids, "labels": labels, "loss_weight": row.get("loss_weight", 1.0), "kind": row["kind"]}
+        if row["kind"] == "rto":
+            # An explicit --rto-keep-ratio / --rto-weight wins over what the row carries.
+            kept["rto_keep_ratio"] = config.rto_keep_ratio if config.rto_keep_ratio is not None else row.get("rto_keep_ratio", 1.0)
+            if config.rto_weight is not None:
+                kept["loss_weight"] = config.rto_weight
+        out.append(kept)
     return out, dropped
 
 
@@ -295,13 +303,13 @@ def kept_rto_count(labelled: int, keep_ratio: float) -> int:
 
 
 class EpochRows(torch.utils.data.Dataset):
-    """The training rows; an RTO row's kept positions (`rto_keep_ratio`) are drawn afresh every epoch.
+    """The training rows; an RTO row's kept positions (its `rto_keep_ratio`) are drawn afresh every epoch.
 
     The draw is seeded by (seed, epoch, row index), so a run and its resumption see the same positions.
     """
 
-    def __init__(self, rows: list[dict], keep_ratio: float = 1.0, seed: int = 0):
-        self.rows, self.keep_ratio, self.seed, self.epoch = rows, keep_ratio, seed, 0
+    def __init__(self, rows: list[dict], seed: int = 0):
+        self.rows, self.seed, self.epoch = rows, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -311,11 +319,11 @@ class EpochRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.rows[i]
-        if row["kind"] != "rto" or self.keep_ratio >= 1.0:
+        ratio = row.get("rto_keep_ratio", 1.0)
+        if row["kind"] != "rto" or ratio >= 1.0:
             return row
-        labelled = [j for j, x in enumerate(row["labels"]) if x != IGNORE and j > 0]
-        keep = set(random.Random(f"{self.seed}:{self.epoch}:{i}").sample(labelled, kept_rto_count(len(labelled), self.keep_ratio)))
-        return {**row, "labels": [x if j in keep else IGNORE for j, x in enumerate(row["labels"])]}
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        return {**row, "labels": sample_rto_labels(row["labels"], ratio, rng)}
 
 
 class EpochCallback(TrainerCallback):
@@ -328,12 +336,12 @@ class EpochCallback(TrainerCallback):
         self.dataset.set_epoch(int(state.epoch or 0))
 
 
-def _label_shares(rows: list[dict], keep_ratio: float = 1.0) -> dict[str, float]:
-    """Fraction of all trained tokens per objective, counting RTO rows after the keep ratio."""
+def _label_shares(rows: list[dict]) -> dict[str, float]:
+    """Fraction of all trained tokens per objective, counting RTO rows after their keep ratio."""
     counts = dict.fromkeys(("helpful", "safe", "prefix", "rto"), 0)
     for r in rows:
         n = sum(x != IGNORE for x in r["labels"][1:])
-        counts[r["kind"]] += kept_rto_count(n, keep_ratio) if r["kind"] == "rto" else n
+        counts[r["kind"]] += kept_rto_count(n, r.get("rto_keep_ratio", 1.0)) if r["kind"] == "rto" else n
     total = sum(counts.values()) or 1
     return {k: round(v / total, 4) for k, v in counts.items()}
 
@@ -371,7 +379,7 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
         raise InputError("no row has a trained token within --max-length", data_path)
     if dropped:
         print(f"derta: dropped {dropped} rows left with no trained token by --max-length {config.max_length}", file=sys.stderr)
-    shares = _label_shares(rows, config.rto_keep_ratio)
+    shares = _label_shares(rows)
     print("derta: trained-token shares " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()), file=sys.stderr)
     if shares["rto"] > RTO_SHARE_WARNING:
         print(f"derta: warning: RTO is {shares['rto']:.0%} of trained tokens (> {RTO_SHARE_WARNING:.0%}); "
@@ -387,11 +395,23 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
 
         targets = config.lora_target_modules
         set_seed(config.seed)  # LoRA A is initialised here, before Trainer seeds: same --seed, same run
+        layers = None
+        if config.lora_layers is not None:
+            total = model.config.num_hidden_layers
+            if not 0 < config.lora_layers <= total:
+                raise InputError(f"--lora-layers must be between 1 and the model's {total} layers")
+            layers = list(range(total - config.lora_layers, total))
+        if targets == "all-linear" and layers is not None:
+            # peft takes a layer subset only with module names: every linear layer's name but the output head's.
+            out_head = model.get_output_embeddings()
+            targets = ",".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                       if isinstance(m, torch.nn.Linear) and m is not out_head}))
         model = get_peft_model(model, LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
+            layers_to_transform=layers,
         ))
-    dataset = EpochRows(rows, config.rto_keep_ratio, config.seed)
+    dataset = EpochRows(rows, config.seed)
     trainer = DertaTrainer(
         model=model, args=config, train_dataset=dataset,
         data_collator=PackCollator() if packing else PadCollator(tokenizer.pad_token_id),
@@ -428,7 +448,7 @@ _CLI_TO_CONFIG = {
     "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
     "max_length": "max_length", "seed": "seed", "template": "template", "refusal_phrase": "refusal_phrase",
     "save_steps": "save_steps", "logging_steps": "logging_steps", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules",
+    "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules", "lora_layers": "lora_layers",
     "rto_keep_ratio": "rto_keep_ratio", "rto_weight": "rto_weight",
 }
 
@@ -474,9 +494,9 @@ def config_from_cli(args) -> DertaConfig:
         raise InputError(f"bad training setting: {str(e).splitlines()[0]}", args.config) from None
     if not math.isfinite(config.learning_rate) or config.learning_rate <= 0:
         raise InputError("--learning-rate must be positive")
-    if not 0.0 < config.rto_keep_ratio <= 1.0:
+    if config.rto_keep_ratio is not None and not 0.0 < config.rto_keep_ratio <= 1.0:
         raise InputError("--rto-keep-ratio must be in (0, 1]")
-    if not math.isfinite(config.rto_weight) or config.rto_weight < 0:
+    if config.rto_weight is not None and (not math.isfinite(config.rto_weight) or config.rto_weight < 0):
         raise InputError("--rto-weight must be a finite number >= 0")
     if config.loss_impl not in ("chunked", "full"):
         raise InputError(f"unknown loss_impl '{config.loss_impl}': use chunked or full", args.config)
