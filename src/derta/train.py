@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import IGNORE, load_training_rows, sample_rto_labels, tokenize_row
+from .data import IGNORE, RTO_SHARE_WARN, label_token_counts, load_training_rows, sample_rto_labels, tokenize_row
 from .io import InputError, write_json
 from .models import load_model, load_tokenizer, resolve_template
 
@@ -298,10 +298,6 @@ def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: st
     return out, dropped
 
 
-def kept_rto_count(labelled: int, keep_ratio: float) -> int:
-    return labelled if keep_ratio >= 1.0 else max(1, round(keep_ratio * labelled))
-
-
 class EpochRows(torch.utils.data.Dataset):
     """The training rows; an RTO row's kept positions (its `rto_keep_ratio`) are drawn afresh every epoch.
 
@@ -337,16 +333,10 @@ class EpochCallback(TrainerCallback):
 
 
 def _label_shares(rows: list[dict]) -> dict[str, float]:
-    """Fraction of all trained tokens per objective, counting RTO rows after their keep ratio."""
-    counts = dict.fromkeys(("helpful", "safe", "prefix", "rto"), 0)
-    for r in rows:
-        n = sum(x != IGNORE for x in r["labels"][1:])
-        counts[r["kind"]] += kept_rto_count(n, r.get("rto_keep_ratio", 1.0)) if r["kind"] == "rto" else n
-    total = sum(counts.values()) or 1
+    """Fraction of all trained tokens per objective (every kind listed), RTO rows at their keep ratio."""
+    counts = label_token_counts(rows)
+    total = sum(counts.values()) or 1.0
     return {k: round(v / total, 4) for k, v in counts.items()}
-
-
-RTO_SHARE_WARNING = 0.25  # a real run at 63 % RTO tokens collapsed into "SorrySorry..." loops
 
 
 # ---------------------------------------------------------------- entry point
@@ -381,8 +371,8 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
         print(f"derta: dropped {dropped} rows left with no trained token by --max-length {config.max_length}", file=sys.stderr)
     shares = _label_shares(rows)
     print("derta: trained-token shares " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()), file=sys.stderr)
-    if shares["rto"] > RTO_SHARE_WARNING:
-        print(f"derta: warning: RTO is {shares['rto']:.0%} of trained tokens (> {RTO_SHARE_WARNING:.0%}); "
+    if shares["rto"] > RTO_SHARE_WARN:
+        print(f"derta: warning: RTO is {shares['rto']:.0%} of trained tokens (> {RTO_SHARE_WARN:.0%}); "
               "lower --rto-keep-ratio or --rto-weight, or the model may learn to refuse everywhere", file=sys.stderr)
     model = load_model(model_name, dtype=dtype)
     packing = config.padding_free and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
