@@ -251,3 +251,23 @@ def test_loss_impl_is_checked(tmp_path, tiny_dir, capsys):
                  "--config", str(config)]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert lines == [f"derta: error: {config}: unknown loss_impl 'fused': use chunked or full"]
+
+
+def test_chunked_loss_through_ddp_wrapper_equals_plain(tiny_dir, tiny_tokenizer, synthetic, tmp_path):
+    """Inside DistributedDataParallel (one gloo process) the loss runs as the wrapper's forward; same loss and grads."""
+    import torch.distributed as dist
+
+    batch = PackCollator()(recipe_rows(tiny_tokenizer, synthetic, "derta"))
+    model = tiny_model(tiny_dir)
+    plain = loss_and_grads(model, batch, "chunked")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        calls = []
+        wrapped.register_forward_pre_hook(lambda module, args: calls.append(1))
+        through = loss_and_grads(wrapped, batch, "chunked")
+    finally:
+        dist.destroy_process_group()
+    assert calls == [1] and "forward" not in vars(model)
+    assert max(float((plain[1][k] - through[1]["module." + k]).abs().max()) for k in plain[1]) <= TOL
+    assert abs(float(plain[0] - through[0])) <= TOL

@@ -207,11 +207,31 @@ def full_logits_nll(model, inputs: dict, labels: torch.Tensor):
     return nll[mask], logits.argmax(-1)[mask], mask
 
 
+def _as_wrapped_forward(wrapper, compute):
+    """Call `wrapper()` with its inner module's forward temporarily replaced by `compute`."""
+    inner = wrapper.module
+    own = vars(inner).get("forward")  # accelerate may have set an instance forward (autocast); keep it
+    inner.forward = lambda *args, **kwargs: compute()
+    try:
+        return wrapper()
+    finally:
+        if own is None:
+            del inner.forward
+        else:
+            inner.forward = own
+
+
 def batch_loss(model, inputs: dict, loss_impl: str = "chunked", num_items_in_batch=None) -> tuple[torch.Tensor, dict]:
     """Σ w·NLL over labelled tokens / (number of labelled tokens), and the per-part sums for logging.
 
     `inputs` is a collator batch (padded or packed); it is not modified.
     """
+    if loss_impl != "full" and isinstance(model, torch.nn.DataParallel):
+        loss_impl = "full"  # its replicas run only inside its own forward: nothing to gather hidden states from
+    elif loss_impl != "full" and hasattr(model, "module"):
+        # DDP, FSDP and DeepSpeed do their work (gradient sync, parameter gathering) in their own forward:
+        # compute the loss as the wrapped module's forward, through the wrapper.
+        return _as_wrapped_forward(model, lambda: batch_loss(model.module, inputs, loss_impl, num_items_in_batch))
     inputs = dict(inputs)
     labels, weight, is_rto = inputs.pop("labels"), inputs.pop("loss_weight"), inputs.pop("is_rto")
     if weight.dim() == 1:  # padded batches carry one value per row, packed ones one per token
@@ -248,7 +268,10 @@ class DertaTrainer(Trainer):
         self._parts = {"mle": [0.0, 0], "rto": [0.0, 0], "rto_hit": [0.0, 0]}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, parts = batch_loss(model, inputs, getattr(self.args, "loss_impl", "chunked"), num_items_in_batch)
+        # The chunked loss calls the decoder body itself, past the autocast accelerate wraps around
+        # model.forward for mixed precision, so it enters that autocast here (a no-op in fp32).
+        with self.accelerator.autocast():
+            loss, parts = batch_loss(model, inputs, getattr(self.args, "loss_impl", "chunked"), num_items_in_batch)
         for name, (total, count) in parts.items():
             self._parts[name][0] += total
             self._parts[name][1] += count
