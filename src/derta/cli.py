@@ -159,6 +159,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged full model instead of the adapter")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines (the log is kept in OUTPUT/derta_train.json)")
+    # RTO balance (issue #7): the kept positions are re-drawn every epoch.
+    p.add_argument("--rto-keep-ratio", type=float, help="share of each RTO row's positions trained per epoch, in (0, 1]; default 1")
+    p.add_argument("--rto-weight", type=float, help="loss weight of RTO tokens (text rows); default 1")
 
 
 def _add_train(sub) -> None:
@@ -362,6 +365,38 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+# ---------------------------------------------------------------- bench
+
+
+def cmd_bench(args) -> None:
+    from .bench import run_from_cli
+
+    out = run_from_cli(args)
+    print((out / "bench.md").read_text(), end="")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure training and evaluation speed: new vs old code paths, side by side")
+    p.add_argument("--out", required=True, help="directory for bench.json and bench.md")
+    p.add_argument("--model", help="checkpoint directory (default: build_tiny's architecture with --vocab tokens)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the default model")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024, help="tokens per row of the loss-step batch (first half unlabelled)")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per loss variant")
+    p.add_argument("--pack-batches", type=int, default=4, help="batches of the length-skewed mix per packing variant")
+    p.add_argument("--repeats", type=int, default=2, help="timed passes per packing variant (the fastest counts)")
+    p.add_argument("--short", help="helpful row lengths MIN-MAX (default 32-96)")
+    p.add_argument("--long", help="RTO row lengths MIN-MAX (default 512-1024)")
+    p.add_argument("--prompts", type=int, default=32, help="generation prompts")
+    p.add_argument("--gen-batch", type=int, default=16, help="batch size of batched generation and the probe")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--probe-pairs", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -371,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
         "at any position of a response, and evaluate whether they do.")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful, _add_judge):
+    for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful,
+                _add_judge, _add_bench):
         add(sub)
     return parser
 

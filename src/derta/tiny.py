@@ -75,6 +75,25 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 2048, refusal_phras
     return tok
 
 
+def random_model(vocab_size: int = 32000, hidden_size: int = 128, layers: int = 4, heads: int = 4,
+                 max_positions: int = 1024, seed: int = 0):
+    """build_tiny's architecture with any vocabulary size and no tokenizer (token ids only), for `derta bench`.
+
+    A byte-level BPE cannot learn 32k merges from the small offline corpus, so the bench's
+    real-vocabulary-sized model is made from a config alone.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 3,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
 def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 2048, hidden_size: int = 128,
                layers: int = 4, heads: int = 4, max_positions: int = 512,
                corpus: Iterable[str] | None = None) -> Path:

@@ -5,6 +5,12 @@ bf16 work unchanged (put their settings in the YAML config). `DertaTrainer` only
 loss: a token-level cross-entropy in which RTO tokens carry the row's `loss_weight`, and which
 reports the MLE and RTO parts separately.
 
+Speed (issue #8): the loss runs the decoder body once, keeps only the hidden states whose next
+token is labelled, and applies the output projection + cross-entropy to those in chunks that are
+recomputed in backward, so no batch x length x vocabulary tensor ever exists (`loss_impl:
+chunked`; `full` is the plain logits loss, kept for comparison). Batches are padding-free by
+default: the rows of a batch are packed into one sequence whose position_ids restart per row.
+
 Paper defaults: full fine-tuning lr 2e-5 (8B); LoRA lr 1e-4, r 96, alpha 16, dropout 0.05 on all
 projection modules (70B); 2 epochs; effective batch 128 (8 per device x 16 accumulation steps).
 """
@@ -13,14 +19,16 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import IGNORE, load_training_rows, sample_rto_labels, tokenize_row
+from .data import IGNORE, RTO_SHARE_WARN, label_token_counts, load_training_rows, sample_rto_labels, tokenize_row
 from .io import InputError, write_json
 from .models import load_model, load_tokenizer, resolve_template
 
@@ -45,8 +53,11 @@ class DertaConfig(TrainingArguments):
     max_length: int = field(default=2048, metadata={"help": "rows are truncated to this many tokens"})
     template: str = field(default="auto", metadata={"help": "prompt format for text rows: auto|chat|inst|raw|format string"})
     refusal_phrase: str = "Sorry"
-    rto_keep_ratio: float = 1.0
-    rto_weight: float = 1.0
+    # None: what each row carries from `data build` (else 1.0); a value overrides every RTO row.
+    rto_keep_ratio: float | None = field(default=None, metadata={"help": "share of each RTO row's positions trained, re-drawn every epoch"})
+    rto_weight: float | None = field(default=None, metadata={"help": "loss weight of RTO tokens"})
+    loss_impl: str = field(default="chunked", metadata={"help": "chunked (labelled positions only) | full (all logits)"})
+    padding_free: bool = field(default=True, metadata={"help": "pack each batch into one sequence (else pad, length-grouped)"})
     # LoRA (peft)
     use_lora: bool = False
     lora_r: int = 96
@@ -83,6 +94,172 @@ class PadCollator:
         }
 
 
+@dataclass
+class PackCollator:
+    """Concatenates the rows of a batch into one sequence with per-row position_ids (no padding, no mask).
+
+    The attention layers see where a row starts from position_ids going back to 0. loss_weight and
+    is_rto become per-token so each token keeps its own row's values.
+    """
+
+    def __call__(self, rows: list[dict]) -> dict:
+        ids, labels, positions, weight, is_rto = [], [], [], [], []
+        for r in rows:
+            n = len(r["input_ids"])
+            ids += r["input_ids"]
+            # The first token of a row must not be the target of the previous row's last position.
+            labels += [IGNORE] + list(r["labels"][1:])
+            positions += range(n)
+            weight += [float(r.get("loss_weight", 1.0))] * n
+            is_rto += [r["kind"] == "rto"] * n
+        return {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([positions]),
+            "labels": torch.tensor([labels]),
+            "loss_weight": torch.tensor([weight]),
+            "is_rto": torch.tensor([is_rto]),
+        }
+
+
+# Attention implementations that read packed-sequence boundaries from position_ids in transformers 5.
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+# Rows of hidden states per output-projection chunk: about 2**25 logits (128 MB in fp32) at a time.
+LOGITS_PER_CHUNK = 2 ** 25
+
+
+def _causal_lm_parts(model):
+    """(decoder body, output projection, CausalLM) of a model, through peft and DDP wrappers."""
+    model = getattr(model, "module", model)  # DDP / DataParallel
+    if hasattr(model, "get_base_model"):  # peft: LoRA layers are injected in place, so the base model has them
+        model = model.get_base_model()
+    return model.get_decoder(), model.get_output_embeddings(), model
+
+
+def _chunk_nll(hidden, targets, head, softcap):
+    """NLL and argmax of the logits of one chunk; called under checkpoint so the logits are not kept."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1)
+
+
+def labelled_hidden(model, inputs: dict, labels: torch.Tensor):
+    """Decoder-body hidden states at the positions whose next-token label is not -100.
+
+    Returns (hidden (N, H), targets (N,), mask (B, T-1), output projection, final-logit softcap or None).
+    """
+    body, head, lm = _causal_lm_parts(model)
+    hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets.ne(IGNORE)
+    return hidden[mask], targets[mask], mask, head, getattr(lm.config, "final_logit_softcapping", None)
+
+
+def chunked_nll(hidden, targets, head, softcap=None):
+    """Per-token NLL and argmax, LOGITS_PER_CHUNK logits at a time, each chunk recomputed in backward."""
+    rows = max(1, LOGITS_PER_CHUNK // head.weight.shape[0])
+    parts = []
+    for start in range(0, hidden.shape[0], rows):
+        h, t = hidden[start:start + rows], targets[start:start + rows]
+        parts.append(checkpoint(_chunk_nll, h, t, head, softcap, use_reentrant=False)
+                     if torch.is_grad_enabled() else _chunk_nll(h, t, head, softcap))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32), targets.new_zeros(0)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _liger_function(hidden, head):
+    """Liger-Kernel's fused linear cross-entropy when it applies (CUDA, liger-kernel installed: the `cuda` extra)."""
+    if not hidden.is_cuda or head.bias is not None:
+        return None
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def grouped_fused_loss(fused_ce, hidden, targets, head, token_weight, token_rto, softcap=None):
+    """Σ w·NLL and the per-part sums from a fused linear cross-entropy `fused_ce(h, W, t, reduction="sum", softcap=)`.
+
+    It is called once per (weight, kind) group, so per-token weights need no per-token output from
+    the kernel. The kernel gives no argmax, so rto_accuracy is not logged on this path.
+    """
+    total, parts = hidden.new_zeros((), dtype=torch.float32), {"mle": [0.0, 0], "rto": [0.0, 0]}
+    for w, rto in torch.unique(torch.stack([token_weight, token_rto.float()], 1), dim=0).tolist():
+        group = token_weight.eq(w) & token_rto.eq(bool(rto))
+        out = fused_ce(hidden[group], head.weight, targets[group], reduction="sum", softcap=softcap)
+        nll_sum = (out[0] if isinstance(out, tuple) else out).float()
+        total = total + w * nll_sum
+        part = parts["rto" if rto else "mle"]
+        part[0] += float(nll_sum.detach())
+        part[1] += int(group.sum())
+    return total, {k: tuple(v) for k, v in parts.items() if v[1]}
+
+
+def full_logits_nll(model, inputs: dict, labels: torch.Tensor):
+    """The plain loss: logits at every position, copied to fp32. Returns (nll, argmax, mask) at the labelled positions."""
+    logits = model(**inputs).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets.ne(IGNORE)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                          reduction="none").view_as(targets)
+    return nll[mask], logits.argmax(-1)[mask], mask
+
+
+def _as_wrapped_forward(wrapper, compute):
+    """Call `wrapper()` with its inner module's forward temporarily replaced by `compute`."""
+    inner = wrapper.module
+    own = vars(inner).get("forward")  # accelerate may have set an instance forward (autocast); keep it
+    inner.forward = lambda *args, **kwargs: compute()
+    try:
+        return wrapper()
+    finally:
+        if own is None:
+            del inner.forward
+        else:
+            inner.forward = own
+
+
+def batch_loss(model, inputs: dict, loss_impl: str = "chunked", num_items_in_batch=None) -> tuple[torch.Tensor, dict]:
+    """Σ w·NLL over labelled tokens / (number of labelled tokens), and the per-part sums for logging.
+
+    `inputs` is a collator batch (padded or packed); it is not modified.
+    """
+    if loss_impl != "full" and isinstance(model, torch.nn.DataParallel):
+        loss_impl = "full"  # its replicas run only inside its own forward: nothing to gather hidden states from
+    elif loss_impl != "full" and hasattr(model, "module"):
+        # DDP, FSDP and DeepSpeed do their work (gradient sync, parameter gathering) in their own forward:
+        # compute the loss as the wrapped module's forward, through the wrapper.
+        return _as_wrapped_forward(model, lambda: batch_loss(model.module, inputs, loss_impl, num_items_in_batch))
+    inputs = dict(inputs)
+    labels, weight, is_rto = inputs.pop("labels"), inputs.pop("loss_weight"), inputs.pop("is_rto")
+    if weight.dim() == 1:  # padded batches carry one value per row, packed ones one per token
+        weight, is_rto = weight[:, None].expand_as(labels), is_rto[:, None].expand_as(labels)
+    if loss_impl == "full":
+        nll, argmax, mask = full_logits_nll(model, inputs, labels)
+    else:
+        hidden, targets, mask, head, softcap = labelled_hidden(model, inputs, labels)
+    # The label at t+1 is predicted at t: a target's weight and kind are those of its own token.
+    token_weight = weight[:, 1:][mask].float()
+    token_rto = is_rto[:, 1:][mask]
+    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
+    if loss_impl != "full":
+        fused_ce = _liger_function(hidden, head)
+        if fused_ce is not None and hidden.shape[0]:
+            loss, parts = grouped_fused_loss(fused_ce, hidden, targets, head, token_weight, token_rto, softcap)
+            return loss / denom, parts
+        nll, argmax = chunked_nll(hidden, targets, head, softcap)
+    loss = (nll * token_weight).sum() / denom
+    parts = {}
+    with torch.no_grad():
+        for name, m in (("mle", ~token_rto), ("rto", token_rto)):
+            parts[name] = (float(nll[m].sum()), int(m.sum()))
+        if argmax is not None and token_rto.any():
+            parts["rto_hit"] = (float((argmax.eq(labels[:, 1:][mask]) & token_rto).sum()), int(token_rto.sum()))
+    return loss, parts
+
+
 class DertaTrainer(Trainer):
     """Trainer whose loss is Σ w·NLL over labelled tokens / (number of labelled tokens)."""
 
@@ -91,28 +268,14 @@ class DertaTrainer(Trainer):
         self._parts = {"mle": [0.0, 0], "rto": [0.0, 0], "rto_hit": [0.0, 0]}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.pop("labels")
-        weight = inputs.pop("loss_weight")
-        is_rto = inputs.pop("is_rto")
-        outputs = model(**inputs)
-        logits = outputs.logits[:, :-1]
-        targets = labels[:, 1:]
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                              reduction="none").view_as(targets)
-        mask = targets.ne(IGNORE)
-        token_weight = weight[:, None].to(nll.dtype) * mask
-        denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
-        loss = (nll * token_weight).sum() / denom
-        with torch.no_grad():
-            rto_mask = mask & is_rto[:, None]
-            for name, m in (("mle", mask & ~is_rto[:, None]), ("rto", rto_mask)):
-                self._parts[name][0] += float(nll[m].sum())
-                self._parts[name][1] += int(m.sum())
-            if rto_mask.any():
-                hits = logits.argmax(-1).eq(targets) & rto_mask
-                self._parts["rto_hit"][0] += float(hits.sum())
-                self._parts["rto_hit"][1] += int(rto_mask.sum())
-        return (loss, outputs) if return_outputs else loss
+        # The chunked loss calls the decoder body itself, past the autocast accelerate wraps around
+        # model.forward for mixed precision, so it enters that autocast here (a no-op in fp32).
+        with self.accelerator.autocast():
+            loss, parts = batch_loss(model, inputs, getattr(self.args, "loss_impl", "chunked"), num_items_in_batch)
+        for name, (total, count) in parts.items():
+            self._parts[name][0] += total
+            self._parts[name][1] += count
+        return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None) -> None:
         # Per-token averages since the last log, so the two objectives can be watched apart.
@@ -128,38 +291,75 @@ class DertaTrainer(Trainer):
 # ---------------------------------------------------------------- data
 
 
-def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: str | None = None) -> list[dict]:
-    """Tokenize text rows with the model's tokenizer, truncate to max_length, drop rows left with no label."""
-    rng = random.Random(config.seed + 1)
+def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: str | None = None) -> tuple[list[dict], int]:
+    """Tokenize text rows with the model's tokenizer and truncate to max_length.
+
+    Returns (rows, dropped): rows left with no label by the truncation are dropped and counted.
+    RTO rows keep every refusal label here; `EpochRows` draws the kept share afresh each epoch.
+    """
     vocab = len(tokenizer)
-    out = []
+    out, dropped = [], 0
     for row in rows:
         if "input_ids" not in row:
-            row = {**row, **tokenize_row(row, tokenizer, config.template, config.refusal_phrase, config.rto_weight)}
+            row = {**row, **tokenize_row(row, tokenizer, config.template, config.refusal_phrase)}
         elif (top := max(row["input_ids"] + row["labels"])) >= vocab:
             # Rows tokenized for another model would train on garbage without a word said.
             raise InputError(f"token id {top} is outside this model's vocabulary "
                              f"({vocab}): the rows were tokenized for another model; rebuild them with its --tokenizer, "
                              "or without --tokenizer", data_path, row.get("_line"))
-        labels = row["labels"]
-        if row["kind"] == "rto":
-            labels = sample_rto_labels(labels, row.get("rto_keep_ratio", config.rto_keep_ratio), rng)
-        ids, labels = row["input_ids"][: config.max_length], labels[: config.max_length]
+        ids, labels = row["input_ids"][: config.max_length], row["labels"][: config.max_length]
         if all(x == IGNORE for x in labels[1:]):
+            dropped += 1
             continue
-        out.append({"input_ids": ids, "labels": labels, "loss_weight": row.get("loss_weight", 1.0), "kind": row["kind"]})
-    return out
+        kept = {"input_ids": ids, "labels": labels, "loss_weight": row.get("loss_weight", 1.0), "kind": row["kind"]}
+        if row["kind"] == "rto":
+            # An explicit --rto-keep-ratio / --rto-weight wins over what the row carries.
+            kept["rto_keep_ratio"] = config.rto_keep_ratio if config.rto_keep_ratio is not None else row.get("rto_keep_ratio", 1.0)
+            if config.rto_weight is not None:
+                kept["loss_weight"] = config.rto_weight
+        out.append(kept)
+    return out, dropped
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows):
-        self.rows = rows
+class EpochRows(torch.utils.data.Dataset):
+    """The training rows; an RTO row's kept positions (its `rto_keep_ratio`) are drawn afresh every epoch.
+
+    The draw is seeded by (seed, epoch, row index), so a run and its resumption see the same positions.
+    """
+
+    def __init__(self, rows: list[dict], seed: int = 0):
+        self.rows, self.seed, self.epoch = rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        return self.rows[i]
+        row = self.rows[i]
+        ratio = row.get("rto_keep_ratio", 1.0)
+        if row["kind"] != "rto" or ratio >= 1.0:
+            return row
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        return {**row, "labels": sample_rto_labels(row["labels"], ratio, rng)}
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the dataset which epoch starts (accelerate's loader does not forward set_epoch to it)."""
+
+    def __init__(self, dataset: EpochRows):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))
+
+
+def _label_shares(rows: list[dict]) -> dict[str, float]:
+    """Fraction of all trained tokens per objective (every kind listed), RTO rows at their keep ratio."""
+    counts = label_token_counts(rows)
+    total = sum(counts.values()) or 1.0
+    return {k: round(v / total, 4) for k, v in counts.items()}
 
 
 # ---------------------------------------------------------------- entry point
@@ -187,10 +387,21 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
 
     tokenizer = load_tokenizer(model_name)
     config.template = resolve_template(tokenizer, config.template)
-    rows = prepare_rows(load_training_rows(data_path), tokenizer, config, data_path)
+    rows, dropped = prepare_rows(load_training_rows(data_path), tokenizer, config, data_path)
     if not rows:
         raise InputError("no row has a trained token within --max-length", data_path)
+    if dropped:
+        print(f"derta: dropped {dropped} rows left with no trained token by --max-length {config.max_length}", file=sys.stderr)
+    shares = _label_shares(rows)
+    print("derta: trained-token shares " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()), file=sys.stderr)
+    if shares["rto"] > RTO_SHARE_WARN:
+        print(f"derta: warning: RTO is {shares['rto']:.0%} of trained tokens (> {RTO_SHARE_WARN:.0%}); "
+              "lower --rto-keep-ratio or --rto-weight, or the model may learn to refuse everywhere", file=sys.stderr)
     model = load_model(model_name, dtype=dtype)
+    packing = config.padding_free and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
+    if config.padding_free and not packing and config.train_sampling_strategy == "random":
+        # The next best thing to packing: rows of similar length share a batch (less padding).
+        config.train_sampling_strategy = "group_by_length"
     if config.use_lora:
         from peft import LoraConfig, get_peft_model
         from transformers import set_seed
@@ -213,9 +424,11 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
             target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
             layers_to_transform=layers,
         ))
+    dataset = EpochRows(rows, config.seed)
     trainer = DertaTrainer(
-        model=model, args=config, train_dataset=ListDataset(rows), data_collator=PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, callbacks=callbacks,
+        model=model, args=config, train_dataset=dataset,
+        data_collator=PackCollator() if packing else PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, callbacks=[EpochCallback(dataset), *(callbacks or [])],
     )
     if config.disable_tqdm:
         from transformers import PrinterCallback
@@ -232,7 +445,8 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
         kinds = {k: sum(r["kind"] == k for r in rows) for k in ("helpful", "safe", "prefix", "rto")}
         history = [h for h in trainer.state.log_history if "loss" in h]
         write_json(out / "derta_train.json", {
-            "model": model_name, "data": str(data_path), "rows": kinds, "steps": trainer.state.global_step,
+            "model": model_name, "data": str(data_path), "rows": kinds, "dropped_rows": dropped,
+            "label_shares": shares, "padding_free": packing, "steps": trainer.state.global_step,
             "train_loss": result.training_loss, "log_history": history,
             "config": {k: v for k, v in config.to_dict().items() if not k.endswith("token")},
         })
@@ -248,6 +462,7 @@ _CLI_TO_CONFIG = {
     "max_length": "max_length", "seed": "seed", "template": "template", "refusal_phrase": "refusal_phrase",
     "save_steps": "save_steps", "logging_steps": "logging_steps", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
     "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules", "lora_layers": "lora_layers",
+    "rto_keep_ratio": "rto_keep_ratio", "rto_weight": "rto_weight",
 }
 
 
@@ -292,6 +507,12 @@ def config_from_cli(args) -> DertaConfig:
         raise InputError(f"bad training setting: {str(e).splitlines()[0]}", args.config) from None
     if not math.isfinite(config.learning_rate) or config.learning_rate <= 0:
         raise InputError("--learning-rate must be positive")
+    if config.rto_keep_ratio is not None and not 0.0 < config.rto_keep_ratio <= 1.0:
+        raise InputError("--rto-keep-ratio must be in (0, 1]")
+    if config.rto_weight is not None and (not math.isfinite(config.rto_weight) or config.rto_weight < 0):
+        raise InputError("--rto-weight must be a finite number >= 0")
+    if config.loss_impl not in ("chunked", "full"):
+        raise InputError(f"unknown loss_impl '{config.loss_impl}': use chunked or full", args.config)
     return config
 
 
