@@ -295,6 +295,28 @@ def _add_eval_helpful(sub) -> None:
     p.set_defaults(func=cmd_eval_helpful)
 
 
+def cmd_score(args) -> None:
+    from .helpfulness import score_file
+
+    r = score_file(args.task, args.input, args.out)
+    if r["accuracy"] is None:
+        acc = "no gold answers, so no accuracy"
+    else:
+        acc = f"accuracy {100 * r['accuracy']:.1f}% ({r['n_gold']} rows with gold)"
+        if r.get("accuracy_flexible") is not None:
+            acc += f" strict match; flexible match {100 * r['accuracy_flexible']:.1f}%"
+    print(f"scored {r['n']} {args.task} responses ({r['extracted']} with an answer extracted): {acc}; wrote {args.out}")
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="re-score saved GSM8K/MMLU responses: extracted answers, and accuracy when gold is given")
+    p.add_argument("--task", required=True, choices=["gsm8k", "mmlu"])
+    p.add_argument("--in", dest="input", required=True,
+                   help='JSONL with "response" (+ "answer" or "gold"; + "question" for mmlu option letters)')
+    p.add_argument("--out", required=True, help='output JSONL: each row with "extracted" (and "correct" when gold is given)')
+    p.set_defaults(func=cmd_score)
+
+
 def cmd_judge(args) -> None:
     from .evaluate import judge_file
 
@@ -407,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful,
-                _add_judge, _add_bench):
+                _add_judge, _add_score, _add_bench):
         add(sub)
     return parser
 
