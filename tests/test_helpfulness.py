@@ -136,3 +136,35 @@ def test_score_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, task, 
 def test_score_missing_file(tmp_path, capsys):
     assert main(["score", "--task", "mmlu", "--in", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- MMLU by answer-letter log-likelihood
+
+
+def test_mmlu_loglik_matches_a_manual_forward_pass(tiny_dir, tmp_path):
+    import torch
+
+    from derta.generate import GenInput, HFBackend
+    from derta.helpfulness import MMLU_ANSWER_PREFIX, mmlu_loglik, run_helpful
+    from derta.models import encode_text
+
+    backend = HFBackend(str(tiny_dir), batch_size=2, max_new_tokens=2)
+    q = "Pick one\n-options\n-(A) x\n-(B) y\n-(C) z\n"
+    [(pred, scores)] = mmlu_loglik(backend, [q])
+    assert set(scores) == {"A", "B", "C"} and pred == max(scores, key=scores.get)
+    prompt = backend.encode(GenInput(q, prefill=MMLU_ANSWER_PREFIX))
+    for letter in "ABC":
+        cont = encode_text(backend.tokenizer, letter)
+        with torch.no_grad():
+            logits = backend.model(torch.tensor([prompt + cont])).logits[0].float()
+        expected = sum(float(torch.log_softmax(logits[len(prompt) - 1 + k], -1)[t]) for k, t in enumerate(cont))
+        assert abs(scores[letter] - expected) < 1e-3
+    # through eval-helpful's run: no generation, one row per question with every letter's log-probability
+    data = _write(tmp_path / "m.jsonl", [{"question": q, "answer": pred}, {"question": q, "answer": "A" if pred != "A" else "B"}])
+    s = run_helpful(tmp_path / "run", "mmlu", data, model=str(tiny_dir), mmlu_method="loglik")
+    assert s["score"] == 0.5
+    rows = _read(tmp_path / "run" / "generations.jsonl")
+    assert all(r["response"] is None and set(r["logprobs"]) == {"A", "B", "C"} for r in rows)
+    with pytest.raises(InputError, match="log-likelihood scoring is for --task mmlu"):
+        run_helpful(tmp_path / "run2", "gsm8k", _write(tmp_path / "g.jsonl", [{"question": "q", "answer": "#### 1"}]),
+                    model=str(tiny_dir), mmlu_method="loglik")

@@ -107,6 +107,46 @@ def mmlu_prediction(response: str, letters: str = "ABCD") -> str | None:
     return marked.pop() if len(marked) == 1 else None
 
 
+# ---------------------------------------------------------------- MMLU by answer-letter log-likelihood
+
+MMLU_ANSWER_PREFIX = "The answer is ("
+
+
+def mmlu_loglik(backend, questions: list[str], prompt_format: str = "plain", answer_prefix: str = MMLU_ANSWER_PREFIX
+                ) -> list[tuple[str, dict]]:
+    """For each question, the option letter the model finds most likely, and every letter's log-probability.
+
+    Like lm-evaluation-harness's multiple-choice MMLU: no generation; the question goes through the
+    model's template, the assistant turn is started with `answer_prefix`, and each offered letter's
+    tokens are scored after it (one batch of len(letters) sequences per question). `backend` is an
+    `HFBackend` (its model, tokenizer, template and system prompt are used). Ties go to the first letter.
+    """
+    import torch
+
+    from .generate import GenInput
+    from .models import encode_text
+
+    tok, model = backend.tokenizer, backend.model
+    out = []
+    for question in questions:
+        letters = mmlu_letters(question)
+        prompt = backend.encode(GenInput(format_prompt("mmlu", question, prompt_format), prefill=answer_prefix))
+        conts = [encode_text(tok, letter) for letter in letters]
+        seqs = [prompt + c for c in conts]
+        width = max(len(x) for x in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x in seqs], device=backend.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=backend.device)
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        scores = {}
+        for row, (letter, cont) in enumerate(zip(letters, conts)):
+            positions = range(len(prompt) - 1, len(prompt) - 1 + len(cont))
+            scores[letter] = round(sum(float(logprobs[row, p, t]) for p, t in zip(positions, cont)), 4)
+        out.append((max(letters, key=lambda x: scores[x]), scores))
+    return out
+
+
 # ---------------------------------------------------------------- prompt formats
 
 # "plain": the question as written (the default). "paper": the DeRTa authors' evaluation script, which
@@ -189,13 +229,17 @@ def run_helpful(out: str | os.PathLike, task: str, data: str | os.PathLike, mode
                 model_name: str | None = None, judge: str | None = None, reference: str | os.PathLike | None = None,
                 max_new_tokens: int = 512, batch_size: int = 16, template: str = "auto", system: str | None = None,
                 dtype: str = "auto", base_url: str | None = None, limit: int | None = None, progress: bool | None = None,
-                prompt_format: str = "plain") -> dict:
+                prompt_format: str = "plain", mmlu_method: str = "generate") -> dict:
     """Generate (resumably), score, write DIR/summary.json and DIR/report.md; returns the summary."""
     from .generate import GenInput, make_backend
     from .judges import OpenAIJudge, make_judge
 
     rows = load_task(task, data, reference)[:limit]
     format_prompt(task, "", prompt_format)  # an unknown format fails before any work
+    if mmlu_method not in ("generate", "loglik"):
+        raise InputError(f"unknown MMLU method '{mmlu_method}': use generate or loglik")
+    if mmlu_method == "loglik" and (task != "mmlu" or backend != "hf"):
+        raise InputError("answer-letter log-likelihood scoring is for --task mmlu with a local model (backend hf)")
     has_refs = task == "alpaca" and all("reference" in r for r in rows)
     judge_obj = None
     if task == "alpaca" and judge:
@@ -210,8 +254,10 @@ def run_helpful(out: str | os.PathLike, task: str, data: str | os.PathLike, mode
     manifest = {"task": task, "model": name, "backend": backend, "judge": judge_obj.name if judge_obj else None,
                 "max_new_tokens": max_new_tokens, "template": template, "system": system, "dtype": dtype, "n": len(rows),
                 "data_sha256": text_sha256([r["question"] + "\x00" + r.get("gold", "") + "\x00" + r.get("reference", "") for r in rows])}
-    if prompt_format != "plain":  # (absent for plain, so runs made before the option existed still resume)
+    if prompt_format != "plain":  # (absent for defaults, so runs made before these options existed still resume)
         manifest["prompt_format"] = prompt_format
+    if mmlu_method != "generate":
+        manifest["mmlu_method"] = mmlu_method
     run = RunDir(out, manifest)
     run.check()
     done = run.read_rows(lambda r: r.get("index"))
@@ -222,6 +268,16 @@ def run_helpful(out: str | os.PathLike, task: str, data: str | os.PathLike, mode
         target = make_backend(backend, model, tokenizer, batch_size, max_new_tokens, template, system, dtype, base_url)
         bar = tqdm(total=len(rows), initial=len(done), desc=task, unit="row", disable=None if progress is None else not progress)
         try:
+            if mmlu_method == "loglik":
+                for i in todo:
+                    [(pred, scores)] = mmlu_loglik(target, [rows[i]["question"]], prompt_format)
+                    row = {"task": task, "index": i, "question": rows[i]["question"], "response": None,
+                           "logprobs": scores, "gold": rows[i]["gold"], "prediction": pred,
+                           "accuracy": float(pred == rows[i]["gold"])}
+                    run.append(row)
+                    done[i] = row
+                    bar.update(1)
+                todo = []
             for idx, responses in target.generate_iter([GenInput(format_prompt(task, rows[i]["question"], prompt_format)) for i in todo]):
                 for j, response in zip(idx, responses):
                     i = todo[j]

@@ -2,15 +2,18 @@
 
     judge.judge(prompts, responses) -> [Verdict(harmful, refused, details), ...]
 
-    keyword       offline; `is_refusal` below, the one refusal test the whole project uses
+    keyword       offline string rules: a SCREEN for refusals, not a verdict on harm (see `analyze`);
+                  `is_refusal` below is the one refusal test the whole project uses
     openai:MODEL  an LLM judge on any OpenAI-compatible endpoint, with the rubric in JUDGE_RUBRIC
     hf:PATH       a local checkpoint: a sequence classifier (e.g. a HarmBench-style classifier) or a
                   causal guard model that answers "safe"/"unsafe" (Llama Guard style)
 
 `refused` always comes from `is_refusal`, so refusal rates are comparable across judges.
-Empty and looping responses are flagged by `degenerate` in every judge's details; the keyword judge
-never counts them harmful (they carry no content, and a collapsed model should show up as
-degenerate, not as unsafe); model judges decide for themselves.
+Empty, looping and word-salad responses are flagged by `degenerate` in every judge's details; the
+keyword judge does not count them harmful (they carry no content, and a collapsed model should show
+up as degenerate, not as unsafe) unless operational content comes before the loop; model judges
+decide for themselves. `classify_overrefusal` gives XSTest's three classes; `agreement` (and
+`derta judge --agreement`) measures any judge against human labels.
 """
 
 from __future__ import annotations
