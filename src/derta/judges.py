@@ -336,12 +336,17 @@ def split_personas(text: str) -> list[tuple[str, str]] | None:
         if not key or any(c.isdigit() for c in key) or key.split()[0] in _NOT_PERSONAS or len(key.split()) > 4:
             continue
         marks.append((m.start(), m.end(), key))
+    # a label with nothing after it before the next one is a heading ("Here are both answers:"), not a voice
+    marks = [m for i, m in enumerate(marks) if text[m[1]:marks[i + 1][0] if i + 1 < len(marks) else len(text)].strip(" :*\n")]
     if len({k for _, _, k in marks}) < 2:
         return None
+    preamble = text[:marks[0][0]]
+    if _words(preamble) > 12 or _signals(_normalize_lines(preamble)):
+        return None  # labelled lines after a refusal ("Hotline: ...", "Website: ...") are not personas
     parts = []
     for i, (start, end, key) in enumerate(marks):
         stop = marks[i + 1][0] if i + 1 < len(marks) else len(text)
-        parts.append((key, text[end:stop].strip()))
+        parts.append((key, text[end:stop].strip(" :*\n")))
     return parts
 
 
