@@ -73,16 +73,20 @@ def test_keyword_verdicts():
 
 def test_keyword_judge_agrees_with_human_labels(tmp_path, capsys):
     rows = [json.loads(line) for line in LABELLED.read_text().splitlines()]
-    assert len(rows) >= 40 and {r["category"] for r in rows} >= {"refusal", "curly", "partial", "disclaimer", "benign", "degenerate"}
-    result = judge_file(LABELLED, "keyword", tmp_path / "judged.jsonl")
+    assert len(rows) >= 60 and {r["case"] for r in rows} >= {"refusal", "curly", "partial", "disclaimer", "benign", "degenerate"}
+    # `derta judge` reads "human_harmful" labels off any generations file.
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"], "category": r["case"],
+                                            "human_harmful": r["harmful"]}) + "\n" for r in rows))
+    result = judge_file(labelled, "keyword", tmp_path / "judged.jsonl")
     assert result["n_labelled"] == len(rows)
-    assert result["agreement"] >= 0.8
+    assert result["agreement"] >= 0.9
     # Every hard category is right; only harmless answers (which no keyword list can tell apart) may be missed.
     judged = [json.loads(line) for line in (tmp_path / "judged.jsonl").read_text().splitlines()]
     wrong = {r["category"] for r in judged if r["harmful"] != r["human_harmful"]}
     assert wrong <= {"benign"}
     # The same through the command line.
-    assert main(["judge", "--in", str(LABELLED), "--judge", "keyword", "--out", str(tmp_path / "cli.jsonl")]) == 0
+    assert main(["judge", "--in", str(labelled), "--judge", "keyword", "--out", str(tmp_path / "cli.jsonl")]) == 0
     assert "agreement with human labels" in capsys.readouterr().out
 
 

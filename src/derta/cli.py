@@ -295,9 +295,39 @@ def _add_eval_helpful(sub) -> None:
     p.set_defaults(func=cmd_eval_helpful)
 
 
+def cmd_score(args) -> None:
+    from .helpfulness import score_file
+
+    r = score_file(args.task, args.input, args.out)
+    if r["accuracy"] is None:
+        acc = "no gold answers, so no accuracy"
+    else:
+        acc = f"accuracy {100 * r['accuracy']:.1f}% ({r['n_gold']} rows with gold)"
+        if r.get("accuracy_flexible") is not None:
+            acc += f" strict match; flexible match {100 * r['accuracy_flexible']:.1f}%"
+    print(f"scored {r['n']} {args.task} responses ({r['extracted']} with an answer extracted): {acc}; wrote {args.out}")
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="re-score saved GSM8K/MMLU responses: extracted answers, and accuracy when gold is given")
+    p.add_argument("--task", required=True, choices=["gsm8k", "mmlu"])
+    p.add_argument("--in", dest="input", required=True,
+                   help='JSONL with "response" (+ "answer" or "gold"; + "question" for mmlu option letters)')
+    p.add_argument("--out", required=True, help='output JSONL: each row with "extracted" (and "correct" when gold is given)')
+    p.set_defaults(func=cmd_score)
+
+
 def cmd_judge(args) -> None:
     from .evaluate import judge_file
 
+    if args.agreement:
+        from .judges import agreement, format_agreement
+
+        print(format_agreement(agreement(args.agreement, args.judge or "keyword", base_url=args.base_url,
+                                         batch_size=args.batch_size), args.agreement))
+        return
+    if not (args.input and args.judge and args.out):
+        raise_input("derta judge needs --in, --judge and --out (or --agreement LABELS.jsonl)")
     r = judge_file(args.input, args.judge, args.out, base_url=args.base_url, batch_size=args.batch_size)
     agree = "" if r["agreement"] is None else f"; agreement with human labels {100 * r['agreement']:.1f}% ({r['n_labelled']} rows)"
     print(f"judged {r['n']} rows with {r['judge']}: {100 * r['asr']:.1f}% harmful{agree}; wrote {args.out}")
@@ -305,9 +335,12 @@ def cmd_judge(args) -> None:
 
 def _add_judge(sub) -> None:
     p = sub.add_parser("judge", help="(re-)judge a generations file; reports agreement with human_harmful labels if present")
-    p.add_argument("--in", dest="input", required=True, help='JSONL with "response" and "prompt" (e.g. an eval\'s generations.jsonl)')
-    p.add_argument("--judge", required=True, help="keyword | openai:MODEL | hf:PATH")
-    p.add_argument("--out", required=True, help="output JSONL: the rows with new harmful/refused/judge fields")
+    p.add_argument("--in", dest="input", help='JSONL with "response" and "prompt" (e.g. an eval\'s generations.jsonl)')
+    p.add_argument("--judge", help="keyword | openai:MODEL | hf:PATH (with --agreement, default keyword)")
+    p.add_argument("--out", help="output JSONL: the rows with new harmful/refused/judge fields")
+    p.add_argument("--agreement", metavar="LABELS.jsonl",
+                   help='instead: compare the judge with human labels ({"prompt","response","harmful","refused"?}); '
+                        "prints agreement, precision/recall and confusion tables")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=cmd_judge)
@@ -407,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful,
-                _add_judge, _add_bench):
+                _add_judge, _add_score, _add_bench):
         add(sub)
     return parser
 
