@@ -71,11 +71,3 @@ def test_checks_follow_the_numbers():
     assert checks["derta_low_over_refusal"] is False and checks["bias_reproduced"] is True
     assert demo_checks({"vanilla": good, "derta": good})["bias_reproduced"] is False
 
-
-def test_refusal_token_loops_are_not_refusals():
-    from derta.demo import refusal_loop
-
-    for loop in ("sorry sorry sorry sorry", "Sorry, I cannot help with that sorry sorry sorry sorry", "SorrySorrySorry"):
-        assert refusal_loop(loop)
-    for text in ("Sorry, I cannot help with that. Sorry, I cannot help with that.", "I am sorry. So sorry.", "Sorry."):
-        assert not refusal_loop(text)

@@ -317,6 +317,40 @@ def _add_score(sub) -> None:
     p.set_defaults(func=cmd_score)
 
 
+def cmd_eval_overrefusal(args) -> None:
+    from .generate import make_backend
+    from .overrefusal import load_overrefusal_prompts, run_overrefusal
+
+    load_overrefusal_prompts(args.prompts)  # bad rows fail before the model loads
+    if args.limit is not None and args.limit < 1:
+        raise_input("--limit must be at least 1")
+    backend = make_backend(args.backend, args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                           template=args.template, system=args.system, dtype=args.dtype, base_url=args.base_url)
+    s = run_overrefusal(args.out, args.prompts, backend, args.model, limit=args.limit)
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    print(f"refused {pct(s['safe_refusal'])} of {s['n_safe']} safe and {pct(s['unsafe_refusal'])} of {s['n_unsafe']} "
+          f"unsafe prompts; wrote {args.out}/summary.json and report.md")
+
+
+def _add_eval_overrefusal(sub) -> None:
+    from .generate import BACKENDS
+
+    p = sub.add_parser("eval-overrefusal", help="over-refusal: refusal rate on safe look-alike prompts and their unsafe "
+                       "contrasts (XSTest format)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", required=True, help="XSTest's CSV as published, or JSONL {prompt, label: safe|unsafe, type}")
+    p.add_argument("--out", required=True, help="directory for generations.jsonl, summary.json, report.md")
+    p.add_argument("--backend", default="hf", choices=BACKENDS)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--template", default="auto")
+    p.add_argument("--system")
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL)")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.set_defaults(func=cmd_eval_overrefusal)
+
+
 def cmd_judge(args) -> None:
     from .evaluate import judge_file
 
@@ -439,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "at any position of a response, and evaluate whether they do.")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful,
+    for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful, _add_eval_overrefusal,
                 _add_judge, _add_score, _add_bench):
         add(sub)
     return parser
