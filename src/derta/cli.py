@@ -100,6 +100,19 @@ def cmd_data_build(args) -> None:
     print(f"wrote {len(rows)} rows to {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)}){shares}")
 
 
+def cmd_data_distill(args) -> None:
+    from .distill import builtin_prompts, load_prompts_file, run_distill
+
+    for flag in ("max_new_tokens", "batch_size", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise_input(f"--{flag.replace('_', '-')} must be at least 1")
+    prompts = (load_prompts_file(args.prompts) if args.prompts else builtin_prompts())[:args.limit]
+    s = run_distill(args.model, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    template=args.template)
+    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items())
+    print(f"kept {s['kept']} of {s['n_prompts']} responses (dropped: {dropped}); wrote {args.out}")
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="build training data")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -120,6 +133,15 @@ def _add_data(sub) -> None:
     b.add_argument("--max-rto-share", type=float, help="cap RTO's share of labelled tokens by lowering its keep ratio (needs --tokenizer)")
     b.add_argument("--template", default="auto", help="auto | chat | inst | raw | a format string with {instruction}")
     b.set_defaults(func=cmd_data_build)
+    d = dsub.add_parser("distill", help="helpful rows the model writes itself (anchors for data build --helpful; resumable)")
+    d.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
+    d.add_argument("--prompts", help='JSONL of {"prompt"} (default: the built-in benign prompts, incl. look-alikes)')
+    d.add_argument("--out", required=True, help="JSONL of {instruction, response}; settings and drop counts go to OUT.distill.json")
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--limit", type=int, help="only the first N prompts")
+    d.add_argument("--template", default="auto")
+    d.set_defaults(func=cmd_data_distill)
 
 
 # ---------------------------------------------------------------- train
@@ -423,7 +445,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--recipes", help=f"comma-separated subset of {','.join(RECIPE_CHOICES)} "
                                      "(default: all four on the tiny model, vanilla,derta with --model)")
     p.add_argument("--steps", type=int, help="safety-tuning steps per recipe")
-    p.add_argument("--anchors", type=int, help="with --model: self-distilled helpful rows from the built-in benign prompts")
+    p.add_argument("--anchors", type=int, help="with --model: how many built-in benign prompts the model answers itself as helpful rows (default 500; 0: synthetic copy tasks instead)")
     p.add_argument("--max-rto-share", type=float, help="with --model: cap on RTO's share of labelled tokens (default 0.15)")
     p.add_argument("--learning-rate", type=float, help="with --model: safety-tuning learning rate (default 2e-4, LoRA)")
     p.add_argument("--eval-prompts", help="with --model: derta eval's plain/completion/prefill attacks on these prompts")

@@ -74,11 +74,20 @@ class DemoConfig:
 
     @classmethod
     def for_model(cls, model: str, seed: int = 0, **overrides) -> "DemoConfig":
-        """The ablation on a pretrained chat model, sized for a 2-core CPU (SmolLM2-135M: about an hour)."""
-        base = dict(seed=seed, model=str(Path(model).resolve()), recipes=("vanilla", "derta"), n_helpful_train=300,
-                    n_helpful_test=0, n_lookalike_train=100, n_lookalike_test=60, n_harmful_train=200, n_harmful_test=60,
-                    batch_size=8, base_steps=0, tune_steps=100, tune_lr=2e-4, save_steps=50, lora_r=16, lora_alpha=32,
-                    lora_layers=8, max_length=192, max_rto_share=0.15, max_new_tokens=48, eval_batch_size=32)
+        """The ablation on a pretrained chat model, sized for a 2-core CPU (SmolLM2-135M: under an hour).
+
+        Helpful rows are the model's own answers to the built-in benign prompts (`derta data distill`),
+        not synthetic copy tasks: those taught a 135M model a terse style and "harmful word -> refuse".
+        RTO is capped at 2 % of the labelled tokens and every safety row is seen about three times:
+        fewer passes left it looping on the refusal word (`sorry sorry sorry`).
+        """
+        base = dict(seed=seed, model=str(Path(model).resolve()), recipes=("vanilla", "derta"), anchors=500,
+                    n_helpful_train=0, n_helpful_test=0, n_lookalike_train=0, n_lookalike_test=60, n_harmful_train=200,
+                    n_harmful_test=60, batch_size=8, base_steps=0, tune_steps=300, tune_lr=2e-4, save_steps=100,
+                    lora_r=16, lora_alpha=32, lora_layers=8, max_length=192, max_rto_share=0.02, max_new_tokens=48,
+                    eval_batch_size=32)
+        if overrides.get("anchors") == 0:  # no anchors: the synthetic helpful and look-alike tasks instead
+            base.update(n_helpful_train=300, n_lookalike_train=100)
         return cls(**{**base, **overrides})
 
     @classmethod
