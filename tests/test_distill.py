@@ -27,6 +27,13 @@ def test_refusals_loops_and_cut_answers_are_dropped():
     assert drop_reason("Paris is the capital of France", 7, 128) is None  # stopped by itself
 
 
+def test_trim_keeps_finished_sentences_of_a_cut_answer():
+    from derta.distill import trim_to_sentence
+
+    assert trim_to_sentence("Paris is the capital. It has many muse") == "Paris is the capital."
+    assert trim_to_sentence("One long unfinished sentence without an end") is None
+
+
 def test_distil_on_tiny_model_resumes_without_loss_or_doubling(tiny_dir, tmp_path):
     prompts = builtin_prompts()[:6]
     out = tmp_path / "anchors.jsonl"
@@ -46,7 +53,8 @@ def test_distil_on_tiny_model_resumes_without_loss_or_doubling(tiny_dir, tmp_pat
     assert s["resumed_from"] == 1 and s["kept"] + sum(s["dropped"].values()) == 6
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == s["kept"] and rows[0] == {"instruction": prompts[0], "response": "A finished answer."}
-    assert json.loads((tmp_path / "anchors.distill.json").read_text())["kept"] == s["kept"] and not parts.exists()
+    assert json.loads((tmp_path / "anchors.distill.json").read_text())["kept"] == s["kept"]
+    assert len((parts / "responses.jsonl").read_text().splitlines()) == 6  # the raw log, each prompt once
     # a rerun with the same settings does nothing and returns the same summary
     assert run_distill(str(tiny_dir), prompts, out, max_new_tokens=6, batch_size=4, progress=False) == s
 

@@ -108,9 +108,10 @@ def cmd_data_distill(args) -> None:
             raise_input(f"--{flag.replace('_', '-')} must be at least 1")
     prompts = (load_prompts_file(args.prompts) if args.prompts else builtin_prompts())[:args.limit]
     s = run_distill(args.model, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    template=args.template)
+                    template=args.template, trim_cut=args.trim_cut)
     dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items())
-    print(f"kept {s['kept']} of {s['n_prompts']} responses (dropped: {dropped}); wrote {args.out}")
+    trimmed = f", {s['trimmed']} trimmed to their last finished sentence" if args.trim_cut else ""
+    print(f"kept {s['kept']} of {s['n_prompts']} responses{trimmed} (dropped: {dropped}); wrote {args.out}")
 
 
 def _add_data(sub) -> None:
@@ -141,6 +142,7 @@ def _add_data(sub) -> None:
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--limit", type=int, help="only the first N prompts")
     d.add_argument("--template", default="auto")
+    d.add_argument("--trim-cut", action="store_true", help="keep answers the length cap cut, up to their last finished sentence")
     d.set_defaults(func=cmd_data_distill)
 
 

@@ -272,7 +272,8 @@ def _anchor_stage(base: Path, out: Path, cfg: DemoConfig) -> list[dict]:
     if not path.exists():
         prompts = [p for p in builtin_prompts()][: cfg.anchors]
         _stage(f"distilling {len(prompts)} anchor answers from the untuned model")
-        run_distill(str(base), prompts, path, max_new_tokens=cfg.anchor_max_new_tokens, batch_size=cfg.eval_batch_size)
+        run_distill(str(base), prompts, path, max_new_tokens=cfg.anchor_max_new_tokens, batch_size=cfg.eval_batch_size,
+                    trim_cut=True)
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 

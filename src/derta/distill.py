@@ -16,14 +16,15 @@ unsafe contrasts, XSTest format) that no training data is drawn from.
 
 Dropped, and counted in the sidecar `<out>.distill.json`: responses that refuse (an anchor must
 answer), that loop or are empty, and that hit the length cap mid-sentence (a cut answer would
-teach the model to stop mid-sentence). Generation is greedy and batched; a run appends each batch
-to `<out>.parts/` and a rerun continues from there, so nothing is lost or done twice.
+teach the model to stop mid-sentence; `--trim-cut` keeps them up to their last finished sentence
+instead). Generation is greedy and batched; a run appends each batch to `<out>.parts/` and a rerun
+continues from there, so nothing is lost or done twice.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import re
 import time
 from pathlib import Path
 
@@ -72,11 +73,20 @@ def drop_reason(response: str, n_tokens: int, max_new_tokens: int) -> str | None
     return None
 
 
+def trim_to_sentence(response: str) -> str | None:
+    """A cut response back to its last finished sentence, or None if not even one sentence finished."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)|\n\n", response)]
+    return response[:ends[-1]].rstrip() if ends else None
+
+
 def run_distill(model, prompts: list[str], out_path: str | os.PathLike, max_new_tokens: int = 128, batch_size: int = 16,
-                template: str = "auto", tokenizer=None, progress: bool = True) -> dict:
+                template: str = "auto", tokenizer=None, progress: bool = True, trim_cut: bool = False) -> dict:
     """Write `out_path` (JSONL {"instruction", "response"}) and its `.distill.json` sidecar; returns the sidecar.
 
-    `model` is a path / hub ID, or a loaded model with its `tokenizer`.
+    `model` is a path / hub ID, or a loaded model with its `tokenizer`. With `trim_cut`, an answer the
+    length cap cut mid-sentence is kept up to its last finished sentence (counted as "trimmed")
+    instead of dropped: chat models answer at length, and at 128 tokens SmolLM2 finished only about
+    a third of its answers.
     """
     from .evaluate import RunDir, text_sha256
     from .generate import GenInput, HFBackend
@@ -93,7 +103,7 @@ def run_distill(model, prompts: list[str], out_path: str | os.PathLike, max_new_
         import json
 
         previous = json.loads(sidecar.read_text(encoding="utf-8"))
-        if {k: previous.get(k) for k in settings} == settings:
+        if {k: previous.get(k) for k in settings} == settings and previous.get("trim_cut") == trim_cut:
             return previous  # finished earlier with the same settings
     run = RunDir(out_path.with_name(out_path.name + ".parts"), settings, "responses.jsonl")
     run.check()
@@ -117,18 +127,20 @@ def run_distill(model, prompts: list[str], out_path: str | os.PathLike, max_new_
                     done[i] = row
         finally:
             run.close()
-    kept, dropped = [], {"refusal": 0, "degenerate": 0, "truncated": 0}
+    kept, dropped, trimmed = [], {"refusal": 0, "degenerate": 0, "truncated": 0}, 0
     for i in range(len(prompts)):
         row = done[i]
-        reason = drop_reason(row["response"], row["n_tokens"], max_new_tokens)
+        response = row["response"].strip()
+        reason = drop_reason(response, row["n_tokens"], max_new_tokens)
+        if reason == "truncated" and trim_cut and (cut := trim_to_sentence(response)):
+            reason, response, trimmed = None, cut, trimmed + 1
         if reason:
             dropped[reason] += 1
         else:
-            kept.append({"instruction": row["prompt"], "response": row["response"].strip()})
+            kept.append({"instruction": row["prompt"], "response": response})
     # Seconds spent generating in this invocation (a resumed run counts only its own part).
-    summary = {**settings, "batch_size": batch_size, "kept": len(kept), "dropped": dropped,
+    summary = {**settings, "trim_cut": trim_cut, "batch_size": batch_size, "kept": len(kept), "trimmed": trimmed, "dropped": dropped,
                "resumed_from": len(prompts) - len(todo), "seconds": round(time.time() - started, 1)}
     write_jsonl(out_path, kept)
-    write_json(sidecar, summary)
-    shutil.rmtree(run.dir, ignore_errors=True)
+    write_json(sidecar, summary)  # the raw responses stay in <out>.parts/ for audit and re-filtering
     return summary
