@@ -82,12 +82,10 @@ class DemoConfig:
         fewer passes left it looping on the refusal word (`sorry sorry sorry`).
         """
         base = dict(seed=seed, model=str(Path(model).resolve()), recipes=("vanilla", "derta"), anchors=500,
-                    n_helpful_train=0, n_helpful_test=0, n_lookalike_train=0, n_lookalike_test=60, n_harmful_train=200,
+                    n_helpful_train=300, n_helpful_test=0, n_lookalike_train=100, n_lookalike_test=60, n_harmful_train=200,
                     n_harmful_test=60, batch_size=8, base_steps=0, tune_steps=300, tune_lr=2e-4, save_steps=100,
                     lora_r=16, lora_alpha=32, lora_layers=8, max_length=192, max_rto_share=0.02, max_new_tokens=48,
                     eval_batch_size=32)
-        if overrides.get("anchors") == 0:  # no anchors: the synthetic helpful and look-alike tasks instead
-            base.update(n_helpful_train=300, n_lookalike_train=100)
         return cls(**{**base, **overrides})
 
     @classmethod
@@ -338,7 +336,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
         _stage(f"2/5 starting from {base}")
         facts = _facts_stage(base, out, cfg, progress)
         anchors = _anchor_stage(base, out, cfg) if cfg.anchors else []
-        helpful = anchors + helpful
+        # The anchors replace the synthetic copy tasks (which are still drawn: the held-out look-alike
+        # tasks are built from their words); with --anchors 0 the copy tasks are the helpful rows.
+        helpful = anchors or helpful
         _stage("3/5 (no base pretraining for a pretrained model)")
     else:
         facts, anchors = None, []
@@ -438,8 +438,11 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
         how = (f"LoRA r {cfg.lora_r} on the top {cfg.lora_layers} layers, merged" if cfg.lora_r and cfg.lora_layers
                else f"LoRA r {cfg.lora_r}, merged" if cfg.lora_r else "full fine-tuning")
         intro = (f"`{Path(cfg.model).name}` safety-tuned {cfg.tune_steps} steps (batch {cfg.batch_size}, lr {cfg.tune_lr}, {how}) "
-                 f"with each recipe on synthetic safety data (seed {cfg.seed}); helpful rows: {report['n_anchor_rows']} answers "
-                 f"the model wrote itself plus {cfg.n_lookalike_train} synthetic look-alike tasks. All numbers in %, on held-out "
+                 f"with each recipe on synthetic safety data (seed {cfg.seed}); helpful rows: "
+                 + (f"{report['n_anchor_rows']} answers the model wrote itself to derta's built-in benign prompts "
+                    "(`derta data distill`)" + (f", RTO capped at {cfg.max_rto_share:.0%} of labelled tokens" if cfg.max_rto_share else "") if report["n_anchor_rows"] else
+                    f"{cfg.n_helpful_train} synthetic copy tasks and {cfg.n_lookalike_train} look-alike tasks")
+                 + ". All numbers in %, on held-out "
                  f"prompts ({n['harmful']} harmful, {n['helpful']} factual questions the untuned model answers correctly, "
                  f"{n['lookalike']} benign look-alikes).")
     else:
