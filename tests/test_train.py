@@ -344,3 +344,21 @@ def test_rows_tokenized_for_another_model_are_refused(tiny_dir, tmp_path, capsys
     assert main(train_args(tiny_dir, data, tmp_path / "out", 2)) == 2
     line = one_error_line(capsys)
     assert f"{data}:3:" in line and "another model" in line
+
+
+@pytest.mark.parametrize("flag,value", [("--max-steps", "-5"), ("--batch-size", "0"), ("--max-length", "-1"),
+                                        ("--grad-accum", "0"), ("--lora-r", "0"), ("--epochs", "nan"),
+                                        ("--learning-rate", "inf"), ("--rto-weight", "nan"), ("--rto-keep-ratio", "0")])
+def test_out_of_range_settings_name_the_flag(work, tiny_dir, capsys, flag, value):
+    argv = ["train", "--model", str(tiny_dir), "--data", str(work / "small.jsonl"), "--output", str(work / "never"), flag, value]
+    assert main(argv) == 2
+    assert flag in one_error_line(capsys)
+    assert not (work / "never").exists()
+
+
+def test_nonfinite_loss_stops_the_run_without_saving_a_model(work, tiny_dir, capsys):
+    out = work / "nan"
+    assert main(train_args(tiny_dir, work / "small.jsonl", out, 6, "--learning-rate", "1e30", "--save-steps", "1")) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("derta: error")]
+    assert len(errors) == 1 and "training stopped at step" in errors[0] and "loss is" in errors[0]
+    assert not (out / "model.safetensors").exists() and not (out / "derta_train.json").exists()

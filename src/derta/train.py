@@ -58,6 +58,8 @@ class DertaConfig(TrainingArguments):
     rto_weight: float | None = field(default=None, metadata={"help": "loss weight of RTO tokens"})
     loss_impl: str = field(default="chunked", metadata={"help": "chunked (labelled positions only) | full (all logits)"})
     padding_free: bool = field(default=True, metadata={"help": "pack each batch into one sequence (else pad, length-grouped)"})
+    allow_nonfinite_loss: bool = field(default=False, metadata={"help": "go on when the loss is NaN or infinite (default: "
+                                                                        "stop with an error, no model saved)"})
     # LoRA (peft)
     use_lora: bool = False
     lora_r: int = 96
@@ -272,6 +274,12 @@ class DertaTrainer(Trainer):
         # model.forward for mixed precision, so it enters that autocast here (a no-op in fp32).
         with self.accelerator.autocast():
             loss, parts = batch_loss(model, inputs, getattr(self.args, "loss_impl", "chunked"), num_items_in_batch)
+        if not getattr(self.args, "allow_nonfinite_loss", False) and not torch.isfinite(loss.detach()).all():
+            # Stop before this step's update reaches the weights: checkpoints already written are finite,
+            # and no final model is saved (a NaN model with exit 0 is the worst outcome).
+            raise InputError(f"training stopped at step {self.state.global_step + 1}: the loss is {loss.item()}; lower "
+                             "the learning rate or check loss weights (the last checkpoint in the output directory is "
+                             "from before it; allow_nonfinite_loss: true in --config goes on regardless)")
         for name, (total, count) in parts.items():
             self._parts[name][0] += total
             self._parts[name][1] += count
@@ -466,6 +474,27 @@ _CLI_TO_CONFIG = {
 }
 
 
+# Settings that must be at least 1 (or, for epochs, positive), checked with the flag's name whether
+# they came from a flag or the YAML: Trainer would take -5 steps as "one epoch" without a word.
+_AT_LEAST_ONE = {"max_steps": "--max-steps", "per_device_train_batch_size": "--batch-size",
+                 "gradient_accumulation_steps": "--grad-accum", "max_length": "--max-length", "save_steps": "--save-steps",
+                 "logging_steps": "--logging-steps", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha",
+                 "lora_layers": "--lora-layers"}
+
+
+def check_ranges(config: "DertaConfig", explicit: set[str], source=None) -> None:
+    """One line naming the flag for a setting out of range (NaN and infinities included)."""
+    for name, flag in _AT_LEAST_ONE.items():
+        value = getattr(config, name)
+        if value is not None and (name in explicit or name != "max_steps") and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
+            raise InputError(f"{flag} must be at least 1, not {value}", source)
+    if not (math.isfinite(config.num_train_epochs) and config.num_train_epochs > 0):
+        raise InputError(f"--epochs must be a positive number, not {config.num_train_epochs}", source)
+    if not (0.0 <= config.lora_dropout < 1.0):
+        raise InputError(f"--lora-dropout must be in [0, 1), not {config.lora_dropout}", source)
+
+
 def config_from_cli(args) -> DertaConfig:
     """YAML first, then explicit flags on top."""
     values: dict = {}
@@ -513,6 +542,7 @@ def config_from_cli(args) -> DertaConfig:
         raise InputError("--rto-weight must be a finite number >= 0")
     if config.loss_impl not in ("chunked", "full"):
         raise InputError(f"unknown loss_impl '{config.loss_impl}': use chunked or full", args.config)
+    check_ranges(config, set(values), args.config)
     return config
 
 
