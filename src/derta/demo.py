@@ -78,12 +78,13 @@ class DemoConfig:
 
         Helpful rows are the model's own answers to the built-in benign prompts (`derta data distill`),
         not synthetic copy tasks: those taught a 135M model a terse style and "harmful word -> refuse".
-        RTO is capped at 2 % of the labelled tokens and every safety row is seen about three times:
-        fewer passes left it looping on the refusal word (`sorry sorry sorry`).
+        RTO is capped at 2 % of the labelled tokens and every safety row is seen two to three times:
+        fewer passes left it looping on the refusal word (`sorry sorry sorry`). 300 harmful triples
+        keep the prefix rows near a sixth of the labelled tokens next to the long anchor answers.
         """
         base = dict(seed=seed, model=str(Path(model).resolve()), recipes=("vanilla", "derta"), anchors=500,
-                    n_helpful_train=300, n_helpful_test=0, n_lookalike_train=100, n_lookalike_test=60, n_harmful_train=200,
-                    n_harmful_test=60, batch_size=8, base_steps=0, tune_steps=300, tune_lr=2e-4, save_steps=100,
+                    n_helpful_train=300, n_helpful_test=0, n_lookalike_train=100, n_lookalike_test=60, n_harmful_train=300,
+                    n_harmful_test=60, batch_size=8, base_steps=0, tune_steps=350, tune_lr=2e-4, save_steps=50,
                     lora_r=16, lora_alpha=32, lora_layers=8, max_length=192, max_rto_share=0.02, max_new_tokens=48,
                     eval_batch_size=32)
         return cls(**{**base, **overrides})
@@ -337,8 +338,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
         facts = _facts_stage(base, out, cfg, progress)
         anchors = _anchor_stage(base, out, cfg) if cfg.anchors else []
         # The anchors replace the synthetic copy tasks (which are still drawn: the held-out look-alike
-        # tasks are built from their words); with --anchors 0 the copy tasks are the helpful rows.
-        helpful = anchors or helpful
+        # tasks are built from their words); the look-alike tasks stay, since without them the model
+        # refused half the held-out look-alikes (SmolLM2, 2 % RTO: 51.7 %). With --anchors 0 the copy
+        # tasks are the helpful rows.
+        helpful = anchors + data.lookalike_train if anchors else helpful
         _stage("3/5 (no base pretraining for a pretrained model)")
     else:
         facts, anchors = None, []
@@ -440,7 +443,8 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
         intro = (f"`{Path(cfg.model).name}` safety-tuned {cfg.tune_steps} steps (batch {cfg.batch_size}, lr {cfg.tune_lr}, {how}) "
                  f"with each recipe on synthetic safety data (seed {cfg.seed}); helpful rows: "
                  + (f"{report['n_anchor_rows']} answers the model wrote itself to derta's built-in benign prompts "
-                    "(`derta data distill`)" + (f", RTO capped at {cfg.max_rto_share:.0%} of labelled tokens" if cfg.max_rto_share else "") if report["n_anchor_rows"] else
+                    f"(`derta data distill`) and {cfg.n_lookalike_train} synthetic look-alike tasks"
+                    + (f", RTO capped at {cfg.max_rto_share:.0%} of labelled tokens" if cfg.max_rto_share else "") if report["n_anchor_rows"] else
                     f"{cfg.n_helpful_train} synthetic copy tasks and {cfg.n_lookalike_train} look-alike tasks")
                  + ". All numbers in %, on held-out "
                  f"prompts ({n['harmful']} harmful, {n['helpful']} factual questions the untuned model answers correctly, "
