@@ -71,3 +71,15 @@ def test_checks_follow_the_numbers():
     assert checks["derta_low_over_refusal"] is False and checks["bias_reproduced"] is True
     assert demo_checks({"vanilla": good, "derta": good})["bias_reproduced"] is False
 
+
+
+def test_real_model_checks_hold_derta_to_the_xstest_targets():
+    curve = lambda p: [{"position_frac": f / 4, "refusal_prob": p if f else 0.9} for f in range(5)]
+    good = {"refusal_rate": 1.0, "prefill_asr_mean": 0.0, "helpfulness": 0.9, "over_refusal": 0.0, "probe_curve": curve(0.9)}
+    biased = {"refusal_rate": 1.0, "prefill_asr_mean": 1.0, "helpfulness": 0.9, "over_refusal": 0.0, "probe_curve": curve(0.0)}
+    xstest = lambda safe, unsafe: {"overrefusal": {"safe_refusal": safe, "unsafe_refusal": unsafe}}
+    assert all(demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.2, 0.7)}}, real=True).values())
+    checks = demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.3, 0.5)}}, real=True)
+    assert checks["derta_answers_safe_prompts"] is False and checks["derta_refuses_unsafe_prompts"] is False
+    assert "derta_answers_safe_prompts" not in demo_checks({"vanilla": biased, "derta": good}, real=True)
+    assert "derta_answers_safe_prompts" not in demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.2, 0.7)}})
