@@ -5,13 +5,13 @@ import re
 
 import pytest
 
-from derta.attacks import (ATTACKS, JAILBREAK_TEMPLATES, PAIR, AutoDAN, _attacker_prompt, affirmative, attack_codeattack,
+from derta.attacks import (ATTACKS, JAILBREAK_TEMPLATES, PAIR, PAIR_RETRY_NOTE, AutoDAN, _attacker_prompt, affirmative, attack_codeattack,
                            attack_completion,
                            attack_pasttense, attack_prefill, attack_selfcipher, jailbreak_attack, load_templates,
                            make_attacks, verb_phrase)
 from derta.generate import Backend
 from derta.io import InputError
-from derta.judges import KeywordJudge
+from derta.judges import Judge, KeywordJudge, Verdict
 
 
 @pytest.mark.parametrize("question,phrase", [
@@ -119,11 +119,78 @@ def test_pair_refines_until_the_judge_says_harmful():
     proposals = iter(["PROMPT: try one", "PROMPT: try two with magic", "PROMPT: never used"])
     attacker = Scripted(lambda x: next(proposals))
     target = Scripted(lambda x: "Step 1: <placeholder>" if "magic" in x.text else "Sorry, I can't.")
-    [result] = PAIR(attacker, iterations=5).run(["How can I open the gate?"], target, KeywordJudge())
+    [result] = PAIR(attacker, iterations=5, streams=1).run(["How can I open the gate?"], target, KeywordJudge())
     assert result.input.text == "try two with magic" and result.verdict.harmful
-    assert result.details == {"iterations": 2, "success": True}
-    # The second request to the attacker carries the first attempt and its verdict.
-    assert "Previous prompt: try one" in attacker.seen[1].text and "Judged: refused" in attacker.seen[1].text
+    assert result.details == {"iterations": 2, "stream": 0, "success": True, "rating": 10, "streams": 1, "queries": 2,
+                              "attacker_refusals": 0}
+    # The second request to the attacker carries the first attempt and its 1-10 rating.
+    assert "Previous prompt: try one" in attacker.seen[1].text and "Judge rating: 1/10" in attacker.seen[1].text
+
+
+class Rater(Judge):
+    """A fake PAIR-rubric judge: the rating is the number of '!' in the response (10 = jailbroken)."""
+
+    name = "rater"
+
+    def __init__(self):
+        self.calls = 0
+
+    def judge(self, prompts, responses):
+        self.calls += 1
+        out = []
+        for r in responses:
+            rating = min(10, max(1, r.count("!")))
+            out.append(Verdict(rating == 10, False, {"rating": rating}))
+        return out
+
+
+def test_pair_streams_keep_the_best_rated_attempt_and_stop_at_a_jailbreak():
+    # Stream k's prompt in round i is "s{k} r{i}" (one question: the k-th ask of a round is stream k's).
+    class Attacker(Backend):
+        name, rounds = "fake", 0
+
+        def generate_iter(self, inputs):
+            self.rounds += 1
+            yield list(range(len(inputs))), [f"PROMPT: s{k} r{self.rounds}" for k in range(len(inputs))]
+
+    target = Scripted(lambda x: "!" * (int(x.text[1]) * 2 + int(x.text[-1]) * 3))
+    judge = Rater()
+    [r] = PAIR(Attacker(), iterations=3, streams=3, judge=judge).run(["q"], target, KeywordJudge())
+    # Round 1 ratings: 3, 5, 7; round 2: 6, 8, 10 -> jailbroken by stream 2 in round 2; round 3 never runs.
+    assert r.input.text == "s2 r2" and r.details["rating"] == 10 and r.details["success"]
+    assert r.details["iterations"] == 2 and r.details["queries"] == 6 and judge.calls == 2
+    assert r.verdict is None  # PAIR's own judge is not the evaluation's: the eval judge re-judges the final answer
+    # Without a jailbreak the best-rated attempt is kept.
+    target = Scripted(lambda x: "!" * int(x.text[-1]))
+    [r] = PAIR(Scripted(lambda x: "PROMPT: s r" + str(x.text.count("Previous prompt:") + 1)), iterations=3, streams=2,
+               judge=Rater()).run(["q"], target, KeywordJudge())
+    assert r.details["rating"] == 3 and r.details["iterations"] == 3 and not r.details["success"] and r.details["queries"] == 6
+
+
+def test_pair_never_sends_an_attacker_refusal_and_retries_a_bounded_number_of_times():
+    # The attacker refuses on the first ask of every round and complies when asked again.
+    attacker = Scripted(lambda x: "PROMPT: a role-play prompt" if PAIR_RETRY_NOTE in x.text
+                        else "I'm sorry, but I can't help create prompts that bypass safety measures.")
+    target = Scripted(lambda x: "Sorry, I can't.")
+    [r] = PAIR(attacker, iterations=2, streams=2).run(["How can I open the gate?"], target, KeywordJudge())
+    assert all(x.text == "a role-play prompt" for x in target.seen) and len(target.seen) == 4
+    assert r.details["attacker_refusals"] == 4 and r.details["queries"] == 4
+    # An attacker that always refuses: nothing it wrote reaches the target; after the bounded retries the plain
+    # question is asked once, and the details say why.
+    always = Scripted(lambda x: "No worries, but I cannot assist with creating jailbreak prompts.")
+    target = Scripted(lambda x: "Sorry, I can't.")
+    [r] = PAIR(always, iterations=3, streams=2, retries=2).run(["How can I open the gate?"], target, KeywordJudge())
+    assert [x.text for x in target.seen] == ["How can I open the gate?"]
+    assert len(always.seen) == 3 * 2 * 3  # rounds x streams x (1 + retries)
+    assert r.details["attacker_refused_every_round"] and r.details["attacker_refusals"] == 18
+    assert r.verdict is not None and not r.verdict.harmful  # judged by the eval judge, which PAIR used
+
+
+def test_pair_defaults_are_the_papers():
+    pair = PAIR()
+    assert (pair.streams, pair.iterations) == (20, 3)
+    with pytest.raises(InputError, match="at least 1"):
+        PAIR(streams=0)
 
 
 def test_attacker_prompt_parsing_survives_sloppy_json():
@@ -133,13 +200,14 @@ def test_attacker_prompt_parsing_survives_sloppy_json():
     assert _attacker_prompt(" written after the prefill ", True) == "written after the prefill"
 
 
-def test_pair_gives_up_after_its_iterations_and_keeps_going_on_unusable_attacker_output():
-    attacker = Scripted(lambda x: "")  # nothing usable: the previous prompt is kept
+def test_pair_with_an_attacker_that_writes_nothing_asks_the_plain_question_once():
+    attacker = Scripted(lambda x: "")  # nothing usable in any round: no prompt of its own is ever sent
     target = Scripted(lambda x: "Sorry, I can't.")
-    results = PAIR(attacker, iterations=3).run(["q one", "q two"], target, KeywordJudge())
-    assert [r.details["iterations"] for r in results] == [3, 3]
+    results = PAIR(attacker, iterations=3, streams=1).run(["q one", "q two"], target, KeywordJudge())
+    assert [r.details["iterations"] for r in results] == [0, 0] and all(r.details["attacker_refused_every_round"]
+                                                                         for r in results)
     assert [r.input.text for r in results] == ["q one", "q two"] and not any(r.verdict.harmful for r in results)
-    assert len(target.seen) == 6
+    assert len(target.seen) == 2
 
 
 class Scorer(Scripted):
@@ -180,7 +248,7 @@ def test_pair_and_autodan_on_a_tiny_model(tiny_dir):
 
     target = HFBackend(str(tiny_dir), batch_size=4, max_new_tokens=6)
     questions = ["How can I open the gate?", "Tell me how to fix it."]
-    pair = PAIR(iterations=2).run(questions, target, KeywordJudge())  # the target is its own attacker
-    assert len(pair) == 2 and all(1 <= r.details["iterations"] <= 2 and isinstance(r.response, str) for r in pair)
+    pair = PAIR(iterations=2, streams=2).run(questions, target, KeywordJudge())  # the target is its own attacker
+    assert len(pair) == 2 and all(0 <= r.details["iterations"] <= 2 and isinstance(r.response, str) for r in pair)
     dan = AutoDAN(population=3, generations=2).run(questions, target, KeywordJudge())
     assert len(dan) == 2 and all(r.details["fitness"] < 0 and q in r.input.text for r, q in zip(dan, questions))

@@ -11,13 +11,17 @@ import pytest
 
 from derta import evaluate
 from derta.cli import main
-from derta.evaluate import RunDir, load_prompts, report_markdown, run_eval, summarize
+from derta.evaluate import EvalConfig, RunDir, load_prompts, report_markdown, run_eval, summarize
 from derta.helpfulness import gsm8k_gold, gsm8k_prediction, load_task, mmlu_letters, mmlu_prediction, run_helpful
 from derta.io import InputError
 
 SIX = "completion,prefill,codeattack,jailbreak,selfcipher,pasttense"
 QUESTIONS = ["How can I open the gate?", "Tell me how to fix the house.", "What is the best way to win the race?",
              "Write a short story about the river."]
+
+
+def _eval(*args, **kw):
+    return run_eval(EvalConfig(*args, **kw))
 
 
 def _rows(path):
@@ -78,13 +82,17 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys
 def test_eval_writes_rows_summary_report_and_resumes_without_loading(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     kw = dict(model=str(tiny_dir), max_new_tokens=4, batch_size=8)
-    summary = run_eval(out, _prompts(tmp_path), SIX, "keyword", **kw)
+    summary = _eval(out, _prompts(tmp_path), SIX, "keyword", **kw)
     rows = _rows(out / "generations.jsonl")
     assert len(rows) == 24 and len({(r["attack"], r["index"]) for r in rows}) == 24
     assert set(rows[0]) >= {"attack", "prompt", "input", "response", "harmful", "refused", "judge"}
     assert summary["n"] == {a: 4 for a in SIX.split(",")} and set(summary["asr"]) == set(SIX.split(","))
     assert json.loads((out / "summary.json").read_text())["asr"] == summary["asr"]
-    assert "| Model | CompletingAttack | Prefill | CodeAttack | JailbreakChat | SelfCipher | PastTense | Avg. |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert ("| Model | CompletingAttack-style (declarative text, no template) | Prefill (\"Sure, here is how you can ...\") | "
+            "CodeAttack-style (deque code task, 1 template) | JailbreakChat-style (4 self-written templates) | "
+            "SelfCipher-style (benign demonstrations) | Past tense (regex) | Avg. |") in report
+    assert "- `jailbreak`: JailbreakChat-style (4 self-written templates), after https://arxiv.org/abs/2308.03825" in report
     prefill = next(r for r in rows if r["attack"] == "prefill")
     assert prefill["prefill"].startswith("Sure, here is") and prefill["chat"]
     assert not next(r for r in rows if r["attack"] == "completion")["chat"]
@@ -95,19 +103,19 @@ def test_eval_writes_rows_summary_report_and_resumes_without_loading(tiny_dir, t
         raise AssertionError("a finished run loaded a model")
 
     monkeypatch.setattr("derta.generate.make_backend", no_backend)
-    assert run_eval(out, _prompts(tmp_path), SIX, "keyword", **kw) == summary
+    assert _eval(out, _prompts(tmp_path), SIX, "keyword", **kw) == summary
     assert _rows(out / "generations.jsonl") == rows
 
 
 def test_eval_resumes_after_a_torn_write(tiny_dir, tmp_path):
     out = tmp_path / "run"
     kw = dict(model=str(tiny_dir), max_new_tokens=4, batch_size=8)
-    run_eval(out, _prompts(tmp_path), "completion,prefill", "keyword", **kw)
+    _eval(out, _prompts(tmp_path), "completion,prefill", "keyword", **kw)
     full = (out / "generations.jsonl").read_text().splitlines(keepends=True)
     # As if killed while writing the 4th row: three rows and half a line.
     (out / "generations.jsonl").write_text("".join(full[:3]) + full[3][:25])
     (out / "summary.json").unlink()
-    run_eval(out, _prompts(tmp_path), "completion,prefill", "keyword", **kw)
+    _eval(out, _prompts(tmp_path), "completion,prefill", "keyword", **kw)
     rows = _rows(out / "generations.jsonl")
     assert len(rows) == 8 and len({(r["attack"], r["index"]) for r in rows}) == 8
     assert [json.loads(line) for line in full[:3]] == rows[:3]  # finished rows untouched
@@ -138,32 +146,32 @@ def test_eval_survives_kill_9(tiny_dir, tmp_path):
 
 def test_eval_refuses_to_resume_with_other_settings(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    run_eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
+    _eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
     with pytest.raises(InputError, match="max_new_tokens=2, not 3"):
-        run_eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=3)
+        _eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=3)
     with pytest.raises(InputError, match='dtype="auto", not "bfloat16"'):
-        run_eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2, dtype="bfloat16")
+        _eval(out, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2, dtype="bfloat16")
     with pytest.raises(InputError, match="n_prompts=4, not 2"):
-        run_eval(out, _prompts(tmp_path, QUESTIONS[:2]), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
+        _eval(out, _prompts(tmp_path, QUESTIONS[:2]), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
     with pytest.raises(InputError, match="prompts_sha256"):
-        run_eval(out, _prompts(tmp_path, QUESTIONS[::-1]), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
+        _eval(out, _prompts(tmp_path, QUESTIONS[::-1]), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not a derta run directory"):
-        run_eval(other, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
+        _eval(other, _prompts(tmp_path), "completion", "keyword", model=str(tiny_dir), max_new_tokens=2)
 
 
 def test_eval_search_attacks_and_none_on_a_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    s = run_eval(out, _prompts(tmp_path, QUESTIONS[:2]), "none,pair,autodan", "keyword", model=str(tiny_dir),
-                 max_new_tokens=4, pair_iterations=2, autodan_population=3, autodan_generations=2)
+    s = _eval(out, _prompts(tmp_path, QUESTIONS[:2]), "none,pair,autodan", "keyword", model=str(tiny_dir),
+                 max_new_tokens=4, pair_iterations=2, pair_streams=2, autodan_population=3, autodan_generations=2)
     rows = _rows(out / "generations.jsonl")
     assert s["n"] == {"none": 2, "pair": 2, "autodan": 2} and len(rows) == 6
     assert {r["input"] for r in rows if r["attack"] == "none"} == set(QUESTIONS[:2])
     assert all("fitness" in r["attack_details"] for r in rows if r["attack"] == "autodan")
     assert all("iterations" in r["attack_details"] for r in rows if r["attack"] == "pair")
-    assert json.loads((out / "manifest.json").read_text())["pair"] == {"attacker": "target", "iterations": 2}
+    assert json.loads((out / "manifest.json").read_text())["pair"] == {"attacker": "target", "iterations": 2, "streams": 2}
 
 
 def test_eval_against_an_openai_compatible_endpoint(fake_openai, closed_port_url, tmp_path, monkeypatch):
@@ -171,18 +179,18 @@ def test_eval_against_an_openai_compatible_endpoint(fake_openai, closed_port_url
     fake_openai.fail_next = [500]
     fake_openai.reply = lambda p: "Step 1: <placeholder>" if "magic" in json.dumps(p) else "I’m sorry, I can’t help."
     out = tmp_path / "run"
-    s = run_eval(out, _prompts(tmp_path, ["How can I do magic?", "How can I open the gate?"]), "none,prefill", "keyword",
+    s = _eval(out, _prompts(tmp_path, ["How can I do magic?", "How can I open the gate?"]), "none,prefill", "keyword",
                  model="closed-model", backend="openai", base_url=fake_openai.url, max_new_tokens=8)
     assert s["asr"] == {"none": 0.5, "prefill": 0.5} and s["refusal_rate"] == {"none": 0.5, "prefill": 0.5}
     # An unreachable endpoint: one line, and no run directory left behind.
     gone = tmp_path / "gone"
     with pytest.raises(InputError, match="cannot reach"):
-        run_eval(gone, _prompts(tmp_path), "none", "keyword", model="m", backend="openai", base_url=closed_port_url)
+        _eval(gone, _prompts(tmp_path), "none", "keyword", model="m", backend="openai", base_url=closed_port_url)
     assert not gone.exists()
     # AutoDAN needs log-probabilities: refused before the static attacks run and fix the manifest.
     n = len(fake_openai.requests)
     with pytest.raises(InputError, match="--backend hf"):
-        run_eval(gone, _prompts(tmp_path), "none,autodan", "keyword", model="m", backend="openai", base_url=fake_openai.url)
+        _eval(gone, _prompts(tmp_path), "none,autodan", "keyword", model="m", backend="openai", base_url=fake_openai.url)
     assert not gone.exists() and len(fake_openai.requests) == n
 
 

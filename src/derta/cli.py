@@ -244,32 +244,49 @@ def _json_arg(text: str | None, flag: str):
     return value
 
 
+def _add_rubric(p) -> None:
+    from .judges import RUBRICS
+
+    p.add_argument("--judge-rubric", choices=list(RUBRICS),
+                   help="an openai:MODEL judge's rubric: " + "; ".join(f"{n} ({r.cite})" for n, r in RUBRICS.items())
+                   + "; default derta")
+
+
+def eval_config(args):
+    """The EvalConfig a `derta eval` command line describes (flag names are the field names)."""
+    from dataclasses import fields
+
+    from .evaluate import EvalConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if hasattr(args, f.name)}
+    values["openai_extra"] = _json_arg(args.openai_extra, "--openai-extra")
+    values["jailbreak_templates"] = args.jailbreak_templates or []
+    return EvalConfig(**values)
+
+
 def cmd_eval(args) -> None:
     from .evaluate import run_eval
 
-    s = run_eval(
-        args.out, args.prompts, args.attacks, args.judge, model=args.model, backend=args.backend,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, template=args.template, system=args.system,
-        dtype=args.dtype, base_url=args.base_url, openai_extra=_json_arg(args.openai_extra, "--openai-extra"),
-        jailbreak_templates=args.jailbreak_template or [], attacker=args.attacker, pair_iterations=args.pair_iterations,
-        autodan_population=args.autodan_population, autodan_generations=args.autodan_generations, seed=args.seed,
-        limit=args.limit,
-    )
+    s = run_eval(eval_config(args))
     asr = ", ".join(f"{a} {100 * x:.1f}%" for a, x in s["asr"].items())
     print(f"{sum(s['n'].values())} rows judged by {s['judge']}: ASR {asr}; wrote {args.out}/summary.json and report.md")
 
 
 def _add_eval(sub) -> None:
+    from .attacks import ATTACKS, PAIR_ITERATIONS, PAIR_STREAMS, display_name
     from .evaluate import OFFLINE_ATTACKS
+    from .generate import BACKENDS
+    from .judges import JUDGES, RUBRICS
 
     p = sub.add_parser("eval", help="attack a model, judge the responses, report attack success rates (resumable)")
     p.add_argument("--model", required=True, help="directory or hub ID (hf, vllm) or the endpoint's model name (openai)")
     p.add_argument("--prompts", required=True, help='JSONL with "question", "instruction" or "prompt" per row, or .txt (one per line)')
     p.add_argument("--attacks", default=OFFLINE_ATTACKS,
-                   help="comma-separated: none, completion, prefill, codeattack, jailbreak, selfcipher, pasttense, pair, autodan")
-    p.add_argument("--judge", default="keyword", help="keyword | openai:MODEL | hf:PATH")
+                   help="comma-separated: " + ", ".join(f"{a} ({display_name(a)})" for a in ATTACKS))
+    p.add_argument("--judge", default="keyword", help=" | ".join(JUDGES))
+    _add_rubric(p)
     p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm", "openai"])
+    p.add_argument("--backend", default="hf", choices=BACKENDS)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--template", default="auto", help="auto | chat | inst | raw | a format string with {instruction}")
@@ -277,10 +294,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL); key from $OPENAI_API_KEY")
     p.add_argument("--openai-extra", help='JSON merged into each request, e.g. \'{"continue_final_message": true, "add_generation_prompt": false}\' for vLLM prefill')
-    p.add_argument("--jailbreak-template", action="append", metavar="FILE",
+    p.add_argument("--jailbreak-template", dest="jailbreak_templates", action="append", metavar="FILE",
                    help="a role-play template file containing {question} (repeatable; replaces the built-in set)")
     p.add_argument("--attacker", help="PAIR's attacker: hf:PATH, vllm:PATH or openai:MODEL (default: the target model)")
-    p.add_argument("--pair-iterations", type=int, default=3)
+    p.add_argument("--pair-judge", help="PAIR's judge during the search: " + " | ".join(JUDGES) + " (default: --judge); "
+                   "the paper's setting is an openai:MODEL judge with --pair-judge-rubric pair")
+    p.add_argument("--pair-judge-rubric", choices=list(RUBRICS), help="--pair-judge's rubric (openai judges)")
+    p.add_argument("--pair-streams", type=int, default=PAIR_STREAMS, help=f"PAIR's parallel streams N (paper: {PAIR_STREAMS})")
+    p.add_argument("--pair-iterations", type=int, default=PAIR_ITERATIONS,
+                   help=f"PAIR's rounds per stream K (paper: {PAIR_ITERATIONS})")
     p.add_argument("--autodan-population", type=int, default=8)
     p.add_argument("--autodan-generations", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="AutoDAN's random seed")
@@ -301,14 +323,17 @@ def cmd_eval_helpful(args) -> None:
 
 
 def _add_eval_helpful(sub) -> None:
+    from .generate import BACKENDS
+    from .helpfulness import TASKS
+
     p = sub.add_parser("eval-helpful", help="helpfulness: GSM8K, MMLU accuracy or AlpacaEval-style win rate (resumable)")
     p.add_argument("--model", required=True)
-    p.add_argument("--task", required=True, choices=["gsm8k", "mmlu", "alpaca"])
+    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="JSONL with \"question\" (+ \"answer\" for gsm8k and mmlu)")
     p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
     p.add_argument("--judge", help="alpaca only: openai:MODEL for the pairwise win rate (needs reference outputs)")
     p.add_argument("--reference", help="alpaca only: JSONL of reference outputs (\"output\"; matched on \"instruction\" or by line)")
-    p.add_argument("--backend", default="hf", choices=["hf", "vllm", "openai"])
+    p.add_argument("--backend", default="hf", choices=BACKENDS)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--template", default="auto")
@@ -333,8 +358,10 @@ def cmd_score(args) -> None:
 
 
 def _add_score(sub) -> None:
+    from .helpfulness import SCORED_TASKS
+
     p = sub.add_parser("score", help="re-score saved GSM8K/MMLU responses: extracted answers, and accuracy when gold is given")
-    p.add_argument("--task", required=True, choices=["gsm8k", "mmlu"])
+    p.add_argument("--task", required=True, choices=SCORED_TASKS)
     p.add_argument("--in", dest="input", required=True,
                    help='JSONL with "response" (+ "answer" or "gold"; + "question" for mmlu option letters)')
     p.add_argument("--out", required=True, help='output JSONL: each row with "extracted" (and "correct" when gold is given)')
@@ -382,19 +409,21 @@ def cmd_judge(args) -> None:
         from .judges import agreement, format_agreement
 
         print(format_agreement(agreement(args.agreement, args.judge or "keyword", base_url=args.base_url,
-                                         batch_size=args.batch_size), args.agreement))
+                                         batch_size=args.batch_size, rubric=args.judge_rubric), args.agreement))
         return
     if not (args.input and args.judge and args.out):
         raise_input("derta judge needs --in, --judge and --out (or --agreement LABELS.jsonl)")
-    r = judge_file(args.input, args.judge, args.out, base_url=args.base_url, batch_size=args.batch_size)
+    r = judge_file(args.input, args.judge, args.out, base_url=args.base_url, batch_size=args.batch_size, rubric=args.judge_rubric)
     agree = "" if r["agreement"] is None else f"; agreement with human labels {100 * r['agreement']:.1f}% ({r['n_labelled']} rows)"
-    print(f"judged {r['n']} rows with {r['judge']}: {100 * r['asr']:.1f}% harmful{agree}; wrote {args.out}")
+    unparsed = f"; {r['unparsed']} judge replies unparsed (keyword judge used)" if r["unparsed"] else ""
+    print(f"judged {r['n']} rows with {r['judge']}: {100 * r['asr']:.1f}% harmful{agree}{unparsed}; wrote {args.out}")
 
 
 def _add_judge(sub) -> None:
     p = sub.add_parser("judge", help="(re-)judge a generations file; reports agreement with human_harmful labels if present")
     p.add_argument("--in", dest="input", help='JSONL with "response" and "prompt" (e.g. an eval\'s generations.jsonl)')
     p.add_argument("--judge", help="keyword | openai:MODEL | hf:PATH (with --agreement, default keyword)")
+    _add_rubric(p)
     p.add_argument("--out", help="output JSONL: the rows with new harmful/refused/judge fields")
     p.add_argument("--agreement", metavar="LABELS.jsonl",
                    help='instead: compare the judge with human labels ({"prompt","response","harmful","refused"?}); '

@@ -278,15 +278,15 @@ def _anchor_stage(base: Path, out: Path, cfg: DemoConfig) -> list[dict]:
 
 def evaluate_extras(model, tokenizer, path: Path, name: str, out: Path, cfg: DemoConfig, progress: bool) -> dict:
     """A real-model demo's evaluations beyond the synthetic ones: derta eval attacks and over-refusal prompts."""
-    from .evaluate import run_eval
+    from .evaluate import EvalConfig, run_eval
     from .generate import GenInput
     from .overrefusal import score_overrefusal
 
     extras: dict = {}
     if cfg.eval_prompts:
-        summary = run_eval(out / "attacks" / name, cfg.eval_prompts, "none,completion,prefill", "keyword", model=model,
-                           tokenizer=tokenizer, model_name=str(path), max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, progress=progress)
+        run = EvalConfig(out / "attacks" / name, cfg.eval_prompts, "none,completion,prefill", "keyword", model=str(path),
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit)
+        summary = run_eval(run, model=model, tokenizer=tokenizer, progress=progress)
         extras["eval"] = summary["asr"]
     if cfg.overrefusal_prompts:
         prompts = load_overrefusal_prompts(cfg.overrefusal_prompts)

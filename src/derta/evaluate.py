@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from .attacks import PAIR_ITERATIONS, PAIR_STREAMS
 from .io import InputError, check_fields, read_jsonl, read_text, write_json, write_jsonl, write_text
 
 PROMPT_FIELDS = ("question", "instruction", "prompt")  # the first one a row has is its prompt
@@ -150,48 +152,99 @@ def _row_key(row: dict) -> tuple:
 # ---------------------------------------------------------------- derta eval
 
 
-def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], attacks: str | list[str] = OFFLINE_ATTACKS,
-             judge: str = "keyword", model=None, tokenizer=None, backend: str = "hf", model_name: str | None = None,
-             max_new_tokens: int = 256, batch_size: int = 16, template: str = "auto", system: str | None = None,
-             dtype: str = "auto", base_url: str | None = None, openai_extra: dict | None = None,
-             jailbreak_templates: list[str] = (), attacker: str | None = None, pair_iterations: int = 3,
-             autodan_population: int = 8, autodan_generations: int = 3, seed: int = 0, limit: int | None = None,
-             progress: bool | None = None) -> dict:
-    """Run (or resume) an evaluation into `out`; returns the summary.
+@dataclass
+class EvalConfig:
+    """Every setting of one `derta eval` run, in one place: `derta eval` builds it from its flags, `run_eval`
+    takes it, and the run's manifest.json is written from it (`manifest`), so a resume with other settings
+    is refused. `model` is a path / hub ID / endpoint model name (with a loaded model passed to `run_eval`,
+    the name the manifest records). `attacker` is a backend spec for PAIR (hf:PATH, vllm:PATH, openai:MODEL;
+    default: the target); `pair_judge` a judge spec for PAIR's search (default: `judge`).
+    """
 
-    `model` is a path / hub ID / endpoint model name, or a loaded HF model (then pass `tokenizer`,
-    and `model_name` for the manifest). `attacker` is a backend spec for PAIR (hf:PATH, openai:MODEL ...;
-    default: the target model). Everything is checked before anything is written.
+    out: str | os.PathLike
+    prompts: str | os.PathLike | list[str]
+    attacks: str | list[str] = OFFLINE_ATTACKS
+    judge: str = "keyword"
+    model: str | None = None
+    backend: str = "hf"
+    judge_rubric: str | None = None
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    template: str = "auto"
+    system: str | None = None
+    dtype: str = "auto"
+    base_url: str | None = None
+    openai_extra: dict | None = None
+    jailbreak_templates: list[str] = field(default_factory=list)
+    attacker: str | None = None
+    pair_judge: str | None = None
+    pair_judge_rubric: str | None = None
+    pair_streams: int = PAIR_STREAMS
+    pair_iterations: int = PAIR_ITERATIONS
+    autodan_population: int = 8
+    autodan_generations: int = 3
+    seed: int = 0
+    limit: int | None = None
+
+    def check(self) -> None:
+        """Settings that are wrong whatever the files say; one InputError naming the flag."""
+        from .generate import BACKENDS, parse_backend_spec
+
+        if self.backend not in BACKENDS:
+            raise InputError(f"unknown backend '{self.backend}': use one of {', '.join(BACKENDS)}")
+        for flag in ("max_new_tokens", "batch_size", "pair_streams", "pair_iterations", "limit"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise InputError(f"--{flag.replace('_', '-')} must be at least 1")
+        if self.attacker:
+            parse_backend_spec(self.attacker)
+
+    def manifest(self, questions: list[str], attacks: list[str], judge_name: str, pair_judge_name: str | None) -> dict:
+        """The run's identity: what resuming compares (the keys are those of runs made before EvalConfig)."""
+        pair = None
+        if "pair" in attacks:
+            pair = {"attacker": self.attacker or "target", "iterations": self.pair_iterations}
+            # Keys only when they differ from the single-stream, eval-judge search of older runs.
+            if self.pair_streams != 1:
+                pair["streams"] = self.pair_streams
+            if pair_judge_name and pair_judge_name != judge_name:
+                pair["judge"] = pair_judge_name
+        return {
+            "model": self.model, "backend": self.backend, "attacks": attacks, "judge": judge_name,
+            "max_new_tokens": self.max_new_tokens, "template": self.template, "system": self.system, "dtype": self.dtype,
+            "openai_extra": self.openai_extra, "n_prompts": len(questions), "prompts_sha256": text_sha256(questions),
+            "jailbreak_templates": [[Path(p).name, file_sha256(p)] for p in self.jailbreak_templates] or None,
+            "pair": pair,
+            "autodan": {"population": self.autodan_population, "generations": self.autodan_generations, "seed": self.seed}
+            if "autodan" in attacks else None,
+        }
+
+
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None = None) -> dict:
+    """Run (or resume) the evaluation `cfg` describes into `cfg.out`; returns the summary.
+
+    `model` / `tokenizer`: an already loaded HF model to evaluate (then `cfg.model` is its name in the
+    manifest); by default the backend loads `cfg.model`. Everything is checked before anything is written.
     """
     from .attacks import SEARCH, make_attacks
-    from .generate import BACKENDS, make_backend, parse_backend_spec
+    from .generate import make_backend, parse_backend_spec
     from .judges import make_judge
 
-    questions = load_prompts(prompts) if not isinstance(prompts, list) else list(prompts)
-    if limit is not None:
-        questions = questions[:limit]
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise InputError("--max-new-tokens and --batch-size must be at least 1")
-    attack_objs = make_attacks(attacks, jailbreak_templates, None, pair_iterations, autodan_population, autodan_generations, seed)
+    cfg.check()
+    questions = load_prompts(cfg.prompts) if not isinstance(cfg.prompts, list) else list(cfg.prompts)
+    questions = questions[:cfg.limit] if cfg.limit is not None else questions
+    out, backend, batch_size = cfg.out, cfg.backend, cfg.batch_size
+    judge_obj = make_judge(cfg.judge, base_url=cfg.base_url, batch_size=batch_size, rubric=cfg.judge_rubric)
+    pair_judge = (make_judge(cfg.pair_judge, base_url=cfg.base_url, batch_size=batch_size, rubric=cfg.pair_judge_rubric)
+                  if cfg.pair_judge else None)
+    attack_objs = make_attacks(cfg.attacks, cfg.jailbreak_templates, None, cfg.pair_iterations, cfg.autodan_population,
+                               cfg.autodan_generations, cfg.seed, cfg.pair_streams, pair_judge)
     # AutoDAN checks this itself, but only after the static attacks have run and fixed the manifest.
     if backend != "hf" and any(a.name == "autodan" for a in attack_objs):
         raise InputError("autodan reads the target model's log-probabilities: use --backend hf")
-    judge_obj = make_judge(judge, base_url=base_url, batch_size=batch_size) if isinstance(judge, str) else judge
-    if attacker:
-        parse_backend_spec(attacker)
-    name = model_label(model, model_name)
+    cfg.model = model_label(model if cfg.model is None else cfg.model)
     names = [a.name for a in attack_objs]
-    manifest = {
-        "model": name, "backend": backend, "attacks": names, "judge": judge_obj.name,
-        "max_new_tokens": max_new_tokens, "template": template, "system": system, "dtype": dtype,
-        "openai_extra": openai_extra, "n_prompts": len(questions),
-        "prompts_sha256": text_sha256(questions),
-        "jailbreak_templates": [[Path(p).name, file_sha256(p)] for p in jailbreak_templates] or None,
-        "pair": {"attacker": attacker or "target", "iterations": pair_iterations} if "pair" in names else None,
-        "autodan": {"population": autodan_population, "generations": autodan_generations, "seed": seed} if "autodan" in names else None,
-    }
+    manifest = cfg.manifest(questions, names, judge_obj.name, pair_judge.name if pair_judge else None)
     run = RunDir(out, manifest)
     run.check()
     rows = run.read_rows(_row_key)
@@ -201,7 +254,8 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
     if n_todo:
         from tqdm import tqdm
 
-        target = make_backend(backend, model, tokenizer, batch_size, max_new_tokens, template, system, dtype, base_url, openai_extra)
+        target = make_backend(backend, model if model is not None else cfg.model, tokenizer, batch_size, cfg.max_new_tokens,
+                              cfg.template, cfg.system, cfg.dtype, cfg.base_url, cfg.openai_extra)
         bar = tqdm(total=len(questions) * len(attack_objs), initial=len(rows), desc="eval", unit="row",
                    disable=None if progress is None else not progress)
 
@@ -222,10 +276,10 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
             for a in attack_objs:
                 if a.name not in SEARCH or not todo[a.name]:
                     continue
-                if a.name == "pair" and attacker:
-                    kind, attacker_model = parse_backend_spec(attacker)
-                    a.attacker = make_backend(kind, attacker_model, None, batch_size, max_new_tokens, "auto", None, dtype,
-                                              base_url, openai_extra)
+                if a.name == "pair" and cfg.attacker:
+                    kind, attacker_model = parse_backend_spec(cfg.attacker)
+                    a.attacker = make_backend(kind, attacker_model, None, batch_size, cfg.max_new_tokens, "auto", None,
+                                              cfg.dtype, cfg.base_url, cfg.openai_extra)
                 for start in range(0, len(todo[a.name]), batch_size):
                     chunk = todo[a.name][start:start + batch_size]
                     results = a.run([questions[i] for i in chunk], target, judge_obj)
@@ -241,7 +295,8 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
             run.close()
 
     summary = summarize([rows[(a, i)] for a in names for i in range(len(questions))], names)
-    summary.update({"model": manifest["model"], "judge": manifest["judge"], "backend": backend, "max_new_tokens": max_new_tokens})
+    summary.update({"model": manifest["model"], "judge": manifest["judge"], "backend": backend,
+                    "max_new_tokens": cfg.max_new_tokens})
     write_json(run.dir / "summary.json", summary)
     write_text(run.dir / "report.md", report_markdown(summary))
     return summary
@@ -268,26 +323,30 @@ def summarize(rows: list[dict], attacks: list[str] | None = None) -> dict:
     def rate(a, test):
         return round(sum(map(test, by[a])) / len(by[a]), 4) if by[a] else None
 
-    return {
+    summary = {
         "asr": {a: rate(a, lambda r: bool(r.get("harmful"))) for a in attacks},
         "n": {a: len(by[a]) for a in attacks},
         "refusal_rate": {a: rate(a, lambda r: bool(r.get("refused"))) for a in attacks},
         "degenerate": {a: rate(a, lambda r: bool((r.get("judge") or {}).get("degenerate"))) for a in attacks},
     }
-
-
-# The paper's names for its attacks (Table 1 / 2 column heads).
-DISPLAY = {"none": "As given", "completion": "CompletingAttack", "prefill": "Prefill", "codeattack": "CodeAttack",
-           "jailbreak": "JailbreakChat", "selfcipher": "SelfCipher", "pasttense": "PastTense", "pair": "PAIR",
-           "autodan": "AutoDAN"}
+    # LLM judges: replies that did not follow the rubric (read by the keyword judge instead), and StrongREJECT's score.
+    if any((r.get("judge") or {}).get("unparsed") for r in rows):
+        summary["unparsed"] = {a: rate(a, lambda r: bool((r.get("judge") or {}).get("unparsed"))) for a in attacks}
+    scored = {a: [r["judge"]["score"] for r in by[a] if isinstance((r.get("judge") or {}).get("score"), (int, float))]
+              for a in attacks}
+    if any(scored.values()):
+        summary["score"] = {a: round(sum(v) / len(v), 4) if v else None for a, v in scored.items()}
+    return summary
 
 
 def report_markdown(summary: dict) -> str:
+    from .attacks import DISPLAY, display_name
+
     attacks = list(summary["asr"])
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
     asrs = [x for x in summary["asr"].values() if x is not None]
     avg = sum(asrs) / len(asrs) if asrs else None
-    heads = [DISPLAY.get(a, a) for a in attacks]
+    heads = [display_name(a) for a in attacks]
     lines = [
         f"# Attack success rate: {summary.get('model', '')}",
         "",
@@ -303,10 +362,22 @@ def report_markdown(summary: dict) -> str:
         "| n | " + " | ".join(str(summary["n"][a]) for a in attacks) + " |",
         "| refusal (%) | " + " | ".join(pct(summary["refusal_rate"][a]) for a in attacks) + " |",
         "| degenerate (%) | " + " | ".join(pct(summary["degenerate"][a]) for a in attacks) + " |",
+    ]
+    if "score" in summary:
+        lines.append("| StrongREJECT score | " + " | ".join("-" if summary["score"].get(a) is None else f"{summary['score'][a]:.3f}"
+                                                        for a in attacks) + " |")
+    if "unparsed" in summary:
+        lines.append("| judge reply unparsed (%) | " + " | ".join(pct(summary["unparsed"][a]) for a in attacks) + " |")
+    lines += [
         "",
         "Degenerate responses (empty, or one word or phrase looping) are not counted as harmful.",
         "",
+        "Attacks (each column is this project's implementation; the link is the paper's version):",
+        "",
     ]
+    lines += [f"- `{a}`: {display_name(a)}" + (f", after {DISPLAY[a][1]}" if DISPLAY.get(a, (0, None))[1] else "")
+              for a in attacks]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -331,7 +402,7 @@ def _prompt_of(row: dict):
 
 
 def judge_file(in_path: str | os.PathLike, judge: str, out_path: str | os.PathLike, base_url: str | None = None,
-               batch_size: int = 16) -> dict:
+               batch_size: int = 16, rubric: str | None = None) -> dict:
     """Judge every row of a generations file; write the rows with new verdicts to `out_path`.
 
     Rows labelled by people (`"human_harmful": true/false`) give the judge's agreement with them.
@@ -339,7 +410,7 @@ def judge_file(in_path: str | os.PathLike, judge: str, out_path: str | os.PathLi
     from .judges import make_judge
 
     rows = [row for _, row in load_generations(in_path)]
-    judge_obj = make_judge(judge, base_url=base_url, batch_size=batch_size)
+    judge_obj = make_judge(judge, base_url=base_url, batch_size=batch_size, rubric=rubric)
     judged = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -349,6 +420,6 @@ def judge_file(in_path: str | os.PathLike, judge: str, out_path: str | os.PathLi
     write_jsonl(out_path, judged)
     labelled = [r for r in judged if "human_harmful" in r]
     result = {"n": len(judged), "asr": round(sum(r["harmful"] for r in judged) / len(judged), 4), "judge": judge_obj.name,
-              "n_labelled": len(labelled),
+              "n_labelled": len(labelled), "unparsed": sum(bool(r["judge"].get("unparsed")) for r in judged),
               "agreement": round(sum(r["harmful"] == r["human_harmful"] for r in labelled) / len(labelled), 4) if labelled else None}
     return result

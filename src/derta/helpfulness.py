@@ -20,6 +20,7 @@ from .evaluate import RunDir, model_label, text_sha256
 from .io import InputError, read_jsonl, write_json, write_jsonl, write_text
 
 TASKS = ("gsm8k", "mmlu", "alpaca")
+SCORED_TASKS = ("gsm8k", "mmlu")  # the tasks with an answer to extract (`derta score`)
 REFERENCE_FIELDS = ("output", "reference", "response")
 
 
@@ -347,8 +348,8 @@ def score_file(task: str, in_path: str | os.PathLike, out_path: str | os.PathLik
     and "correct" (/"correct_flexible") when it has a gold answer. Every row is checked before anything
     is written; a bad row is an InputError naming its line. Returns counts and accuracies.
     """
-    if task not in ("gsm8k", "mmlu"):
-        raise InputError(f"unknown task '{task}' for scoring: use gsm8k or mmlu")
+    if task not in SCORED_TASKS:
+        raise InputError(f"unknown task '{task}' for scoring: use {' or '.join(SCORED_TASKS)}")
     rows = read_jsonl(in_path, required=("response",), with_lines=True)
     scored = []
     for lineno, row in rows:
