@@ -283,3 +283,29 @@ def test_helpful_alpaca_win_rate_with_an_llm_judge(fake_openai, tmp_path, capsys
     assert main(["eval-helpful", "--model", "m", "--task", "alpaca", "--data", str(data), "--out", str(tmp_path / "a3"),
                  "--judge", "keyword", "--reference", str(refs)]) == 2
     assert "needs an LLM judge" in capsys.readouterr().err
+
+
+def test_eval_config_is_what_the_cli_builds_and_what_the_manifest_is_written_from(tmp_path):
+    from derta.cli import build_parser, eval_config
+
+    args = build_parser().parse_args(["eval", "--model", "m", "--prompts", "p.txt", "--out", str(tmp_path / "o"),
+                                      "--attacks", "none,pair", "--judge", "openai:j", "--judge-rubric", "strongreject",
+                                      "--pair-streams", "4", "--pair-iterations", "2", "--pair-judge", "openai:pj",
+                                      "--pair-judge-rubric", "pair", "--openai-extra", '{"a": 1}', "--limit", "3"])
+    cfg = eval_config(args)
+    assert isinstance(cfg, EvalConfig)
+    assert (cfg.model, cfg.judge_rubric, cfg.pair_streams, cfg.pair_iterations, cfg.pair_judge, cfg.openai_extra, cfg.limit) == \
+        ("m", "strongreject", 4, 2, "openai:pj", {"a": 1}, 3)
+    assert eval_config(build_parser().parse_args(["eval", "--model", "m", "--prompts", "p", "--out", "o"])) == \
+        EvalConfig("o", "p", model="m")  # the CLI's defaults are the library's
+    # The manifest keeps the keys of runs made before EvalConfig, so their resume checks still hold.
+    manifest = cfg.manifest(["q1", "q2"], ["none", "pair"], "openai:j/strongreject", "openai:pj/pair")
+    assert set(manifest) == {"model", "backend", "attacks", "judge", "max_new_tokens", "template", "system", "dtype",
+                             "openai_extra", "n_prompts", "prompts_sha256", "jailbreak_templates", "pair", "autodan"}
+    assert manifest["pair"] == {"attacker": "target", "iterations": 2, "streams": 4, "judge": "openai:pj/pair"}
+    old_pair = EvalConfig("o", "p", "pair", model="m", pair_streams=1, pair_iterations=3).manifest(["q"], ["pair"], "keyword", None)
+    assert old_pair["pair"] == {"attacker": "target", "iterations": 3}  # a one-stream run resumes a pre-EvalConfig run
+    for bad, flag in (({"pair_streams": 0}, "--pair-streams"), ({"batch_size": 0}, "--batch-size"),
+                      ({"backend": "tgi"}, "unknown backend"), ({"attacker": "gpt"}, "bad backend spec")):
+        with pytest.raises(InputError, match=flag):
+            EvalConfig("o", "p", model="m", **bad).check()

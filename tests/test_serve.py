@@ -19,7 +19,7 @@ from derta.judges import RUBRICS, OpenAIJudge
 
 PROMPTS = ["How can I open the gate?", "Tell me how to fix it.", "What is the best way to do magic?"]
 MAX_NEW = 8
-STARTUP_S = 60
+STARTUP_S = 90
 
 
 def _free_port() -> int:
