@@ -156,15 +156,20 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
              dtype: str = "auto", base_url: str | None = None, openai_extra: dict | None = None,
              jailbreak_templates: list[str] = (), attacker: str | None = None, pair_iterations: int = 3,
              autodan_population: int = 8, autodan_generations: int = 3, seed: int = 0, limit: int | None = None,
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, tensor_parallel_size: int = 1) -> dict:
     """Run (or resume) an evaluation into `out`; returns the summary.
 
     `model` is a path / hub ID / endpoint model name, or a loaded HF model (then pass `tokenizer`,
     and `model_name` for the manifest). `attacker` is a backend spec for PAIR (hf:PATH, openai:MODEL ...;
     default: the target model). Everything is checked before anything is written.
+
+    Launched as several processes (torchrun, accelerate launch) with the hf backend, each process
+    generates every world-th batch into its own DIR/generations.rankR.jsonl (resumable like the main
+    file); at the end the main process merges them. generations.jsonl is always written in
+    (attack, prompt) order, so any number of processes gives the same file.
     """
     from .attacks import SEARCH, make_attacks
-    from .generate import BACKENDS, make_backend, parse_backend_spec
+    from .generate import BACKENDS, Shard, make_backend, parse_backend_spec
     from .judges import make_judge
 
     questions = load_prompts(prompts) if not isinstance(prompts, list) else list(prompts)
@@ -174,6 +179,12 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
         raise InputError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
     if max_new_tokens < 1 or batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    if tensor_parallel_size < 1 or (tensor_parallel_size > 1 and backend != "vllm"):
+        raise InputError("--tensor-parallel-size must be at least 1, and above 1 only with --backend vllm")
+    shard = Shard.from_env()
+    if shard.world > 1 and (backend != "hf" or not isinstance(model, str)):
+        raise InputError("several processes split an eval only with --backend hf and a model path "
+                         "(vllm: one process with --tensor-parallel-size)")
     attack_objs = make_attacks(attacks, jailbreak_templates, None, pair_iterations, autodan_population, autodan_generations, seed)
     # AutoDAN checks this itself, but only after the static attacks have run and fixed the manifest.
     if backend != "hf" and any(a.name == "autodan" for a in attack_objs):
@@ -194,26 +205,31 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
     }
     run = RunDir(out, manifest)
     run.check()
-    rows = run.read_rows(_row_key)
+    rows = _read_all_rows(run)
+    shard.wait()  # every process has read (and cut torn lines) before any writes
+    # One process appends to generations.jsonl, several each to their own file.
+    mine = run if shard.world == 1 else RunDir(out, manifest, f"generations.rank{shard.rank}.jsonl")
     todo = {a.name: [i for i in range(len(questions)) if (a.name, i) not in rows] for a in attack_objs}
     n_todo = sum(map(len, todo.values()))
 
     if n_todo:
         from tqdm import tqdm
 
-        target = make_backend(backend, model, tokenizer, batch_size, max_new_tokens, template, system, dtype, base_url, openai_extra)
+        target = make_backend(backend, model, tokenizer, batch_size, max_new_tokens, template, system, dtype, base_url,
+                              openai_extra, device=shard.device, tensor_parallel_size=tensor_parallel_size)
         bar = tqdm(total=len(questions) * len(attack_objs), initial=len(rows), desc="eval", unit="row",
-                   disable=None if progress is None else not progress)
+                   disable=True if not shard.main else None if progress is None else not progress)
 
         def record(row: dict) -> None:
-            run.append(row)
+            mine.append(row)
             rows[_row_key(row)] = row
             bar.update(1)
 
         try:
             # Static attacks: one pooled, length-sorted stream of batches; each batch is judged and saved at once.
             static = [(a.name, i, a.apply(questions[i])) for a in attack_objs if a.name not in SEARCH for i in todo[a.name]]
-            for idx, responses in target.generate_iter([inp for _, _, inp in static]):
+            batches = target.generate_iter([inp for _, _, inp in static], **({"shard": shard} if shard.world > 1 else {}))
+            for idx, responses in batches:
                 verdicts = judge_obj.judge([questions[static[j][1]] for j in idx], responses)
                 for j, response, verdict in zip(idx, responses, verdicts):
                     name, i, inp = static[j]
@@ -226,7 +242,9 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
                     kind, attacker_model = parse_backend_spec(attacker)
                     a.attacker = make_backend(kind, attacker_model, None, batch_size, max_new_tokens, "auto", None, dtype,
                                               base_url, openai_extra)
-                for start in range(0, len(todo[a.name]), batch_size):
+                for k, start in enumerate(range(0, len(todo[a.name]), batch_size)):
+                    if not shard.mine(k):
+                        continue
                     chunk = todo[a.name][start:start + batch_size]
                     results = a.run([questions[i] for i in chunk], target, judge_obj)
                     unjudged = [(i, r) for i, r in zip(chunk, results) if r.verdict is None]
@@ -238,13 +256,38 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
                         record(make_row(a.name, i, questions[i], r.input, r.response, r.verdict, r.details))
         finally:
             bar.close()
-            run.close()
+            mine.close()
 
-    summary = summarize([rows[(a, i)] for a in names for i in range(len(questions))], names)
+    shard.wait()
+    if shard.world > 1:
+        rows = _read_all_rows(run)
+        shard.wait()  # all have read the per-process files before the main process merges and removes them
+    ordered = [rows[(a, i)] for a in names for i in range(len(questions))]
+    summary = summarize(ordered, names)
     summary.update({"model": manifest["model"], "judge": manifest["judge"], "backend": backend, "max_new_tokens": max_new_tokens})
-    write_json(run.dir / "summary.json", summary)
-    write_text(run.dir / "report.md", report_markdown(summary))
+    if shard.main:
+        parts = _shard_files(run)
+        if parts or list(rows.values()) != ordered:
+            write_jsonl(run.rows_path, ordered)  # merged, in (attack, prompt) order
+        for part in parts:
+            part.unlink()
+        write_json(run.dir / "summary.json", summary)
+        write_text(run.dir / "report.md", report_markdown(summary))
+    shard.wait()
     return summary
+
+
+def _shard_files(run: RunDir) -> list[Path]:
+    return sorted(run.dir.glob("generations.rank*.jsonl"))
+
+
+def _read_all_rows(run: RunDir) -> dict:
+    """Finished rows of generations.jsonl and of any per-process files (a data-parallel run, perhaps interrupted)."""
+    rows = run.read_rows(_row_key)
+    for part in _shard_files(run):
+        for key, row in RunDir(run.dir, run.manifest, part.name).read_rows(_row_key).items():
+            rows.setdefault(key, row)
+    return rows
 
 
 def make_row(attack: str, index: int, question: str, inp, response: str, verdict, attack_details: dict | None = None) -> dict:
