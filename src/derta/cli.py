@@ -29,6 +29,11 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _main_process() -> bool:
+    """False in the other processes of a torchrun / accelerate launch run: only the main one prints the outcome."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 # ---------------------------------------------------------------- tiny
 
 
@@ -152,7 +157,9 @@ def _add_data(sub) -> None:
 def cmd_train(args) -> None:
     from .train import run_from_cli
 
-    print(f"saved model to {run_from_cli(args)}")
+    out = run_from_cli(args)
+    if _main_process():
+        print(f"saved model to {out}")
 
 
 def add_train_arguments(p) -> None:
@@ -206,8 +213,9 @@ def cmd_probe(args) -> None:
         limit=args.limit,
     )
     curve = result["curve"]
-    print(f"probed {result['n_examples']} examples: refusal probability {curve[0]['refusal_prob']:.3f} at the start, "
-          f"{result['mean_refusal_prob']:.3f} on average; wrote {args.out}")
+    if _main_process():
+        print(f"probed {result['n_examples']} examples: refusal probability {curve[0]['refusal_prob']:.3f} at the start, "
+              f"{result['mean_refusal_prob']:.3f} on average; wrote {args.out}")
 
 
 def _add_probe(sub) -> None:
@@ -269,7 +277,8 @@ def cmd_eval(args) -> None:
 
     s = run_eval(eval_config(args))
     asr = ", ".join(f"{a} {100 * x:.1f}%" for a, x in s["asr"].items())
-    print(f"{sum(s['n'].values())} rows judged by {s['judge']}: ASR {asr}; wrote {args.out}/summary.json and report.md")
+    if _main_process():
+        print(f"{sum(s['n'].values())} rows judged by {s['judge']}: ASR {asr}; wrote {args.out}/summary.json and report.md")
 
 
 def _add_eval(sub) -> None:
@@ -307,6 +316,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--autodan-generations", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="AutoDAN's random seed")
     p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm backend: GPUs to split the model over "
+                   "(for the hf backend, launch several processes instead: torchrun / accelerate launch)")
     p.set_defaults(func=cmd_eval)
 
 

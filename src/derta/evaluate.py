@@ -185,6 +185,7 @@ class EvalConfig:
     autodan_generations: int = 3
     seed: int = 0
     limit: int | None = None
+    tensor_parallel_size: int = 1  # vLLM only
 
     def check(self) -> None:
         """Settings that are wrong whatever the files say; one InputError naming the flag."""
@@ -196,6 +197,8 @@ class EvalConfig:
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be at least 1")
+        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.backend != "vllm"):
+            raise InputError("--tensor-parallel-size must be at least 1, and above 1 only with --backend vllm")
         if self.attacker:
             parse_backend_spec(self.attacker)
 
@@ -225,15 +228,24 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
 
     `model` / `tokenizer`: an already loaded HF model to evaluate (then `cfg.model` is its name in the
     manifest); by default the backend loads `cfg.model`. Everything is checked before anything is written.
+
+    Launched as several processes (torchrun, accelerate launch) with the hf backend, each process
+    generates every world-th batch into its own DIR/generations.rankR.jsonl (resumable like the main
+    file); at the end the main process merges them. generations.jsonl is always written in
+    (attack, prompt) order, so any number of processes gives the same file.
     """
     from .attacks import SEARCH, make_attacks
-    from .generate import make_backend, parse_backend_spec
+    from .generate import Shard, make_backend, parse_backend_spec
     from .judges import make_judge
 
     cfg.check()
     questions = load_prompts(cfg.prompts) if not isinstance(cfg.prompts, list) else list(cfg.prompts)
     questions = questions[:cfg.limit] if cfg.limit is not None else questions
     out, backend, batch_size = cfg.out, cfg.backend, cfg.batch_size
+    shard = Shard.from_env()
+    if shard.world > 1 and (backend != "hf" or not isinstance(model if model is not None else cfg.model, str)):
+        raise InputError("several processes split an eval only with --backend hf and a model path "
+                         "(vllm: one process with --tensor-parallel-size)")
     judge_obj = make_judge(cfg.judge, base_url=cfg.base_url, batch_size=batch_size, rubric=cfg.judge_rubric)
     pair_judge = (make_judge(cfg.pair_judge, base_url=cfg.base_url, batch_size=batch_size, rubric=cfg.pair_judge_rubric)
                   if cfg.pair_judge else None)
@@ -247,7 +259,10 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
     manifest = cfg.manifest(questions, names, judge_obj.name, pair_judge.name if pair_judge else None)
     run = RunDir(out, manifest)
     run.check()
-    rows = run.read_rows(_row_key)
+    rows = _read_all_rows(run)
+    shard.wait()  # every process has read (and cut torn lines) before any writes
+    # One process appends to generations.jsonl, several each to their own file.
+    mine = run if shard.world == 1 else RunDir(out, manifest, f"generations.rank{shard.rank}.jsonl")
     todo = {a.name: [i for i in range(len(questions)) if (a.name, i) not in rows] for a in attack_objs}
     n_todo = sum(map(len, todo.values()))
 
@@ -255,19 +270,21 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
         from tqdm import tqdm
 
         target = make_backend(backend, model if model is not None else cfg.model, tokenizer, batch_size, cfg.max_new_tokens,
-                              cfg.template, cfg.system, cfg.dtype, cfg.base_url, cfg.openai_extra)
+                              cfg.template, cfg.system, cfg.dtype, cfg.base_url, cfg.openai_extra,
+                              device=shard.device, tensor_parallel_size=cfg.tensor_parallel_size)
         bar = tqdm(total=len(questions) * len(attack_objs), initial=len(rows), desc="eval", unit="row",
-                   disable=None if progress is None else not progress)
+                   disable=True if not shard.main else None if progress is None else not progress)
 
         def record(row: dict) -> None:
-            run.append(row)
+            mine.append(row)
             rows[_row_key(row)] = row
             bar.update(1)
 
         try:
             # Static attacks: one pooled, length-sorted stream of batches; each batch is judged and saved at once.
             static = [(a.name, i, a.apply(questions[i])) for a in attack_objs if a.name not in SEARCH for i in todo[a.name]]
-            for idx, responses in target.generate_iter([inp for _, _, inp in static]):
+            batches = target.generate_iter([inp for _, _, inp in static], **({"shard": shard} if shard.world > 1 else {}))
+            for idx, responses in batches:
                 verdicts = judge_obj.judge([questions[static[j][1]] for j in idx], responses)
                 for j, response, verdict in zip(idx, responses, verdicts):
                     name, i, inp = static[j]
@@ -280,7 +297,9 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
                     kind, attacker_model = parse_backend_spec(cfg.attacker)
                     a.attacker = make_backend(kind, attacker_model, None, batch_size, cfg.max_new_tokens, "auto", None,
                                               cfg.dtype, cfg.base_url, cfg.openai_extra)
-                for start in range(0, len(todo[a.name]), batch_size):
+                for k, start in enumerate(range(0, len(todo[a.name]), batch_size)):
+                    if not shard.mine(k):
+                        continue
                     chunk = todo[a.name][start:start + batch_size]
                     results = a.run([questions[i] for i in chunk], target, judge_obj)
                     unjudged = [(i, r) for i, r in zip(chunk, results) if r.verdict is None]
@@ -292,14 +311,38 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
                         record(make_row(a.name, i, questions[i], r.input, r.response, r.verdict, r.details))
         finally:
             bar.close()
-            run.close()
+            mine.close()
 
-    summary = summarize([rows[(a, i)] for a in names for i in range(len(questions))], names)
-    summary.update({"model": manifest["model"], "judge": manifest["judge"], "backend": backend,
-                    "max_new_tokens": cfg.max_new_tokens})
-    write_json(run.dir / "summary.json", summary)
-    write_text(run.dir / "report.md", report_markdown(summary))
+    shard.wait()
+    if shard.world > 1:
+        rows = _read_all_rows(run)
+        shard.wait()  # all have read the per-process files before the main process merges and removes them
+    ordered = [rows[(a, i)] for a in names for i in range(len(questions))]
+    summary = summarize(ordered, names)
+    summary.update({"model": manifest["model"], "judge": manifest["judge"], "backend": backend, "max_new_tokens": cfg.max_new_tokens})
+    if shard.main:
+        parts = _shard_files(run)
+        if parts or list(rows.values()) != ordered:
+            write_jsonl(run.rows_path, ordered)  # merged, in (attack, prompt) order
+        for part in parts:
+            part.unlink()
+        write_json(run.dir / "summary.json", summary)
+        write_text(run.dir / "report.md", report_markdown(summary))
+    shard.wait()
     return summary
+
+
+def _shard_files(run: RunDir) -> list[Path]:
+    return sorted(run.dir.glob("generations.rank*.jsonl"))
+
+
+def _read_all_rows(run: RunDir) -> dict:
+    """Finished rows of generations.jsonl and of any per-process files (a data-parallel run, perhaps interrupted)."""
+    rows = run.read_rows(_row_key)
+    for part in _shard_files(run):
+        for key, row in RunDir(run.dir, run.manifest, part.name).read_rows(_row_key).items():
+            rows.setdefault(key, row)
+    return rows
 
 
 def make_row(attack: str, index: int, question: str, inp, response: str, verdict, attack_details: dict | None = None) -> dict:

@@ -73,6 +73,65 @@ def collect(batches: Iterator[tuple[list[int], list[str]]], n: int) -> list[str]
     return out
 
 
+# ---------------------------------------------------------------- several processes (data parallel)
+
+
+def launched_processes() -> str | None:
+    """None in a single process; under torchrun / accelerate launch (WORLD_SIZE > 1), "gpu", or "cpu" on a machine
+    without an accelerator (accelerate then needs to be told: it would otherwise run each process alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+
+    accel = getattr(torch, "accelerator", None)
+    return "gpu" if (accel.is_available() if accel is not None else torch.cuda.is_available()) else "cpu"
+
+
+@dataclass
+class Shard:
+    """This process's share of a data-parallel run: batch k belongs to rank k % world.
+
+    From the launcher's environment (torchrun, accelerate launch: WORLD_SIZE > 1); `state` is accelerate's
+    PartialState then (it joins the process group: gloo on CPU, nccl on GPUs). One process: rank 0 of 1.
+    """
+
+    rank: int = 0
+    world: int = 1
+    state: object = None
+
+    @classmethod
+    def from_env(cls) -> "Shard":
+        if not launched_processes():
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState(cpu=launched_processes() == "cpu")
+        return cls(state.process_index, state.num_processes, state)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> str | None:
+        return None if self.state is None else str(self.state.device)
+
+    def mine(self, k: int) -> bool:
+        return k % self.world == self.rank
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def gather(self, items: list) -> list:
+        """Every process's `items`, concatenated (rank order); the list itself on one process."""
+        if self.state is None:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+
 # ---------------------------------------------------------------- Hugging Face transformers
 
 
@@ -125,15 +184,20 @@ class HFBackend(Backend):
     def encode(self, inp: GenInput) -> list[int]:
         return encode_input(self.tokenizer, inp, self.template, self.system)
 
-    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
-        yield from self.generate_ids_iter([self.encode(x) for x in inputs])
+    def generate_iter(self, inputs: list[GenInput], shard: Shard | None = None) -> Iterator[tuple[list[int], list[str]]]:
+        yield from self.generate_ids_iter([self.encode(x) for x in inputs], shard)
 
-    def generate_ids_iter(self, ids: list[list[int]]) -> Iterator[tuple[list[int], list[str]]]:
-        """Batches of similar length, longest first (an out-of-memory batch fails at once, not at the end)."""
+    def generate_ids_iter(self, ids: list[list[int]], shard: Shard | None = None) -> Iterator[tuple[list[int], list[str]]]:
+        """Batches of similar length, longest first (an out-of-memory batch fails at once, not at the end).
+
+        With a `shard`, only this process's batches: every process forms the same batches, so each
+        response is computed exactly as one process would (same batch, same padding).
+        """
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield idx, self._generate_batch([ids[i] for i in idx])
+        for k, start in enumerate(range(0, len(order), self.batch_size)):
+            if shard is None or shard.mine(k):
+                idx = order[start:start + self.batch_size]
+                yield idx, self._generate_batch([ids[i] for i in idx])
 
     def _generate_batch(self, batch: list[list[int]]) -> list[str]:
         import torch
@@ -340,12 +404,18 @@ def parse_backend_spec(spec: str) -> tuple[str, str]:
 
 
 def make_backend(kind: str, model, tokenizer=None, batch_size: int = 16, max_new_tokens: int = 256, template: str = "auto",
-                 system: str | None = None, dtype: str = "auto", base_url: str | None = None, extra: dict | None = None) -> Backend:
-    """A backend by name; `model` is a path or hub ID (hf, vllm), a loaded model (hf), or a model name (openai)."""
+                 system: str | None = None, dtype: str = "auto", base_url: str | None = None, extra: dict | None = None,
+                 device: str | None = None, tensor_parallel_size: int = 1) -> Backend:
+    """A backend by name; `model` is a path or hub ID (hf, vllm), a loaded model (hf), or a model name (openai).
+
+    `device`: where the hf backend loads the model (default cuda if there is one, else cpu);
+    `tensor_parallel_size`: GPUs vLLM splits the model over.
+    """
     if kind == "hf":
-        return HFBackend(model, tokenizer, batch_size, max_new_tokens, template, system, dtype)
+        return HFBackend(model, tokenizer, batch_size, max_new_tokens, template, system, dtype, device)
     if kind == "vllm":
-        return VLLMBackend(model, max_new_tokens=max_new_tokens, template=template, system=system, dtype=dtype)
+        return VLLMBackend(model, max_new_tokens=max_new_tokens, template=template, system=system, dtype=dtype,
+                           tensor_parallel_size=tensor_parallel_size)
     if kind == "openai":
         return OpenAIBackend(model, base_url, batch_size=batch_size, max_new_tokens=max_new_tokens, system=system, extra=extra)
     raise InputError(f"unknown backend '{kind}': use one of {', '.join(BACKENDS)}")

@@ -32,8 +32,12 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def refusal_probabilities(model, tokenizer, pairs: list[tuple[str, str]], refusal_phrase: str = "Sorry",
-                          template: str = "auto", batch_size: int = 16, progress: bool = False) -> list[list[float]]:
+                          template: str = "auto", batch_size: int = 16, progress: bool = False,
+                          shard=None) -> list[list[float]]:
     """For each (instruction, response): P(next token is a refusal token) at each of the |response|+1 positions.
+
+    With a `shard` (generate.Shard, several processes), each process runs every world-th batch and
+    all of them get every result back.
 
     The refusal tokens are the transition DeRTa trains (`models.refusal_transition`): its start
     form ("Sorry") and its mid form (" Sorry", or " sorry" where " Sorry" is two fragments).
@@ -51,6 +55,8 @@ def refusal_probabilities(model, tokenizer, pairs: list[tuple[str, str]], refusa
     # Similar lengths together: less padding.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if shard is not None:
+        batches = [b for k, b in enumerate(batches) if shard.mine(k)]
     if progress:
         from tqdm import tqdm
 
@@ -68,6 +74,9 @@ def refusal_probabilities(model, tokenizer, pairs: list[tuple[str, str]], refusa
             results[i] = probs[row, keep - n - 1:].tolist()
     if was_training:
         model.train()
+    if shard is not None and shard.world > 1:
+        for i, probs in shard.gather([(i, p) for i, p in enumerate(results) if p is not None]):
+            results[i] = probs
     return results  # type: ignore[return-value]
 
 
@@ -99,8 +108,8 @@ def probe_rows(path: str, field: str | None = None, limit: int | None = None) ->
 
 
 def probe(model, tokenizer, pairs: list[tuple[str, str]], refusal_phrase: str = "Sorry", template: str = "auto",
-          batch_size: int = 16, points: int = 11, progress: bool = False) -> dict:
-    per_example = refusal_probabilities(model, tokenizer, pairs, refusal_phrase, template, batch_size, progress)
+          batch_size: int = 16, points: int = 11, progress: bool = False, shard=None) -> dict:
+    per_example = refusal_probabilities(model, tokenizer, pairs, refusal_phrase, template, batch_size, progress, shard)
     curve = average_curve(per_example, points)
     return {
         "n_examples": len(pairs),
@@ -133,12 +142,18 @@ def run_probe(model_path: str, data: str, out: str, plot: str | None = None, ref
               limit: int | None = None) -> dict:
     if points < 5:
         raise InputError("--points must be at least 5")
+    from .generate import Shard
+
     pairs, field = probe_rows(data, field, limit)
+    shard = Shard.from_env()  # several processes (torchrun / accelerate launch): each probes every world-th batch
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path)
+    model = load_model(model_path, device=shard.device)
     result = {"model": str(model_path), "data": str(data), "field": field,
-              **probe(model, tokenizer, pairs, refusal_phrase, template, batch_size, points, progress=True)}
-    write_json(out, result)
-    if plot:
-        plot_curves({Path(model_path).name or str(model_path): result["curve"]}, plot)
+              **probe(model, tokenizer, pairs, refusal_phrase, template, batch_size, points, progress=shard.main,
+                      shard=shard)}
+    if shard.main:
+        write_json(out, result)
+        if plot:
+            plot_curves({Path(model_path).name or str(model_path): result["curve"]}, plot)
+    shard.wait()
     return result

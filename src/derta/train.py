@@ -274,6 +274,11 @@ class DertaTrainer(Trainer):
         # model.forward for mixed precision, so it enters that autocast here (a no-op in fp32).
         with self.accelerator.autocast():
             loss, parts = batch_loss(model, inputs, getattr(self.args, "loss_impl", "chunked"), num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch is then the label count of all processes, and DDP / FSDP / DeepSpeed average
+            # the gradients over them: scale back up, as Trainer.compute_loss does, so that the loss and its
+            # gradients are Σ w·NLL / (labels of the whole step) on any number of processes.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
         if not getattr(self.args, "allow_nonfinite_loss", False) and not torch.isfinite(loss.detach()).all():
             # Stop before this step's update reaches the weights: checkpoints already written are finite,
             # and no final model is saved (a NaN model with exit 0 is the worst outcome).
@@ -286,12 +291,21 @@ class DertaTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, start_time=None) -> None:
-        # Per-token averages since the last log, so the two objectives can be watched apart.
+        # Per-token averages since the last log, so the two objectives can be watched apart; summed over
+        # all processes (every process logs at the same step, the main one prints and writes).
         if "loss" in logs:
             names = {"mle": "mle_loss", "rto": "rto_loss", "rto_hit": "rto_accuracy"}
-            for key, (total, count) in self._parts.items():
+            sums = torch.tensor([x for part in self._parts.values() for x in part], dtype=torch.float64,
+                                device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            sums = sums.tolist()
+            for i, key in enumerate(self._parts):
+                total, count = sums[2 * i], int(sums[2 * i + 1])
                 if count:
                     logs[names[key]] = round(total / count, 4)
+                if key != "rto_hit":
+                    logs[f"{key}_tokens"] = count
             self._parts = {k: [0.0, 0] for k in self._parts}
         super().log(logs, start_time)
 
@@ -390,6 +404,9 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
     if last and not resume:
         raise InputError("output directory has checkpoints from an interrupted run: pass --resume to continue it, "
                          "or choose a new --output", out)
+    if config.merge_lora and (config.deepspeed or config.fsdp):
+        raise InputError("--merge needs the whole model in one process: train the adapter under DeepSpeed / FSDP, "
+                         "then merge it in one process (peft's merge_and_unload)")
     if Path(model_name).is_dir():
         model_name = str(Path(model_name).resolve())  # an adapter records its base model: make it loadable from anywhere
 
@@ -447,14 +464,19 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
     final = trainer.model
     if config.use_lora and config.merge_lora:
         final = final.merge_and_unload()
-    if trainer.is_world_process_zero():
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        # Each process holds a shard of the weights: all take part in gathering them, the main one writes.
+        trainer.save_model(str(out))
+    elif trainer.is_world_process_zero():
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+    if trainer.is_world_process_zero():
         kinds = {k: sum(r["kind"] == k for r in rows) for k in ("helpful", "safe", "prefix", "rto")}
         history = [h for h in trainer.state.log_history if "loss" in h]
         write_json(out / "derta_train.json", {
             "model": model_name, "data": str(data_path), "rows": kinds, "dropped_rows": dropped,
-            "label_shares": shares, "padding_free": packing, "steps": trainer.state.global_step,
+            "label_shares": shares, "padding_free": packing, "processes": config.world_size,
+            "steps": trainer.state.global_step,
             "train_loss": result.training_loss, "log_history": history,
             "config": {k: v for k, v in config.to_dict().items() if not k.endswith("token")},
         })
@@ -530,10 +552,16 @@ def config_from_cli(args) -> DertaConfig:
     if args.quiet:
         values["disable_tqdm"] = True
     values["output_dir"] = args.output
+    from .generate import launched_processes
+
+    if launched_processes() == "cpu":
+        values.setdefault("use_cpu", True)  # several CPU processes (gloo): without it each would train alone
     try:
         config = DertaConfig(**values)
     except (TypeError, ValueError) as e:
         raise InputError(f"bad training setting: {str(e).splitlines()[0]}", args.config) from None
+    except ImportError as e:  # e.g. a deepspeed config without deepspeed installed
+        raise InputError(f"the config needs a package that is not installed: {str(e).splitlines()[0]}", args.config) from None
     if not math.isfinite(config.learning_rate) or config.learning_rate <= 0:
         raise InputError("--learning-rate must be positive")
     if config.rto_keep_ratio is not None and not 0.0 < config.rto_keep_ratio <= 1.0:
