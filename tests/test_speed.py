@@ -148,10 +148,10 @@ def test_train_records_dropped_rows_and_label_shares(tmp_path, tiny_dir, tiny_to
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--rto-keep-ratio", "0"], "--rto-keep-ratio must be in (0, 1]"),
-    (["--rto-keep-ratio", "1.5"], "--rto-keep-ratio must be in (0, 1]"),
-    (["--rto-weight", "-1"], "--rto-weight must be a finite number >= 0"),
-    (["--rto-weight", "nan"], "--rto-weight must be a finite number >= 0"),
+    (["--rto-keep-ratio", "0"], "--rto-keep-ratio must be in (0, 1], not 0.0"),
+    (["--rto-keep-ratio", "1.5"], "--rto-keep-ratio must be in (0, 1], not 1.5"),
+    (["--rto-weight", "-1"], "--rto-weight must be a finite number >= 0, not -1.0"),
+    (["--rto-weight", "nan"], "--rto-weight must be a finite number >= 0, not nan"),
 ])
 def test_rto_flags_are_range_checked(tmp_path, tiny_dir, capsys, flags, message):
     from derta.cli import main

@@ -60,6 +60,10 @@ def _add_tiny(sub) -> None:
 def cmd_convert(args) -> None:
     from .models import convert_gguf
 
+    if sys.stderr.isatty():  # loading and dequantizing a GGUF takes minutes on real models
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()
     out = convert_gguf(args.gguf, args.out, dtype=args.dtype)
     print(f"wrote {out} (safetensors + tokenizer); every derta command takes it as --model")
 
@@ -545,6 +549,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The range rule (io.RULES) of every numeric flag, by its name; a test checks that no int or float flag
+# of any command is missing here, so a new flag gets its range checked too.
+NUMERIC_RULES = {
+    "seed": "seed", "vocab_size": "count", "hidden_size": "count", "layers": "count",
+    "no_prefix_ratio": "fraction", "rto_keep_ratio": "ratio", "rto_weight": "nonneg", "max_rto_share": "open_fraction",
+    "max_new_tokens": "count", "batch_size": "count", "limit": "count", "epochs": "positive", "max_steps": "count",
+    "learning_rate": "positive", "grad_accum": "count", "max_length": "count", "save_steps": "count",
+    "logging_steps": "count", "lora_r": "count", "lora_alpha": "count", "lora_dropout": "dropout", "lora_layers": "count",
+    "points": "points", "steps": "count", "anchors": "count0", "eval_limit": "count", "pair_iterations": "count",
+    "autodan_population": "count", "autodan_generations": "count", "pair_streams": "count",
+    "tensor_parallel_size": "count", "vocab": "count", "batch": "count", "seq": "count",
+    "pack_batches": "count", "repeats": "count", "prompts": "count", "gen_batch": "count", "probe_pairs": "count",
+}
+# Commands whose --out/--output is a directory (the others write one file).
+DIRECTORY_OUTPUTS = {"tiny", "convert", "train", "eval", "eval-helpful", "eval-overrefusal", "demo", "bench"}
+
+
+def check_args(args) -> None:
+    """Checks every command shares, before any work: numeric ranges (named by flag) and writable outputs."""
+    from .io import check_number, check_writable
+
+    for dest, value in vars(args).items():
+        if dest in NUMERIC_RULES and isinstance(value, (int, float)):
+            check_number(value, "--" + dest.replace("_", "-"), NUMERIC_RULES[dest])
+    command = args.command if args.command != "data" else None
+    for dest in ("out", "output", "plot"):
+        if getattr(args, dest, None):
+            check_writable(getattr(args, dest), f"--{dest}", directory=dest != "plot" and command in DIRECTORY_OUTPUTS)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .io import InputError
 
@@ -554,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
 
     models.TRUST_REMOTE_CODE = args.trust_remote_code
     try:
+        check_args(args)
         with warnings.catch_warnings():
             warnings.simplefilter("default", UserWarning)
             args.func(args)

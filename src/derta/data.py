@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import InputError, check_fields, read_jsonl
+from .io import InputError, check_fields, check_number, read_jsonl
 from .models import end_of_turn_ids, encode_prompt, encode_text, format_prompt, refusal_text, refusal_transition
 
 RECIPES = {
@@ -245,7 +245,14 @@ def tokenize_row(row: dict, tokenizer, template: str = "auto", refusal_phrase: s
 
 
 def tokenize_rows(rows: list[dict], tokenizer, cfg: RecipeConfig) -> list[dict]:
-    return [{**row, **tokenize_row(row, tokenizer, cfg.template, cfg.refusal_phrase, cfg.rto_weight)} for row in rows]
+    import sys
+
+    from tqdm import tqdm
+
+    # A progress bar for large sets on a terminal (tens of thousands of rows take minutes).
+    quiet = len(rows) < 2000 or not sys.stderr.isatty()
+    return [{**row, **tokenize_row(row, tokenizer, cfg.template, cfg.refusal_phrase, cfg.rto_weight)}
+            for row in tqdm(rows, desc="tokenizing", unit="row", disable=quiet)]
 
 
 def sample_rto_labels(labels: list[int], keep_ratio: float, rng: random.Random) -> list[int]:
@@ -337,9 +344,17 @@ def load_training_rows(path: str) -> list[dict]:
                 raise InputError(f"input_ids ({len(ids)}) and labels ({len(labels)}) differ in length", path, lineno)
             if all(x == IGNORE for x in labels):
                 raise InputError("row has no trained token (every label is -100)", path, lineno)
+            if min(ids, default=0) < 0 or any(x < 0 and x != IGNORE for x in labels):
+                raise InputError("negative token id (only labels may be -100)", path, lineno)
         else:
             check_fields(r, ("instruction", "target"), path, lineno)
             if not isinstance(r.get("prefix", ""), str):
                 raise InputError("field 'prefix' must be a string", path, lineno)
+        for key in ("refusal_phrase", "template"):
+            if key in r and not (isinstance(r[key], str) and r[key].strip()):
+                raise InputError(f"field '{key}' must be a non-empty string", path, lineno)
+        for key, rule in (("loss_weight", "nonneg"), ("rto_keep_ratio", "ratio")):
+            if key in r:
+                check_number(r[key], f"field '{key}'", rule, path, lineno)
         rows.append({**r, "_line": lineno})  # for messages about the row found later (e.g. vocabulary)
     return rows

@@ -10,19 +10,15 @@ to continue (no template). Backends are swappable behind one interface:
 
     HFBackend      transformers: batched, left-padded, longest first, greedy, KV cache, stops at EOS
     VLLMBackend    vLLM (the `vllm` extra, GPUs): same token ids as HFBackend, greedy
-    OpenAIBackend  any OpenAI-compatible endpoint over plain HTTP (closed-model baselines)
+    OpenAIBackend  any OpenAI-compatible endpoint through the openai SDK (closed-model baselines)
 
 Nothing here imports torch at module level: `derta eval` resuming a finished run never loads it.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -279,62 +275,76 @@ class VLLMBackend(Backend):
 # ---------------------------------------------------------------- OpenAI-compatible HTTP
 
 
-RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
-RETRIES, BACKOFF = 4, 1.0  # waits of 1, 2, 4, 8 s (or the server's Retry-After) before giving up
+RETRIES, BACKOFF, TIMEOUT = 4, 1.0, 120.0  # waits of 1, 2, 4, 8 s (or the server's Retry-After) before giving up
+RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)  # what the openai SDK retries (and any other 5xx)
+
+
+def _sdk_client(base_url: str, key: str, timeout: float, retries: int, backoff: float):
+    """The maintained `openai` SDK's client, with derta's backoff base (tests shorten it).
+
+    The SDK retries 408/409/429/5xx, timeouts and dropped connections, honours Retry-After, and sends
+    requests through httpx, which drops the Authorization header on a redirect to another origin.
+    """
+    import openai
+
+    class Client(openai.OpenAI):
+        def _calculate_retry_timeout(self, remaining_retries, options, response_headers):
+            retry_after = self._parse_retry_after_header(response_headers)
+            if retry_after is not None and 0 < retry_after <= 60:
+                return retry_after
+            limit = options.get_max_retries(self.max_retries) if hasattr(options, "get_max_retries") else self.max_retries
+            return backoff * 2 ** min(limit - remaining_retries, 10)
+
+    return Client(base_url=base_url, api_key=key, timeout=timeout, max_retries=retries)
 
 
 class OpenAIClient:
-    """Minimal client for an OpenAI-compatible API: JSON over urllib, retries with exponential backoff.
+    """An OpenAI-compatible API (chat and completions routes) through the `openai` SDK.
 
     The base URL comes from the argument or OPENAI_BASE_URL (it includes /v1, as in the openai SDK);
-    the key from the argument or OPENAI_API_KEY. The key is sent in a header and never printed:
-    it is scrubbed from every error message.
+    the key from OPENAI_API_KEY ('EMPTY' when unset, what local servers such as vLLM accept). The
+    key is sent in a header and never printed: it is scrubbed from every error message.
     """
 
-    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = 120.0,
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, timeout: float = TIMEOUT,
                  retries: int | None = None, backoff: float | None = None):
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
-        self._key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
-        self.timeout = timeout
+        self._key = api_key if api_key is not None else (os.environ.get("OPENAI_API_KEY") or "EMPTY")
         self.retries = RETRIES if retries is None else retries
-        self.backoff = BACKOFF if backoff is None else backoff
+        self._client = _sdk_client(self.base_url, self._key, timeout, self.retries, BACKOFF if backoff is None else backoff)
 
     def __repr__(self) -> str:
         return f"OpenAIClient(model={self.model!r}, base_url={self.base_url!r})"
 
     def _scrub(self, text: str) -> str:
         # Scrub before cutting to length: a cut through the key would leave a prefix that no longer matches.
-        text = text.replace(self._key, "***") if self._key else text
+        text = text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
         return " ".join(text.split())[:300]
 
     def post(self, route: str, payload: dict) -> dict:
+        import openai
+
+        try:  # the HTTP library the SDK is built on (httpx2 since openai 3, httpx before)
+            import httpx2 as httpx
+        except ImportError:
+            import httpx
+
         url = f"{self.base_url}/{route}"
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        data = json.dumps(payload).encode()
-        for attempt in range(self.retries + 1):
-            last = attempt == self.retries
-            try:
-                with urllib.request.urlopen(urllib.request.Request(url, data, headers, method="POST"), timeout=self.timeout) as r:
-                    body = r.read()
-                break
-            except urllib.error.HTTPError as e:  # before URLError: HTTPError is one
-                detail = self._scrub(e.read().decode("utf-8", "replace"))
-                if e.code not in RETRY_STATUS or last:
-                    raise InputError(f"HTTP {e.code} from {url} (attempt {attempt + 1}): {detail}") from None
-                wait = _retry_after(e) or self.backoff * 2 ** attempt
-            # HTTPException: a connection dropped mid-reply (IncompleteRead, BadStatusLine) is as transient as a refused one.
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
-                if last:
-                    reason = getattr(e, "reason", e)
-                    raise InputError(f"cannot reach {url} after {attempt + 1} attempts: {self._scrub(str(reason))}") from None
-                wait = self.backoff * 2 ** attempt
-            time.sleep(wait)
+        try:
+            r = self._client.post(f"/{route}", cast_to=httpx.Response, body=payload)
+            body = r.read()
+        except openai.APIStatusError as e:
+            code = e.status_code
+            tries = self.retries + 1 if code in RETRY_STATUS or code >= 500 else 1
+            raise InputError(f"HTTP {code} from {url} (attempt {tries}): {self._scrub(e.response.text)}") from None
+        except openai.APIConnectionError as e:  # timeouts included
+            reason = e.__cause__ or e
+            raise InputError(f"cannot reach {url} after {self.retries + 1} attempts: "
+                             f"{self._scrub(str(reason) or type(reason).__name__)}") from None
         try:
             return json.loads(body)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(f"{url} answered with something other than JSON: {self._scrub(body.decode('utf-8', 'replace'))}") from None
 
     def chat(self, messages: list[dict], max_tokens: int, temperature: float = 0.0, extra: dict | None = None) -> str:
@@ -352,13 +362,6 @@ class OpenAIClient:
             return reply["choices"][0]["text"] or ""
         except (KeyError, IndexError, TypeError):
             raise InputError(f"{self.base_url}/completions: reply has no choices[0].text") from None
-
-
-def _retry_after(e: urllib.error.HTTPError) -> float | None:
-    try:
-        return min(float(e.headers.get("Retry-After", "")), 60.0)
-    except (TypeError, ValueError):
-        return None
 
 
 class OpenAIBackend(Backend):

@@ -7,6 +7,7 @@ Every user-facing input error is an `InputError`: the CLI prints its one-line me
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -47,11 +48,81 @@ def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), kind: str 
                 raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", path, lineno) from None
             if not isinstance(row, dict):
                 raise InputError(f"expected a JSON object per line, got {type(row).__name__}", path, lineno)
+            check_unicode(row, path, lineno)
             check_fields(row, required, path, lineno, kind)
             rows.append((lineno, row) if with_lines else row)
     if not rows:
         raise InputError("file is empty", path)
     return rows
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def check_unicode(value, path=None, lineno=None) -> None:
+    """JSON's \\ud800-style escapes can hold half a surrogate pair, which no file or tokenizer can take."""
+    for text in _strings(value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"string holds a lone surrogate ({text[e.start]!r}): not valid Unicode text", path, lineno) from None
+
+
+# ---------------------------------------------------------------- numeric settings
+
+# One rule per kind of number; every numeric flag of every command names its rule (cli.NUMERIC_RULES),
+# and train's YAML settings use the same rules, so a bad value is always one line naming the flag.
+RULES = {
+    "count": (lambda v: v >= 1, "must be at least 1"),
+    "count0": (lambda v: v >= 0, "must be 0 or more"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "must be in [0, 2**32)"),
+    "positive": (lambda v: v > 0, "must be a positive number"),
+    "nonneg": (lambda v: v >= 0, "must be a finite number >= 0"),
+    "ratio": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "fraction": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+    "open_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "points": (lambda v: v >= 5, "must be at least 5"),
+}
+
+
+def check_number(value, flag: str, rule: str, source=None, line: int | None = None) -> None:
+    """An InputError naming `flag` unless `value` is a finite number obeying `rule` (see RULES)."""
+    if value is None:
+        return
+    ok, what = RULES[rule]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise InputError(f"{flag} {what}, not {value}", source, line)
+
+
+def check_writable(path: str | os.PathLike, flag: str, directory: bool = False) -> None:
+    """Fail before any work when `path` cannot be written: a parent that is a file, a read-only directory."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise InputError(f"{flag}: exists and is not a directory", path)
+    if not directory and path.is_dir():
+        raise InputError(f"{flag}: is a directory, expected a file path", path)
+    probe = path if directory and path.is_dir() else path.parent
+    while not probe.exists():
+        if probe.is_symlink() or probe == probe.parent:
+            raise InputError(f"{flag}: cannot create {probe}", path)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{flag}: {probe} is a file, so nothing can be written under it", path)
+    try:  # a real write, not os.access: root passes access checks on read-only mounts too
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag}: cannot write in {probe} ({e.strerror or type(e).__name__})", path) from None
 
 
 def read_text(path: str | os.PathLike, kind: str = "file") -> str:

@@ -17,7 +17,7 @@ projection modules (70B); 2 epochs; effective batch 128 (8 per device x 16 accum
 
 from __future__ import annotations
 
-import math
+import json
 import random
 import sys
 from dataclasses import dataclass, field, fields
@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import IGNORE, RTO_SHARE_WARN, label_token_counts, load_training_rows, sample_rto_labels, tokenize_row
 from .io import InputError, write_json
-from .models import load_model, load_tokenizer, resolve_template
+from .models import check_model_files, load_model, load_tokenizer, resolve_template, safetensors_problem
 
 FULL_FT_LR, LORA_LR = 2e-5, 1e-4
 
@@ -290,6 +290,19 @@ class DertaTrainer(Trainer):
             self._parts[name][1] += count
         return (loss, None) if return_outputs else loss
 
+    # The loss summed over the steps before this train() call (from the resumed checkpoint's derta_state.json):
+    # Trainer's own train_loss averages only the steps after a resume.
+    loss_sum_before = 0.0
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        # Written last, atomically: a checkpoint without it was cut short (killed or disk full mid-save).
+        if self.args.should_save:
+            ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            write_json(ckpt / CHECKPOINT_MARKER, {
+                "step": self.state.global_step,
+                "loss_sum": self.loss_sum_before + self._total_loss_scalar + float(self._tr_loss)})
+
     def log(self, logs: dict, start_time=None) -> None:
         # Per-token averages since the last log, so the two objectives can be watched apart; summed over
         # all processes (every process logs at the same step, the main one prints and writes).
@@ -324,7 +337,7 @@ def prepare_rows(rows: list[dict], tokenizer, config: DertaConfig, data_path: st
     for row in rows:
         if "input_ids" not in row:
             row = {**row, **tokenize_row(row, tokenizer, config.template, config.refusal_phrase)}
-        elif (top := max(row["input_ids"] + row["labels"])) >= vocab:
+        elif (top := max(row["input_ids"] + row["labels"], default=0)) >= vocab:
             # Rows tokenized for another model would train on garbage without a word said.
             raise InputError(f"token id {top} is outside this model's vocabulary "
                              f"({vocab}): the rows were tokenized for another model; rebuild them with its --tokenizer, "
@@ -384,6 +397,65 @@ def _label_shares(rows: list[dict]) -> dict[str, float]:
     return {k: round(v / total, 4) for k, v in counts.items()}
 
 
+# ---------------------------------------------------------------- checkpoints
+
+CHECKPOINT_MARKER = "derta_state.json"
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when it is complete); cheap: headers, not tensors."""
+    import zipfile
+
+    try:
+        marker = json.loads((ckpt / CHECKPOINT_MARKER).read_text())
+        float(marker["loss_sum"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {CHECKPOINT_MARKER} (the save was cut short)"
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is missing or unreadable"
+    weights = [p for p in ("model.safetensors", "adapter_model.safetensors") if (ckpt / p).is_file()]
+    weights += [p.name for p in ckpt.glob("model-*.safetensors")]
+    if not weights:
+        return "no model weights"
+    for name in weights:
+        problem = safetensors_problem(ckpt / name)
+        if problem:
+            return problem
+    optimizer = ckpt / "optimizer.pt"
+    if not optimizer.is_file() or not zipfile.is_zipfile(optimizer):
+        return "optimizer.pt is missing or truncated"
+    return None
+
+
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The newest checkpoint that is complete; newer broken ones are renamed incomplete-checkpoint-N, saying so."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = sorted((p for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    broken = []
+    for ckpt in found:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            break
+        aside = ckpt.with_name(f"incomplete-{ckpt.name}")
+        if aside.exists():
+            import shutil
+
+            shutil.rmtree(aside)
+        ckpt.rename(aside)
+        broken.append(f"{ckpt.name} ({problem})")
+    else:
+        ckpt = None
+    if broken:
+        where = f"resuming from {ckpt.name}" if ckpt else "no complete checkpoint left, starting from the beginning"
+        print(f"derta: incomplete checkpoint {', '.join(broken)} renamed incomplete-*; {where}", file=sys.stderr)
+    return str(ckpt) if ckpt else None
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -410,6 +482,7 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
     if Path(model_name).is_dir():
         model_name = str(Path(model_name).resolve())  # an adapter records its base model: make it loadable from anywhere
 
+    check_model_files(model_name)  # a broken model fails before the data is read
     tokenizer = load_tokenizer(model_name)
     config.template = resolve_template(tokenizer, config.template)
     rows, dropped = prepare_rows(load_training_rows(data_path), tokenizer, config, data_path)
@@ -459,7 +532,13 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # quiet: the log still goes to derta_train.json
+    if resume and last:
+        last = last_complete_checkpoint(out)
+        if last:
+            trainer.loss_sum_before = json.loads((Path(last) / CHECKPOINT_MARKER).read_text())["loss_sum"]
     result = trainer.train(resume_from_checkpoint=last if resume and last else None)
+    steps_here = trainer.state.global_step - trainer._initial_global_step
+    train_loss = (trainer.loss_sum_before + result.training_loss * steps_here) / max(trainer.state.global_step, 1)
 
     final = trainer.model
     if config.use_lora and config.merge_lora:
@@ -477,7 +556,7 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
             "model": model_name, "data": str(data_path), "rows": kinds, "dropped_rows": dropped,
             "label_shares": shares, "padding_free": packing, "processes": config.world_size,
             "steps": trainer.state.global_step,
-            "train_loss": result.training_loss, "log_history": history,
+            "train_loss": train_loss, "log_history": history,
             "config": {k: v for k, v in config.to_dict().items() if not k.endswith("token")},
         })
     return out
@@ -496,25 +575,54 @@ _CLI_TO_CONFIG = {
 }
 
 
-# Settings that must be at least 1 (or, for epochs, positive), checked with the flag's name whether
-# they came from a flag or the YAML: Trainer would take -5 steps as "one epoch" without a word.
-_AT_LEAST_ONE = {"max_steps": "--max-steps", "per_device_train_batch_size": "--batch-size",
-                 "gradient_accumulation_steps": "--grad-accum", "max_length": "--max-length", "save_steps": "--save-steps",
-                 "logging_steps": "--logging-steps", "lora_r": "--lora-r", "lora_alpha": "--lora-alpha",
-                 "lora_layers": "--lora-layers"}
+# Every numeric setting's range rule (io.RULES) and flag name, checked whether it came from a flag or the
+# YAML: Trainer would take -5 steps as "one epoch" without a word. The CLI checks flags by the same rules.
+_SETTING_RULES = {
+    "max_steps": ("--max-steps", "count"), "per_device_train_batch_size": ("--batch-size", "count"),
+    "gradient_accumulation_steps": ("--grad-accum", "count"), "max_length": ("--max-length", "count"),
+    "save_steps": ("--save-steps", "count"), "logging_steps": ("--logging-steps", "count"),
+    "lora_r": ("--lora-r", "count"), "lora_alpha": ("--lora-alpha", "count"), "lora_layers": ("--lora-layers", "count"),
+    "num_train_epochs": ("--epochs", "positive"), "learning_rate": ("--learning-rate", "positive"),
+    "lora_dropout": ("--lora-dropout", "dropout"), "rto_keep_ratio": ("--rto-keep-ratio", "ratio"),
+    "rto_weight": ("--rto-weight", "nonneg"), "seed": ("--seed", "seed"),
+}
 
 
 def check_ranges(config: "DertaConfig", explicit: set[str], source=None) -> None:
     """One line naming the flag for a setting out of range (NaN and infinities included)."""
-    for name, flag in _AT_LEAST_ONE.items():
-        value = getattr(config, name)
-        if value is not None and (name in explicit or name != "max_steps") and not (
-                isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
-            raise InputError(f"{flag} must be at least 1, not {value}", source)
-    if not (math.isfinite(config.num_train_epochs) and config.num_train_epochs > 0):
-        raise InputError(f"--epochs must be a positive number, not {config.num_train_epochs}", source)
-    if not (0.0 <= config.lora_dropout < 1.0):
-        raise InputError(f"--lora-dropout must be in [0, 1), not {config.lora_dropout}", source)
+    from .io import check_number
+
+    for name, (flag, rule) in _SETTING_RULES.items():
+        if name == "max_steps" and name not in explicit:
+            continue  # Trainer's own default, -1: "use the epochs"
+        check_number(getattr(config, name), flag, rule, source)
+    if not config.refusal_phrase.strip():
+        raise InputError("--refusal-phrase must not be empty", source)
+
+
+def _yaml_lines(yaml, text: str) -> dict:
+    """Line number of each top-level key of a YAML mapping."""
+    node = yaml.compose(text)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+def _wrong_type(f, value) -> str | None:
+    """What a YAML value for field `f` should be, when it is not (None when it fits or the type is not simple)."""
+    names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+    spec = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kinds = {t.strip() for t in spec.replace("Optional[", "").replace("]", "").split("|")}
+    if kinds - {"None", *names}:
+        return None  # lists, dicts, enums: TrainingArguments checks those itself
+    want = " or ".join(names[k] for k in sorted(kinds - {"None"}))
+    if value is None:
+        return None if "None" in kinds else want
+    if isinstance(value, bool):
+        return None if "bool" in kinds else want
+    if isinstance(value, int) and kinds & {"int", "float"} or isinstance(value, float) and "float" in kinds:
+        return None
+    return None if isinstance(value, str) and "str" in kinds else want
 
 
 def config_from_cli(args) -> DertaConfig:
@@ -523,17 +631,23 @@ def config_from_cli(args) -> DertaConfig:
     if args.config:
         import yaml
 
+        from .io import read_text
+
+        text = read_text(args.config, "config file")
         try:
-            loaded = yaml.safe_load(Path(args.config).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            raise InputError(f"cannot read config: {str(e).splitlines()[0]}", args.config, line + 1 if line is not None else None) from None
+            loaded, lines = yaml.safe_load(text), _yaml_lines(yaml, text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            what = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise InputError(f"YAML syntax error: {what}", args.config, mark.line + 1 if mark else None) from None
         if not isinstance(loaded, dict):
             raise InputError("config must be a mapping of field: value", args.config)
-        known = {f.name for f in fields(DertaConfig)}
-        for key in loaded:
+        known = {f.name: f for f in fields(DertaConfig)}
+        for key, value in loaded.items():
             if key not in known:
-                raise InputError(f"unknown config field '{key}'", args.config)
+                raise InputError(f"unknown config field '{key}'", args.config, lines.get(key))
+            if (want := _wrong_type(known[key], value)) is not None:
+                raise InputError(f"{key} must be {want}, not {type(value).__name__} {value!r}", args.config, lines.get(key))
         values.update(loaded)
     for flag, name in _CLI_TO_CONFIG.items():
         if getattr(args, flag, None) is not None:
@@ -549,8 +663,9 @@ def config_from_cli(args) -> DertaConfig:
         values["merge_lora"] = True
     if args.bf16:
         values["bf16"] = True
-    if args.quiet:
-        values["disable_tqdm"] = True
+    # The CLI keeps transformers' logger at error level, from which TrainingArguments would infer disable_tqdm:
+    # say it outright, so a run shows Trainer's progress bar (with ETA) and its loss lines unless --quiet.
+    values["disable_tqdm"] = True if args.quiet else values.get("disable_tqdm", False)
     values["output_dir"] = args.output
     from .generate import launched_processes
 
@@ -562,12 +677,6 @@ def config_from_cli(args) -> DertaConfig:
         raise InputError(f"bad training setting: {str(e).splitlines()[0]}", args.config) from None
     except ImportError as e:  # e.g. a deepspeed config without deepspeed installed
         raise InputError(f"the config needs a package that is not installed: {str(e).splitlines()[0]}", args.config) from None
-    if not math.isfinite(config.learning_rate) or config.learning_rate <= 0:
-        raise InputError("--learning-rate must be positive")
-    if config.rto_keep_ratio is not None and not 0.0 < config.rto_keep_ratio <= 1.0:
-        raise InputError("--rto-keep-ratio must be in (0, 1]")
-    if config.rto_weight is not None and (not math.isfinite(config.rto_weight) or config.rto_weight < 0):
-        raise InputError("--rto-weight must be a finite number >= 0")
     if config.loss_impl not in ("chunked", "full"):
         raise InputError(f"unknown loss_impl '{config.loss_impl}': use chunked or full", args.config)
     check_ranges(config, set(values), args.config)
