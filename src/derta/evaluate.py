@@ -44,6 +44,16 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def load_harmful_responses(path: str | os.PathLike) -> list[str]:
+    """The `harmful_response` of every prompt row: what prefill-tokens / prefill-frac prefill from."""
+    if Path(path).suffix == ".txt":
+        raise InputError("prefill-tokens and prefill-frac need JSONL prompts with a 'harmful_response' per row", path)
+    rows = read_jsonl(path, with_lines=True)
+    for lineno, row in rows:
+        check_fields(row, ["harmful_response"], path, lineno, "prompt row")
+    return [row["harmful_response"] for _, row in rows]
+
+
 def model_label(model, model_name: str | None = None) -> str:
     """What the manifest calls the model: `model_name`, else the path / hub ID / endpoint name, else a loaded model's name_or_path."""
     name = model_name or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
@@ -156,14 +166,15 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
              dtype: str = "auto", base_url: str | None = None, openai_extra: dict | None = None,
              jailbreak_templates: list[str] = (), attacker: str | None = None, pair_iterations: int = 3,
              autodan_population: int = 8, autodan_generations: int = 3, seed: int = 0, limit: int | None = None,
-             progress: bool | None = None) -> dict:
+             progress: bool | None = None, harmful_responses: list[str] | None = None) -> dict:
     """Run (or resume) an evaluation into `out`; returns the summary.
 
     `model` is a path / hub ID / endpoint model name, or a loaded HF model (then pass `tokenizer`,
     and `model_name` for the manifest). `attacker` is a backend spec for PAIR (hf:PATH, openai:MODEL ...;
-    default: the target model). Everything is checked before anything is written.
+    default: the target model). prefill-tokens / prefill-frac read each prompt's `harmful_response` from
+    the prompts file (or `harmful_responses`, one per prompt). Everything is checked before anything is written.
     """
-    from .attacks import SEARCH, make_attacks
+    from .attacks import SEARCH, PrefixPrefill, make_attacks
     from .generate import BACKENDS, make_backend, parse_backend_spec
     from .judges import make_judge
 
@@ -178,6 +189,12 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
     # AutoDAN checks this itself, but only after the static attacks have run and fixed the manifest.
     if backend != "hf" and any(a.name == "autodan" for a in attack_objs):
         raise InputError("autodan reads the target model's log-probabilities: use --backend hf")
+    responses = None
+    if any(isinstance(a, PrefixPrefill) for a in attack_objs):
+        if backend == "openai":
+            raise InputError("prefill-tokens and prefill-frac cut by the model's tokens: use --backend hf or vllm")
+        responses = list(harmful_responses) if harmful_responses is not None else load_harmful_responses(prompts)
+        responses = responses[:len(questions)]
     judge_obj = make_judge(judge, base_url=base_url, batch_size=batch_size) if isinstance(judge, str) else judge
     if attacker:
         parse_backend_spec(attacker)
@@ -188,6 +205,7 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
         "max_new_tokens": max_new_tokens, "template": template, "system": system, "dtype": dtype,
         "openai_extra": openai_extra, "n_prompts": len(questions),
         "prompts_sha256": text_sha256(questions),
+        "harmful_responses_sha256": text_sha256(responses) if responses is not None else None,
         "jailbreak_templates": [[Path(p).name, file_sha256(p)] for p in jailbreak_templates] or None,
         "pair": {"attacker": attacker or "target", "iterations": pair_iterations} if "pair" in names else None,
         "autodan": {"population": autodan_population, "generations": autodan_generations, "seed": seed} if "autodan" in names else None,
@@ -212,7 +230,9 @@ def run_eval(out: str | os.PathLike, prompts: str | os.PathLike | list[str], att
 
         try:
             # Static attacks: one pooled, length-sorted stream of batches; each batch is judged and saved at once.
-            static = [(a.name, i, a.apply(questions[i])) for a in attack_objs if a.name not in SEARCH for i in todo[a.name]]
+            tok = getattr(target, "tokenizer", None)
+            static = [(a.name, i, a.apply(questions[i], responses[i], tok) if isinstance(a, PrefixPrefill) else a.apply(questions[i]))
+                      for a in attack_objs if a.name not in SEARCH for i in todo[a.name]]
             for idx, responses in target.generate_iter([inp for _, _, inp in static]):
                 verdicts = judge_obj.judge([questions[static[j][1]] for j in idx], responses)
                 for j, response, verdict in zip(idx, responses, verdicts):
