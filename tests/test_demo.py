@@ -102,6 +102,8 @@ def test_which_method_wins_where_follows_the_numbers():
     plain = next(line for line in lines if line.startswith("- **Plain harmful request"))
     assert "Vanilla, DeRTa (prefix + RTO), Recovery (Qi et al.) at 0.0 %" in plain and "worst: DPO, 10.0 %" in plain
     assert winners_markdown({"vanilla": results["vanilla"]}, ["0.5"]) == []
+    tie = winners_markdown({"vanilla": results["vanilla"], "dpo": results["vanilla"]}, ["0.5"])
+    assert "- **Prefill 50%**: no winner, every recipe at 100.0 %." in tie
 
 
 def test_demo_runs_the_baselines_as_recipes(tmp_path):

@@ -526,6 +526,9 @@ def winners_markdown(results: dict, fractions: list[str]) -> list[str]:
     for label, asr in attacks:
         low = min(asr(m) for m in results.values())
         wins = [r for r, m in results.items() if asr(m) == low]
+        if len(wins) == len(results):
+            lines.append(f"- **{label}**: no winner, every recipe at {_pct(low)} %.")
+            continue
         worst = max(results, key=lambda r: asr(results[r]))
         cost = "; ".join(f"{RECIPE_NAMES[r]}: helpfulness {_pct(results[r]['helpfulness'])} (best {_pct(best_help)}), "
                          f"over-refusal {_pct(results[r]['over_refusal'])} (best {_pct(best_over)})" for r in wins)
