@@ -252,3 +252,58 @@ def test_pair_and_autodan_on_a_tiny_model(tiny_dir):
     assert len(pair) == 2 and all(0 <= r.details["iterations"] <= 2 and isinstance(r.response, str) for r in pair)
     dan = AutoDAN(population=3, generations=2).run(questions, target, KeywordJudge())
     assert len(dan) == 2 and all(r.details["fitness"] < 0 and q in r.input.text for r, q in zip(dan, questions))
+
+
+# ---------------------------------------------------------------- harmful-prefix prefills (Qi et al.'s, the demo's)
+
+
+def test_prefix_prefill_families_expand_and_check_their_numbers():
+    from derta.attacks import parse_attack_names
+
+    assert parse_attack_names("none,prefill-tokens:5,10,20,40,prefill-frac:0.25,0.5,completion") == [
+        "none", "prefill-tokens:5", "prefill-tokens:10", "prefill-tokens:20", "prefill-tokens:40",
+        "prefill-frac:0.25", "prefill-frac:0.5", "completion"]
+    for bad, message in (("prefill-tokens:0", "whole number"), ("prefill-tokens:2.5", "whole number"),
+                         ("prefill-frac:1.5", "fraction"), ("prefill-frac:x", "fraction"), ("none,5", "unknown attack '5'"),
+                         ("prefill-tokens:5,5", "twice")):
+        with pytest.raises(InputError, match=message):
+            parse_attack_names(bad)
+
+
+def test_prefix_prefill_starts_with_the_first_tokens_of_the_harmful_response(tiny_tokenizer):
+    from derta.data import token_cut
+    from derta.models import encode_text
+
+    harmful = "Sure, here is how. Step 1: get the [tool] ready. Step 2: wait for the [signal]. Step 3: go on."
+    n = len(encode_text(tiny_tokenizer, harmful))
+    five, half = make_attacks("prefill-tokens:5,prefill-frac:0.5")
+    inp = five.apply("How can I do it?", harmful, tiny_tokenizer)
+    assert inp.chat and inp.text == "How can I do it?" and harmful.startswith(inp.prefill)
+    assert inp.prefill == token_cut(tiny_tokenizer, harmful, 5) and inp.prefill == inp.prefill.rstrip()
+    assert 1 <= len(encode_text(tiny_tokenizer, inp.prefill)) <= 5
+    assert half.apply("q", harmful, tiny_tokenizer).prefill == token_cut(tiny_tokenizer, harmful, round(0.5 * n))
+    assert len(half.apply("q", harmful, tiny_tokenizer).prefill) > len(inp.prefill)
+
+
+def test_eval_prefill_tokens_reads_harmful_responses_from_the_prompts_file(tmp_path, tiny_dir, tiny_tokenizer, capsys):
+    from derta.cli import main
+    from derta.data import token_cut
+
+    harmful = "Sure, here is how. Step 1: get the [tool] ready. Step 2: wait for the [signal]."
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"instruction": "How can I do it?", "harmful_response": harmful}) + "\n")
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(tiny_dir), "--prompts", str(prompts), "--attacks", "prefill-tokens:5,10",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    rows = {(r := json.loads(line))["attack"]: r for line in (out / "generations.jsonl").read_text().splitlines()}
+    assert sorted(rows) == ["prefill-tokens:10", "prefill-tokens:5"]
+    assert [rows[f"prefill-tokens:{n}"]["prefill"] for n in (5, 10)] == [token_cut(tiny_tokenizer, harmful, n) for n in (5, 10)]
+    assert set(json.loads((out / "summary.json").read_text())["asr"]) == {"prefill-tokens:5", "prefill-tokens:10"}
+    # A prompts file without harmful responses is refused with its file and line, before any model is loaded.
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"instruction": "How can I do it?"}) + "\n")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_dir), "--prompts", str(plain), "--attacks", "prefill-frac:0.5",
+                 "--out", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{plain}:1" in err[0] and "harmful_response" in err[0] and not (tmp_path / "run2").exists()

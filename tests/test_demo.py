@@ -83,3 +83,35 @@ def test_real_model_checks_hold_derta_to_the_xstest_targets():
     assert checks["derta_answers_safe_prompts"] is False and checks["derta_refuses_unsafe_prompts"] is False
     assert "derta_answers_safe_prompts" not in demo_checks({"vanilla": biased, "derta": good}, real=True)
     assert "derta_answers_safe_prompts" not in demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.2, 0.7)}})
+
+
+def test_which_method_wins_where_follows_the_numbers():
+    from derta.demo import winners_markdown
+
+    def m(refusal, prefill, helpful, over):
+        return {"refusal_rate": refusal, "prefill_asr": {"0.5": prefill}, "prefill_asr_mean": prefill,
+                "helpfulness": helpful, "over_refusal": over}
+
+    results = {"vanilla": m(1.0, 1.0, 0.83, 0.0), "derta": m(1.0, 0.0, 0.82, 0.0), "dpo": m(0.9, 0.9, 0.83, 0.05),
+               "recovery": m(1.0, 0.0, 0.80, 0.1)}
+    lines = winners_markdown(results, ["0.5"])
+    assert lines[0] == "## Which method wins where"
+    prefill = next(line for line in lines if line.startswith("- **Prefill 50%**"))
+    assert "DeRTa (prefix + RTO), Recovery (Qi et al.) at 0.0 %" in prefill and "(worst: Vanilla, 100.0 %)" in prefill
+    assert "Recovery (Qi et al.): helpfulness 80.0 (best 83.0), over-refusal 10.0 (best 0.0)" in prefill
+    plain = next(line for line in lines if line.startswith("- **Plain harmful request"))
+    assert "Vanilla, DeRTa (prefix + RTO), Recovery (Qi et al.) at 0.0 %" in plain and "worst: DPO, 10.0 %" in plain
+    assert winners_markdown({"vanilla": results["vanilla"]}, ["0.5"]) == []
+    tie = winners_markdown({"vanilla": results["vanilla"], "dpo": results["vanilla"]}, ["0.5"])
+    assert "- **Prefill 50%**: no winner, every recipe at 100.0 %." in tie
+
+
+def test_demo_runs_the_baselines_as_recipes(tmp_path):
+    out = tmp_path / "baselines"
+    assert main(["demo", "--out", str(out), "--reduced", "--recipes", "vanilla,dpo,recovery"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["recipes"]) == ["vanilla", "dpo", "recovery"]
+    assert json.loads((out / "models" / "dpo" / "derta_train.json").read_text())["trainer"] == "dpo"
+    md = (out / "report.md").read_text()
+    assert "| DPO |" in md and "| Recovery (Qi et al.) |" in md and "## Which method wins where" in md
+    assert "- **Prefill 50%**:" in md

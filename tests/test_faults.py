@@ -245,7 +245,9 @@ def test_dead_server_mid_run_resumes_with_nothing_lost_or_doubled(tiny_dir, tmp_
         text = payload["messages"][-1]["content"]
         served.append(text)
         if len(served) == 6:  # the server dies mid-run
-            threading.Thread(target=h.server.shutdown, daemon=True).start()
+            # Shut down and close the socket: a listening socket that no longer accepts would leave each retry
+            # waiting for its full timeout instead of failing at once.
+            threading.Thread(target=lambda: (h.server.shutdown(), h.server.server_close()), daemon=True).start()
             reply(h, 503, {"error": {"message": "going down"}})
             return
         reply(h, 200, {"choices": [{"message": {"role": "assistant", "content": "Sorry: " + text}}]})

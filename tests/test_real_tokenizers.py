@@ -150,7 +150,7 @@ def test_rows_are_right_on_real_tokenizers(real_tokenizer, name, recipe):
             continue
         # MLE rows close the turn the way the chat template does.
         assert [x for _, x in trained[-len(eot):]] == eot and ids[-len(eot):] == eot
-        if row["kind"] in ("safe", "prefix"):
+        if row["kind"] in ("safe", "prefix", "pair"):
             assert first == (tr.mid_id if row["prefix"] else tr.start_id), (name, row)
             assert row["prefix"] == row["prefix"].rstrip()
 

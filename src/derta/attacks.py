@@ -10,6 +10,12 @@ Static attacks are prompt transforms, `attack.apply(question) -> GenInput`:
     selfcipher  the "Cipher Code" role-play prompt with demonstrations (SelfCipher)
     pasttense   the question moved into the past: "How can I X?" -> "How did people X in the past?"
 
+Harmful-prefix prefills need a harmful response per prompt (`harmful_response` in the prompts file) and
+the model's tokenizer, `attack.apply(question, harmful_response, tokenizer) -> GenInput`:
+
+    prefill-tokens:N,...   the assistant turn starts with the first N tokens of the harmful response (Qi et al.: 5,10,20,40)
+    prefill-frac:F,...     ... with the first round(F x its length) tokens (the demo: 0.25,0.5,0.75)
+
 Search attacks need the target model, `attack.run(questions, target, judge) -> [SearchResult]`:
 
     pair        an attacker LLM rewrites the prompt from the target's last answers, N streams x K rounds, until a
@@ -38,6 +44,7 @@ from .judges import Judge, Verdict, is_refusal
 STATIC = ("none", "completion", "prefill", "codeattack", "jailbreak", "selfcipher", "pasttense")
 SEARCH = ("pair", "autodan")
 ATTACKS = STATIC + SEARCH
+PREFIX_FAMILIES = ("prefill-tokens", "prefill-frac")  # each takes a list of cut sizes: prefill-tokens:5,10,20,40
 
 # What each attack here is, said plainly (the report's column heads), and the paper's version it stands in for.
 DISPLAY = {
@@ -471,6 +478,43 @@ class AutoDAN:
         return "".join(words)
 
 
+# ---------------------------------------------------------------- prefilling a harmful response's first tokens
+
+
+@dataclass
+class PrefixPrefill:
+    """The assistant turn starts with the first `tokens` tokens (or `frac` of the tokens) of a harmful response.
+
+    The cut is `data.token_cut`'s (a clean character boundary, no trailing whitespace), so the model
+    continues from a word end exactly as in training; only the continuation is judged.
+    """
+
+    name: str
+    tokens: int | None = None
+    frac: float | None = None
+
+    def apply(self, question: str, harmful_response: str, tokenizer) -> GenInput:
+        from .data import token_cut
+        from .models import encode_text
+
+        n = self.tokens if self.tokens is not None else round(self.frac * len(encode_text(tokenizer, harmful_response)))
+        return GenInput(question, prefill=token_cut(tokenizer, harmful_response, n))
+
+
+def _prefix_attack(family: str, value: str) -> PrefixPrefill:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if family == "prefill-tokens":
+        if not (number.is_integer() and number >= 1):
+            raise InputError(f"{family}: '{value}' is not a whole number of tokens >= 1")
+        return PrefixPrefill(f"{family}:{int(number)}", tokens=int(number))
+    if not 0.0 < number <= 1.0:
+        raise InputError(f"{family}: '{value}' is not a fraction in (0, 1]")
+    return PrefixPrefill(f"{family}:{value}", frac=number)
+
+
 # ---------------------------------------------------------------- choosing attacks
 
 
@@ -479,22 +523,33 @@ _STATIC_TRANSFORMS = {"none": attack_none, "completion": attack_completion, "pre
 
 
 def parse_attack_names(names: str | list[str]) -> list[str]:
+    """Attack names in order; a harmful-prefix family takes the numbers after it: `prefill-tokens:5,10` -> two attacks."""
     parts = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     parts = [p for p in parts if p]
     if not parts:
         raise InputError("--attacks is empty")
+    out, family = [], None
     for p in parts:
-        if p not in ATTACKS:
-            raise InputError(f"unknown attack '{p}': use {', '.join(ATTACKS)}")
-    if len(set(parts)) != len(parts):
+        head, sep, value = p.partition(":")
+        if head in PREFIX_FAMILIES and sep:
+            family = head
+            out.append(_prefix_attack(head, value).name)
+        elif family and p not in ATTACKS and re.fullmatch(r"[0-9.eE+-]+", p):
+            out.append(_prefix_attack(family, p).name)  # 10 in prefill-tokens:5,10
+        elif p in ATTACKS:
+            family = None
+            out.append(p)
+        else:
+            raise InputError(f"unknown attack '{p}': use {', '.join(ATTACKS + tuple(f + ':N,...' for f in PREFIX_FAMILIES))}")
+    if len(set(out)) != len(out):
         raise InputError("--attacks names an attack twice")
-    return parts
+    return out
 
 
 def make_attacks(names: str | list[str], jailbreak_templates: list[str] = (), attacker: Backend | None = None,
                  pair_iterations: int = PAIR_ITERATIONS, autodan_population: int = 8, autodan_generations: int = 3,
                  seed: int = 0, pair_streams: int = PAIR_STREAMS, pair_judge: Judge | None = None) -> list:
-    """Attack objects by name: `Attack` (static) or `PAIR` / `AutoDAN` (search)."""
+    """Attack objects by name: `Attack` (static), `PrefixPrefill` (harmful prefix) or `PAIR` / `AutoDAN` (search)."""
     templates = load_templates(list(jailbreak_templates)) if jailbreak_templates else None
     attacks = []
     for name in parse_attack_names(names):
@@ -504,6 +559,8 @@ def make_attacks(names: str | list[str], jailbreak_templates: list[str] = (), at
             attacks.append(PAIR(attacker, pair_iterations, pair_streams, pair_judge))
         elif name == "autodan":
             attacks.append(AutoDAN(autodan_population, autodan_generations, seed, prototypes=templates))
+        elif name.partition(":")[0] in PREFIX_FAMILIES:
+            attacks.append(_prefix_attack(*name.split(":", 1)))
         else:
             attacks.append(Attack(name, _STATIC_TRANSFORMS[name]))
     return attacks

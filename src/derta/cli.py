@@ -81,7 +81,7 @@ def _add_convert(sub) -> None:
 
 def cmd_data_build(args) -> None:
     from .data import (HELPFUL_FIELDS, KINDS, SAFETY_FIELDS, RecipeConfig, build_rows, cap_rto_share, describe_shares,
-                       load_rows, parse_mapping, tokenize_rows)
+                       load_rows, parse_mapping, recovery_mix, tokenize_rows)
     from .io import InputError, write_jsonl
     from .models import load_tokenizer, resolve_template
 
@@ -106,6 +106,8 @@ def cmd_data_build(args) -> None:
         shares = "; " + describe_shares(rows)
     write_jsonl(args.out, rows)
     counts = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
+    if cfg.recipe == "recovery":
+        shares += "; " + recovery_mix(len(helpful), len(safety))
     print(f"wrote {len(rows)} rows to {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)}){shares}")
 
 
@@ -197,6 +199,12 @@ def add_train_arguments(p) -> None:
     # RTO balance (issue #7): the kept positions are re-drawn every epoch.
     p.add_argument("--rto-keep-ratio", type=float, help="share of each RTO row's positions trained per epoch, in (0, 1]; default 1")
     p.add_argument("--rto-weight", type=float, help="loss weight of RTO tokens (text rows); default 1")
+    # Baselines (docs/baselines.md)
+    p.add_argument("--constrain-to", metavar="REFERENCE_MODEL",
+                   help="Qi et al.'s token-wise constrained objective: stay close to this model, most on the first tokens")
+    p.add_argument("--constraint-beta", type=float, help="its beta; default 0.1 (x5 on the first token, x20 on tokens 2-5)")
+    p.add_argument("--dpo-beta", type=float, help="rows from data build --recipe dpo: DPO's beta; default 0.1")
+    p.add_argument("--dpo-sft-weight", type=float, help="weight of DPO's SFT term (helpful rows train only through it); default 1")
 
 
 def _add_train(sub) -> None:
@@ -295,7 +303,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--model", required=True, help="directory or hub ID (hf, vllm) or the endpoint's model name (openai)")
     p.add_argument("--prompts", required=True, help='JSONL with "question", "instruction" or "prompt" per row, or .txt (one per line)')
     p.add_argument("--attacks", default=OFFLINE_ATTACKS,
-                   help="comma-separated: " + ", ".join(f"{a} ({display_name(a)})" for a in ATTACKS))
+                   help="comma-separated: " + ", ".join(f"{a} ({display_name(a)})" for a in ATTACKS)
+                   + "; prefill-tokens:5,10,20,40 and prefill-frac:0.25,0.5 prefill the first tokens of each row's "
+                   "harmful_response")
     p.add_argument("--judge", default="keyword", help=" | ".join(JUDGES))
     _add_rubric(p)
     p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
@@ -491,7 +501,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--reduced", action="store_true", help="tiny budgets, for a quick smoke run of the pipeline")
     p.add_argument("--model", help="a pretrained chat model directory (e.g. from derta convert): the same ablation with LoRA")
     p.add_argument("--recipes", help=f"comma-separated subset of {','.join(RECIPE_CHOICES)} "
-                                     "(default: all four on the tiny model, vanilla,derta with --model)")
+                                     "(default: vanilla,prefix,rto,derta on the tiny model, vanilla,derta with --model; "
+                                     "dpo and recovery are the baselines)")
     p.add_argument("--steps", type=int, help="safety-tuning steps per recipe")
     p.add_argument("--anchors", type=int, help="with --model: how many built-in benign prompts the model answers itself as helpful rows (default 500; 0: synthetic copy tasks instead)")
     p.add_argument("--max-rto-share", type=float, help="with --model: cap on RTO's share of labelled tokens (default 0.15)")
@@ -559,7 +570,8 @@ NUMERIC_RULES = {
     "logging_steps": "count", "lora_r": "count", "lora_alpha": "count", "lora_dropout": "dropout", "lora_layers": "count",
     "points": "points", "steps": "count", "anchors": "count0", "eval_limit": "count", "pair_iterations": "count",
     "autodan_population": "count", "autodan_generations": "count", "pair_streams": "count",
-    "tensor_parallel_size": "count", "vocab": "count", "batch": "count", "seq": "count",
+    "tensor_parallel_size": "count", "constraint_beta": "nonneg", "dpo_beta": "nonneg", "dpo_sft_weight": "nonneg",
+    "vocab": "count", "batch": "count", "seq": "count",
     "pack_batches": "count", "repeats": "count", "prompts": "count", "gen_batch": "count", "probe_pairs": "count",
 }
 # Commands whose --out/--output is a directory (the others write one file).

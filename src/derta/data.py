@@ -7,6 +7,8 @@ triple into training rows; helpful (instruction, response) rows pass through unc
     prefix  -> prefix            (q + r̂<k -> r), k = 0 for about `no_prefix_ratio` of rows
     rto     -> safe + rto        (q + r̂, refusal token trained after every position)
     derta   -> prefix + rto
+    recovery-> prefix            Qi et al.'s safety recovery rows: half get k ~ U{1..min(100, |r̂|)}, half k = 0
+    dpo     -> pair              a preference pair (chosen r, rejected r̂), trained with TRL's DPOTrainer
 
 A row is text first (`kind`, `instruction`, `prefix`, `target`); `tokenize_row` turns it into
 `input_ids`/`labels` segment by segment, so the loss boundary is exactly where the text says.
@@ -29,8 +31,14 @@ RECIPES = {
     "prefix": ("prefix",),
     "rto": ("safe", "rto"),
     "derta": ("prefix", "rto"),
+    # Baselines (docs/baselines.md): Qi et al.'s safety recovery examples, and DPO on the same triples.
+    "recovery": ("prefix",),
+    "dpo": ("pair",),
 }
-KINDS = ("helpful", "safe", "prefix", "rto")
+KINDS = ("helpful", "safe", "prefix", "rto", "pair")
+# Qi et al. (shallow-vs-deep-alignment): prefixes of at most 100 harmful tokens, on half of the safety rows.
+RECOVERY_MAX_PREFIX = 100
+RECOVERY_SHARE = 0.5
 SAFETY_FIELDS = ("instruction", "harmful_response", "safe_response")
 HELPFUL_FIELDS = ("instruction", "response")
 IGNORE = -100  # Hugging Face's "no loss here" label
@@ -67,7 +75,7 @@ class RecipeConfig:
     def row_settings(self, kind: str) -> dict:
         """The settings a text row carries so that training tokenizes it as built (nothing dropped silently)."""
         out = {} if self.template == "auto" else {"template": self.template}
-        if kind in ("safe", "prefix", "rto"):
+        if kind in ("safe", "prefix", "rto", "pair"):
             out["refusal_phrase"] = self.refusal_phrase
         if kind == "rto":
             out.update(rto_keep_ratio=self.rto_keep_ratio, loss_weight=self.rto_weight)
@@ -167,9 +175,11 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
         raise InputError("--cut token needs --tokenizer")
     rng = random.Random(cfg.seed)
     kinds = RECIPES[cfg.recipe]
-    # Exactly round(ratio * n) prefix rows get k = 0, chosen by the seed.
+    recovery = cfg.recipe == "recovery"
+    # Exactly round(ratio * n) prefix rows get k = 0, chosen by the seed (recovery: Qi et al.'s half).
     n_prefix = len(safety) if "prefix" in kinds else 0
-    no_prefix = set(rng.sample(range(n_prefix), round(cfg.no_prefix_ratio * n_prefix))) if n_prefix else set()
+    no_ratio = 1.0 - RECOVERY_SHARE if recovery else cfg.no_prefix_ratio
+    no_prefix = set(rng.sample(range(n_prefix), round(no_ratio * n_prefix))) if n_prefix else set()
 
     rows = [
         {**_extras(h, HELPFUL_FIELDS), "kind": "helpful", "instruction": h["instruction"], "prefix": "",
@@ -185,19 +195,31 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
                    "target": t["safe_response"].strip(), **cfg.row_settings(kind)}
             if kind == "prefix":
                 units = _cut_points(cfg, t["harmful_response"], tokenizer)
-                # A response too short to cut (< 2 units) keeps k = 0 rather than being dropped.
-                k = 0 if (i in no_prefix or units < 2) else rng.randint(1, units - 1)
+                if recovery:
+                    # Qi et al.: k uniform in 1..min(100, |r̂|), so the whole harmful response may come first.
+                    k = 0 if (i in no_prefix or units < 1) else rng.randint(1, min(RECOVERY_MAX_PREFIX, units))
+                else:
+                    # A response too short to cut (< 2 units) keeps k = 0 rather than being dropped.
+                    k = 0 if (i in no_prefix or units < 2) else rng.randint(1, units - 1)
                 # No trailing whitespace: the separator belongs to the refusal, or the model would learn
                 # "lone space -> refuse" instead of the transition itself.
                 row["prefix"] = token_cut(tokenizer, t["harmful_response"], k) if cfg.cut == "token" else word_cut(t["harmful_response"], k)
             elif kind == "rto":
                 row["target"] = t["harmful_response"]
+            elif kind == "pair":
+                row["rejected"] = t["harmful_response"]
             rows.append(row)
     return rows
 
 
 def _extras(row: dict, known: tuple[str, ...]) -> dict:
     return {k: v for k, v in row.items() if k not in known and k not in ("kind", "prefix", "target", "input_ids", "labels")}
+
+
+def recovery_mix(n_helpful: int, n_safety: int) -> str:
+    """The helpful:safety mix of a recovery build, next to Qi et al.'s (16 benign + 4 recovery examples per step)."""
+    ratio = f"{n_helpful / n_safety:.1f}:1" if n_safety else "no safety rows"
+    return f"helpful:safety rows {ratio} (Qi et al. train 4:1: 16 benign and 4 safety recovery examples a step)"
 
 
 # ---------------------------------------------------------------- tokenization
@@ -212,7 +234,7 @@ def tokenize_row(row: dict, tokenizer, template: str = "auto", refusal_phrase: s
                  rto_weight: float = 1.0) -> dict:
     """input_ids and labels (unshifted, -100 where no loss) for one text row; settings the row carries win.
 
-    MLE rows (helpful, safe, prefix): prompt + prefix + target + end of turn; loss on target and the
+    MLE rows (helpful, safe, prefix; pair: its chosen side): prompt + prefix + target + end of turn; loss on target and the
     end-of-turn token(s) the chat template writes (not necessarily eos). Refusal targets start with
     the refusal transition: its start form at the start of a response, its mid form after a prefix.
     rto rows: prompt + harmful response + end of turn; the labels at those |r̂|+1 positions are the
@@ -228,7 +250,7 @@ def tokenize_row(row: dict, tokenizer, template: str = "auto", refusal_phrase: s
     prompt = encode_prompt(tokenizer, format_prompt(tokenizer, row["instruction"], template), template)
     prefix = encode_text(tokenizer, row.get("prefix", ""))
     text = row["target"]
-    if row["kind"] in ("safe", "prefix"):
+    if row["kind"] in ("safe", "prefix", "pair"):
         text = refusal_text(text, transition.mid_text if row.get("prefix") else transition.start_text, phrase)
     target = encode_text(tokenizer, text)
     input_ids = prompt + prefix + target + eot
@@ -241,7 +263,12 @@ def tokenize_row(row: dict, tokenizer, template: str = "auto", refusal_phrase: s
     else:
         labels = context + target + eot
         weight = row.get("loss_weight", 1.0)
-    return {"input_ids": input_ids, "labels": labels, "loss_weight": weight}
+    out = {"input_ids": input_ids, "labels": labels, "loss_weight": weight}
+    if row["kind"] == "pair":
+        # DPO: input_ids/labels are the chosen (refusal) response; the rejected (harmful) one follows the same prompt.
+        rejected = encode_text(tokenizer, row["rejected"])
+        out.update(rejected_input_ids=prompt + rejected + eot, rejected_labels=context + rejected + eot)
+    return out
 
 
 def tokenize_rows(rows: list[dict], tokenizer, cfg: RecipeConfig) -> list[dict]:
@@ -273,10 +300,10 @@ RTO_SHARE_WARN = 0.25
 
 def label_token_counts(rows: list[dict]) -> dict[str, float]:
     """Labelled tokens per objective (kind), RTO rows counted at their expected kept share."""
-    counts = {k: 0.0 for k in KINDS}
+    counts = {k: 0.0 for k in KINDS if k != "pair"}  # DPO's pair rows are listed only where there are some
     for r in rows:
         n = sum(x != IGNORE for x in r["labels"])
-        counts[r["kind"]] += n * (r.get("rto_keep_ratio", 1.0) if r["kind"] == "rto" else 1.0)
+        counts[r["kind"]] = counts.get(r["kind"], 0.0) + n * (r.get("rto_keep_ratio", 1.0) if r["kind"] == "rto" else 1.0)
     return counts
 
 

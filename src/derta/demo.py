@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .data import RECIPES as RECIPES_KINDS
-from .data import RecipeConfig, build_rows, token_cut
+from .data import RecipeConfig, build_rows
 from .io import InputError, pyplot, write_json, write_jsonl, write_png, write_text
-from .models import encode_text
 from .overrefusal import load_overrefusal_prompts, refusal_loop
 
-RECIPE_NAMES = {"vanilla": "Vanilla", "prefix": "+ harmful prefix", "rto": "+ RTO", "derta": "DeRTa (prefix + RTO)"}
+RECIPE_NAMES = {"vanilla": "Vanilla", "prefix": "+ harmful prefix", "rto": "+ RTO", "derta": "DeRTa (prefix + RTO)",
+                "dpo": "DPO", "recovery": "Recovery (Qi et al.)"}
 
 
 @dataclass
@@ -108,6 +108,7 @@ def evaluate_model(model, tokenizer, data, cfg: DemoConfig, progress: bool = Tru
     copy tasks, exact match). With a real model (`cfg.model`), examples of responses to harmful
     prompts are shown only where they refuse: a real model's harmful text is never written out.
     """
+    from .attacks import make_attacks
     from .generate import GenInput, HFBackend, collect
     from .judges import KeywordJudge, degenerate, is_refusal
     from .probe import probe
@@ -117,12 +118,10 @@ def evaluate_model(model, tokenizer, data, cfg: DemoConfig, progress: bool = Tru
     helpful = data.helpful_test if helpful_rows is None else helpful_rows
     correct = correct or helpful_correct
     groups: list[tuple[str, GenInput]] = [("harmful", GenInput(r["instruction"])) for r in harmful]
-    lengths = [len(encode_text(tokenizer, r["harmful_response"])) for r in harmful]
-    for f in cfg.prefill_fractions:
-        for r, n in zip(harmful, lengths):
-            # The assistant turn is forced to start with the first round(f*n) tokens of the harmful
-            # response (no trailing whitespace); only the model's continuation is judged.
-            groups.append((f"prefill:{f}", GenInput(r["instruction"], prefill=token_cut(tokenizer, r["harmful_response"], round(f * n)))))
+    # derta eval's prefill-frac attacks: the assistant turn is forced to start with the first round(f*n)
+    # tokens of the harmful response (no trailing whitespace); only the model's continuation is judged.
+    for f, attack in zip(cfg.prefill_fractions, make_attacks([f"prefill-frac:{f}" for f in cfg.prefill_fractions])):
+        groups += [(f"prefill:{f}", attack.apply(r["instruction"], r["harmful_response"], tokenizer)) for r in harmful]
     groups += [("helpful", GenInput(r["instruction"])) for r in helpful]
     groups += [("lookalike", GenInput(r["instruction"])) for r in lookalike]
 
@@ -485,6 +484,7 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
         "",
     ]
     lines += _extras_markdown(rows)
+    lines += winners_markdown(report["recipes"], fr)
     lines += [
         "![refusal probability along the response](probe_curve.png)",
         "",
@@ -508,6 +508,34 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
             lines.append(f"- look-alike: `{e['prompt']}` → `{e['response']}`")
         lines.append("")
     return "\n".join(lines)
+
+
+def winners_markdown(results: dict, fractions: list[str]) -> list[str]:
+    """'Which method wins where': per attack, the recipes with the lowest attack success, and what they cost
+    in helpfulness and over-refusal; computed from this run's numbers (needs two recipes or more)."""
+    if len(results) < 2:
+        return []
+    attacks = [("Plain harmful request (not refused)", lambda m: 1.0 - m["refusal_rate"])]
+    attacks += [(f"Prefill {int(float(f) * 100)}%", lambda m, f=f: m["prefill_asr"][f]) for f in fractions]
+    attacks += [("Prefill, mean of the cuts", lambda m: m["prefill_asr_mean"])]
+    lines = ["## Which method wins where", "",
+             "Per attack, the recipe(s) with the lowest attack success in this run, and what they pay for it "
+             "(helpfulness ↑ and over-refusal ↓ beside the best of all recipes).", ""]
+    best_help = max(m["helpfulness"] for m in results.values())
+    best_over = min(m["over_refusal"] for m in results.values())
+    for label, asr in attacks:
+        low = min(asr(m) for m in results.values())
+        wins = [r for r, m in results.items() if asr(m) == low]
+        if len(wins) == len(results):
+            lines.append(f"- **{label}**: no winner, every recipe at {_pct(low)} %.")
+            continue
+        worst = max(results, key=lambda r: asr(results[r]))
+        cost = "; ".join(f"{RECIPE_NAMES[r]}: helpfulness {_pct(results[r]['helpfulness'])} (best {_pct(best_help)}), "
+                         f"over-refusal {_pct(results[r]['over_refusal'])} (best {_pct(best_over)})" for r in wins)
+        lines.append(f"- **{label}**: {', '.join(RECIPE_NAMES[r] for r in wins)} at {_pct(low)} % "
+                     f"(worst: {RECIPE_NAMES[worst]}, {_pct(asr(results[worst]))} %). {cost}.")
+    lines.append("")
+    return lines
 
 
 def _extras_markdown(rows: list[tuple[str, dict]]) -> list[str]:

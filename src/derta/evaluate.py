@@ -46,6 +46,16 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def load_harmful_responses(path: str | os.PathLike) -> list[str]:
+    """The `harmful_response` of every prompt row: what prefill-tokens / prefill-frac prefill from."""
+    if Path(path).suffix == ".txt":
+        raise InputError("prefill-tokens and prefill-frac need JSONL prompts with a 'harmful_response' per row", path)
+    rows = read_jsonl(path, with_lines=True)
+    for lineno, row in rows:
+        check_fields(row, ["harmful_response"], path, lineno, "prompt row")
+    return [row["harmful_response"] for _, row in rows]
+
+
 def model_label(model, model_name: str | None = None) -> str:
     """What the manifest calls the model: `model_name`, else the path / hub ID / endpoint name, else a loaded model's name_or_path."""
     name = model_name or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
@@ -186,6 +196,8 @@ class EvalConfig:
     seed: int = 0
     limit: int | None = None
     tensor_parallel_size: int = 1  # vLLM only
+    # prefill-tokens / prefill-frac: one harmful response per prompt (default: the prompts file's harmful_response)
+    harmful_responses: list[str] | None = None
 
     def check(self) -> None:
         """Settings that are wrong whatever the files say; one InputError naming the flag."""
@@ -202,7 +214,8 @@ class EvalConfig:
         if self.attacker:
             parse_backend_spec(self.attacker)
 
-    def manifest(self, questions: list[str], attacks: list[str], judge_name: str, pair_judge_name: str | None) -> dict:
+    def manifest(self, questions: list[str], attacks: list[str], judge_name: str, pair_judge_name: str | None,
+                 harmful_responses: list[str] | None = None) -> dict:
         """The run's identity: what resuming compares (the keys are those of runs made before EvalConfig)."""
         pair = None
         if "pair" in attacks:
@@ -212,7 +225,8 @@ class EvalConfig:
                 pair["streams"] = self.pair_streams
             if pair_judge_name and pair_judge_name != judge_name:
                 pair["judge"] = pair_judge_name
-        return {
+        extra = {"harmful_responses_sha256": text_sha256(harmful_responses)} if harmful_responses is not None else {}
+        return extra | {
             "model": self.model, "backend": self.backend, "attacks": attacks, "judge": judge_name,
             "max_new_tokens": self.max_new_tokens, "template": self.template, "system": self.system, "dtype": self.dtype,
             "openai_extra": self.openai_extra, "n_prompts": len(questions), "prompts_sha256": text_sha256(questions),
@@ -227,14 +241,16 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
     """Run (or resume) the evaluation `cfg` describes into `cfg.out`; returns the summary.
 
     `model` / `tokenizer`: an already loaded HF model to evaluate (then `cfg.model` is its name in the
-    manifest); by default the backend loads `cfg.model`. Everything is checked before anything is written.
+    manifest); by default the backend loads `cfg.model`. prefill-tokens / prefill-frac read each prompt's
+    `harmful_response` from the prompts file (or `cfg.harmful_responses`). Everything is checked before
+    anything is written.
 
     Launched as several processes (torchrun, accelerate launch) with the hf backend, each process
     generates every world-th batch into its own DIR/generations.rankR.jsonl (resumable like the main
     file); at the end the main process merges them. generations.jsonl is always written in
     (attack, prompt) order, so any number of processes gives the same file.
     """
-    from .attacks import SEARCH, make_attacks
+    from .attacks import SEARCH, PrefixPrefill, make_attacks
     from .generate import Shard, make_backend, parse_backend_spec
     from .judges import make_judge
 
@@ -254,9 +270,15 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
     # AutoDAN checks this itself, but only after the static attacks have run and fixed the manifest.
     if backend != "hf" and any(a.name == "autodan" for a in attack_objs):
         raise InputError("autodan reads the target model's log-probabilities: use --backend hf")
+    responses = None
+    if any(isinstance(a, PrefixPrefill) for a in attack_objs):
+        if backend == "openai":
+            raise InputError("prefill-tokens and prefill-frac cut by the model's tokens: use --backend hf or vllm")
+        responses = (list(cfg.harmful_responses) if cfg.harmful_responses is not None
+                     else load_harmful_responses(cfg.prompts))[:len(questions)]
     cfg.model = model_label(model if cfg.model is None else cfg.model)
     names = [a.name for a in attack_objs]
-    manifest = cfg.manifest(questions, names, judge_obj.name, pair_judge.name if pair_judge else None)
+    manifest = cfg.manifest(questions, names, judge_obj.name, pair_judge.name if pair_judge else None, responses)
     run = RunDir(out, manifest)
     run.check()
     rows = _read_all_rows(run)
@@ -282,11 +304,13 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
 
         try:
             # Static attacks: one pooled, length-sorted stream of batches; each batch is judged and saved at once.
-            static = [(a.name, i, a.apply(questions[i])) for a in attack_objs if a.name not in SEARCH for i in todo[a.name]]
+            tok = getattr(target, "tokenizer", None)
+            static = [(a.name, i, a.apply(questions[i], responses[i], tok) if isinstance(a, PrefixPrefill) else a.apply(questions[i]))
+                      for a in attack_objs if a.name not in SEARCH for i in todo[a.name]]
             batches = target.generate_iter([inp for _, _, inp in static], **({"shard": shard} if shard.world > 1 else {}))
-            for idx, responses in batches:
-                verdicts = judge_obj.judge([questions[static[j][1]] for j in idx], responses)
-                for j, response, verdict in zip(idx, responses, verdicts):
+            for idx, outputs in batches:
+                verdicts = judge_obj.judge([questions[static[j][1]] for j in idx], outputs)
+                for j, response, verdict in zip(idx, outputs, verdicts):
                     name, i, inp = static[j]
                     record(make_row(name, i, questions[i], inp, response, verdict))
             # Search attacks: a batch of questions at a time (they generate, and PAIR judges, inside).

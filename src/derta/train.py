@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import IGNORE, RTO_SHARE_WARN, label_token_counts, load_training_rows, sample_rto_labels, tokenize_row
+from .data import IGNORE, KINDS, RTO_SHARE_WARN, label_token_counts, load_training_rows, sample_rto_labels, tokenize_row
 from .io import InputError, write_json
 from .models import check_model_files, load_model, load_tokenizer, resolve_template, safetensors_problem
 
@@ -69,6 +69,15 @@ class DertaConfig(TrainingArguments):
     lora_layers: int | None = field(default=None, metadata={"help": "LoRA on the top N decoder layers only: no backward "
                                                                     "through the layers below (CPU runs)"})
     merge_lora: bool = False
+    # Qi et al.'s token-wise constrained objective (docs/baselines.md): stay close to this model on the first tokens.
+    constrain_to: str | None = field(default=None, metadata={"help": "reference model of the token-wise constrained "
+                                                                     "objective (Qi et al.); None: plain cross-entropy"})
+    constraint_beta: float = field(default=0.1, metadata={"help": "beta of the constrained objective; the first token "
+                                                                  "gets 5x, tokens 2-5 20x (Qi et al.'s schedule)"})
+    # DPO (rows from `data build --recipe dpo`), trained with TRL's DPOTrainer
+    dpo_beta: float = field(default=0.1, metadata={"help": "DPO's beta (strength of the KL term)"})
+    dpo_sft_weight: float = field(default=1.0, metadata={"help": "weight of the SFT (NLL of chosen) term added to DPO's "
+                                                                 "loss; helpful rows are trained only through it"})
 
 
 @dataclass
@@ -209,6 +218,51 @@ def full_logits_nll(model, inputs: dict, labels: torch.Tensor):
     return nll[mask], logits.argmax(-1)[mask], mask
 
 
+# Qi et al.'s per-position beta schedule, as multiples of --constraint-beta (their code's defaults: beta 0.1,
+# first_token_bias_factor 5, bias_factor 20, bias_length 5): 0.5 on a row's first trained token, 2 on tokens 2-5,
+# 0.1 after.
+CONSTRAINT_FIRST, CONSTRAINT_EARLY, CONSTRAINT_EARLY_TOKENS = 5.0, 20.0, 5
+
+
+def constraint_betas(rank: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta_t of each trained token from its rank among its row's trained tokens (0 = the first)."""
+    scale = torch.where(rank == 0, CONSTRAINT_FIRST, torch.where(rank < CONSTRAINT_EARLY_TOKENS, CONSTRAINT_EARLY, 1.0))
+    return beta * scale
+
+
+def constraint_weights(nll: torch.Tensor, ref_nll: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """Per-token weights that turn cross-entropy into Qi et al.'s token-wise constrained objective.
+
+    Their objective is sum_t (2/beta_t) softplus(-beta_t d_t), d_t = log p(y_t) - log p_ref(y_t); its gradient
+    is 2 sigmoid(-beta_t d_t) times cross-entropy's. As in their code the weight is detached and clamped at
+    1e-3, so weight x NLL has that gradient, equals NLL at beta = 0, and grows as the model falls below the
+    reference (d_t < 0: up to 2x) and fades where it is already above it.
+    """
+    return (2 * torch.sigmoid(-betas * (ref_nll - nll).detach())).clamp(min=1e-3)
+
+
+def _ranks_in_row(inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """For each labelled target (in `mask`'s row-major order): how many trained tokens of its row come before it."""
+    if "position_ids" in inputs:  # packed: a row starts where position_ids go back to 0
+        row = (inputs["position_ids"] == 0).cumsum(-1)[:, 1:]
+    else:
+        row = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)
+    row = row[mask]
+    index = torch.arange(row.numel(), device=row.device)
+    first = torch.ones_like(row, dtype=torch.bool)
+    first[1:] = row[1:] != row[:-1]
+    return index - torch.cummax(torch.where(first, index, 0), 0).values
+
+
+def _reference_nll(reference, inputs: dict, labels: torch.Tensor, loss_impl: str) -> torch.Tensor:
+    """The reference model's NLL of every labelled target (no gradient)."""
+    with torch.no_grad():
+        if loss_impl == "full":
+            return full_logits_nll(reference, inputs, labels)[0]
+        hidden, targets, _, head, softcap = labelled_hidden(reference, inputs, labels)
+        return chunked_nll(hidden, targets, head, softcap)[0]
+
+
 def _as_wrapped_forward(wrapper, compute):
     """Call `wrapper()` with its inner module's forward temporarily replaced by `compute`."""
     inner = wrapper.module
@@ -223,17 +277,20 @@ def _as_wrapped_forward(wrapper, compute):
             inner.forward = own
 
 
-def batch_loss(model, inputs: dict, loss_impl: str = "chunked", num_items_in_batch=None) -> tuple[torch.Tensor, dict]:
+def batch_loss(model, inputs: dict, loss_impl: str = "chunked", num_items_in_batch=None, reference=None,
+               constraint_beta: float = 0.1) -> tuple[torch.Tensor, dict]:
     """Σ w·NLL over labelled tokens / (number of labelled tokens), and the per-part sums for logging.
 
-    `inputs` is a collator batch (padded or packed); it is not modified.
+    `inputs` is a collator batch (padded or packed); it is not modified. With a `reference` model each
+    token's NLL is also weighted by Qi et al.'s constraint (`constraint_weights`, beta from `constraint_betas`).
     """
     if loss_impl != "full" and isinstance(model, torch.nn.DataParallel):
         loss_impl = "full"  # its replicas run only inside its own forward: nothing to gather hidden states from
     elif loss_impl != "full" and hasattr(model, "module"):
         # DDP, FSDP and DeepSpeed do their work (gradient sync, parameter gathering) in their own forward:
         # compute the loss as the wrapped module's forward, through the wrapper.
-        return _as_wrapped_forward(model, lambda: batch_loss(model.module, inputs, loss_impl, num_items_in_batch))
+        return _as_wrapped_forward(model, lambda: batch_loss(model.module, inputs, loss_impl, num_items_in_batch,
+                                                             reference, constraint_beta))
     inputs = dict(inputs)
     labels, weight, is_rto = inputs.pop("labels"), inputs.pop("loss_weight"), inputs.pop("is_rto")
     if weight.dim() == 1:  # padded batches carry one value per row, packed ones one per token
@@ -247,13 +304,18 @@ def batch_loss(model, inputs: dict, loss_impl: str = "chunked", num_items_in_bat
     token_rto = is_rto[:, 1:][mask]
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1)
     if loss_impl != "full":
-        fused_ce = _liger_function(hidden, head)
+        fused_ce = _liger_function(hidden, head) if reference is None else None  # the constraint needs per-token NLL
         if fused_ce is not None and hidden.shape[0]:
             loss, parts = grouped_fused_loss(fused_ce, hidden, targets, head, token_weight, token_rto, softcap)
             return loss / denom, parts
         nll, argmax = chunked_nll(hidden, targets, head, softcap)
-    loss = (nll * token_weight).sum() / denom
     parts = {}
+    if reference is not None:
+        betas = constraint_betas(_ranks_in_row(inputs, mask), constraint_beta)
+        constraint = constraint_weights(nll, _reference_nll(reference, inputs, labels, loss_impl), betas)
+        token_weight = token_weight * constraint
+        parts["constraint"] = (float(constraint.sum()), int(constraint.numel()))
+    loss = (nll * token_weight).sum() / denom
     with torch.no_grad():
         for name, m in (("mle", ~token_rto), ("rto", token_rto)):
             parts[name] = (float(nll[m].sum()), int(m.sum()))
@@ -262,18 +324,40 @@ def batch_loss(model, inputs: dict, loss_impl: str = "chunked", num_items_in_bat
     return loss, parts
 
 
-class DertaTrainer(Trainer):
+class CompleteCheckpoints:
+    """Trainer mixin: each checkpoint ends with derta_state.json, so `--resume` can tell a complete one."""
+
+    # The loss summed over the steps before this train() call (from the resumed checkpoint's derta_state.json):
+    # Trainer's own train_loss averages only the steps after a resume.
+    loss_sum_before = 0.0
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        # Written last, atomically: a checkpoint without it was cut short (killed or disk full mid-save).
+        if self.args.should_save:
+            ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            write_json(ckpt / CHECKPOINT_MARKER, {
+                "step": self.state.global_step,
+                "loss_sum": self.loss_sum_before + self._total_loss_scalar + float(self._tr_loss)})
+
+
+class DertaTrainer(CompleteCheckpoints, Trainer):
     """Trainer whose loss is Σ w·NLL over labelled tokens / (number of labelled tokens)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, reference_model=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._parts = {"mle": [0.0, 0], "rto": [0.0, 0], "rto_hit": [0.0, 0]}
+        self._parts = {"mle": [0.0, 0], "rto": [0.0, 0], "rto_hit": [0.0, 0], "constraint": [0.0, 0]}
+        # The constrained objective's reference (--constrain-to): frozen, on the training device.
+        self.reference_model = reference_model
+        if reference_model is not None:
+            reference_model.requires_grad_(False).eval().to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The chunked loss calls the decoder body itself, past the autocast accelerate wraps around
         # model.forward for mixed precision, so it enters that autocast here (a no-op in fp32).
         with self.accelerator.autocast():
-            loss, parts = batch_loss(model, inputs, getattr(self.args, "loss_impl", "chunked"), num_items_in_batch)
+            loss, parts = batch_loss(model, inputs, getattr(self.args, "loss_impl", "chunked"), num_items_in_batch,
+                                     self.reference_model, getattr(self.args, "constraint_beta", 0.1))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch is then the label count of all processes, and DDP / FSDP / DeepSpeed average
             # the gradients over them: scale back up, as Trainer.compute_loss does, so that the loss and its
@@ -290,24 +374,11 @@ class DertaTrainer(Trainer):
             self._parts[name][1] += count
         return (loss, None) if return_outputs else loss
 
-    # The loss summed over the steps before this train() call (from the resumed checkpoint's derta_state.json):
-    # Trainer's own train_loss averages only the steps after a resume.
-    loss_sum_before = 0.0
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        # Written last, atomically: a checkpoint without it was cut short (killed or disk full mid-save).
-        if self.args.should_save:
-            ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            write_json(ckpt / CHECKPOINT_MARKER, {
-                "step": self.state.global_step,
-                "loss_sum": self.loss_sum_before + self._total_loss_scalar + float(self._tr_loss)})
-
     def log(self, logs: dict, start_time=None) -> None:
         # Per-token averages since the last log, so the two objectives can be watched apart; summed over
         # all processes (every process logs at the same step, the main one prints and writes).
         if "loss" in logs:
-            names = {"mle": "mle_loss", "rto": "rto_loss", "rto_hit": "rto_accuracy"}
+            names = {"mle": "mle_loss", "rto": "rto_loss", "rto_hit": "rto_accuracy", "constraint": "constraint_weight"}
             sums = torch.tensor([x for part in self._parts.values() for x in part], dtype=torch.float64,
                                 device=self.args.device)
             if self.accelerator.num_processes > 1:
@@ -456,6 +527,88 @@ def last_complete_checkpoint(out: Path) -> str | None:
     return str(ckpt) if ckpt else None
 
 
+def _load_reference(config: DertaConfig, model, dtype: str):
+    """The constrained objective's reference model (--constrain-to), or None; it must share the model's vocabulary."""
+    if not config.constrain_to:
+        return None
+    reference = load_model(config.constrain_to, dtype=dtype)
+    ours, theirs = model.get_output_embeddings().weight.shape[0], reference.get_output_embeddings().weight.shape[0]
+    if ours != theirs:
+        raise InputError(f"--constrain-to: the reference model's vocabulary ({theirs}) is not the model's ({ours})",
+                         config.constrain_to)
+    return reference
+
+
+def _with_lora(model, config: DertaConfig):
+    """The model with LoRA layers (peft) as the config says: all linear projections, or those of the top N layers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    targets = config.lora_target_modules
+    set_seed(config.seed)  # LoRA A is initialised here, before Trainer seeds: same --seed, same run
+    layers = None
+    if config.lora_layers is not None:
+        total = model.config.num_hidden_layers
+        if not 0 < config.lora_layers <= total:
+            raise InputError(f"--lora-layers must be between 1 and the model's {total} layers")
+        layers = list(range(total - config.lora_layers, total))
+    if targets == "all-linear" and layers is not None:
+        # peft takes a layer subset only with module names: every linear layer's name but the output head's.
+        out_head = model.get_output_embeddings()
+        targets = ",".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                   if isinstance(m, torch.nn.Linear) and m is not out_head}))
+    return get_peft_model(model, LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
+        layers_to_transform=layers,
+    ))
+
+
+# ---------------------------------------------------------------- DPO (data build --recipe dpo)
+
+
+def dpo_examples(rows: list[dict], tokenizer, config: DertaConfig, data_path=None) -> list[dict]:
+    """TRL's `prompt_ids` / `chosen_ids` / `rejected_ids` from derta rows, tokenized as every other recipe's.
+
+    Pair rows: chosen = the refusal (written with the tokenizer's refusal transition), rejected = the harmful
+    response, both after the same prompt and ending with the end of turn. Helpful rows: chosen = rejected =
+    the response; their DPO margin is 0 whatever the model does (no gradient), so only the SFT term trains them.
+    """
+    out = []
+    for row in rows:
+        if row["kind"] not in ("pair", "helpful"):
+            raise InputError(f"a DPO data file (data build --recipe dpo) holds pair and helpful rows, not '{row['kind']}'",
+                             data_path, row.get("_line"))
+        tok = row if "input_ids" in row and (row["kind"] != "pair" or "rejected_input_ids" in row) else \
+            tokenize_row(row, tokenizer, config.template, config.refusal_phrase)
+        ids = tok["input_ids"] + tok.get("rejected_input_ids", [])
+        if max(ids) >= len(tokenizer):
+            raise InputError(f"token id {max(ids)} is outside this model's vocabulary ({len(tokenizer)}): the rows were "
+                             "tokenized for another model", data_path, row.get("_line"))
+        n = next(i for i, x in enumerate(tok["labels"]) if x != IGNORE)  # where the response starts
+        chosen = tok["input_ids"][n:]
+        out.append({"prompt_ids": tok["input_ids"][:n], "chosen_ids": chosen,
+                    "rejected_ids": tok["rejected_input_ids"][n:] if row["kind"] == "pair" else chosen})
+    return out
+
+
+def _dpo_trainer(config: DertaConfig, model, tokenizer, examples: list[dict], callbacks: list):
+    """TRL's DPOTrainer (sigmoid DPO loss + dpo_sft_weight x the chosen side's NLL) on derta's settings and rows."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    class DertaDPOTrainer(CompleteCheckpoints, DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset  # already tokenized by derta (exact seams), not re-tokenized from text by TRL
+
+    shared = {f.name: getattr(config, f.name) for f in fields(TrainingArguments) if f.init}
+    args = DPOConfig(**shared, beta=config.dpo_beta, loss_type=["sigmoid", "sft"],
+                     loss_weights=[1.0, config.dpo_sft_weight], max_length=config.max_length)
+    # With LoRA, TRL's reference is a frozen copy of the fresh adapter (= the base model); else a frozen model copy.
+    return DertaDPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(examples),
+                           processing_class=tokenizer, callbacks=callbacks)
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -463,7 +616,8 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
           callbacks: list | None = None) -> Path:
     """Fine-tune `model_name` on a `data build` output; returns the directory with the final model.
 
-    An interrupted run continues with `resume=True` from its last checkpoint (save_steps apart).
+    Rows from `data build --recipe dpo` (pair rows) are trained with TRL's DPOTrainer, all others with
+    DertaTrainer. An interrupted run continues with `resume=True` from its last checkpoint (save_steps apart).
     """
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -485,49 +639,41 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
     check_model_files(model_name)  # a broken model fails before the data is read
     tokenizer = load_tokenizer(model_name)
     config.template = resolve_template(tokenizer, config.template)
-    rows, dropped = prepare_rows(load_training_rows(data_path), tokenizer, config, data_path)
-    if not rows:
-        raise InputError("no row has a trained token within --max-length", data_path)
-    if dropped:
-        print(f"derta: dropped {dropped} rows left with no trained token by --max-length {config.max_length}", file=sys.stderr)
-    shares = _label_shares(rows)
-    print("derta: trained-token shares " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()), file=sys.stderr)
-    if shares["rto"] > RTO_SHARE_WARN:
-        print(f"derta: warning: RTO is {shares['rto']:.0%} of trained tokens (> {RTO_SHARE_WARN:.0%}); "
-              "lower --rto-keep-ratio or --rto-weight, or the model may learn to refuse everywhere", file=sys.stderr)
+    text_rows = load_training_rows(data_path)
+    dpo = any(r["kind"] == "pair" for r in text_rows)
+    if dpo:
+        if config.constrain_to:
+            raise InputError("--constrain-to applies to the cross-entropy recipes, not to DPO rows", data_path)
+        examples = dpo_examples(text_rows, tokenizer, config, data_path)
+        rows, dropped, shares = [{"kind": r["kind"]} for r in text_rows], 0, None
+    else:
+        rows, dropped = prepare_rows(text_rows, tokenizer, config, data_path)
+        if not rows:
+            raise InputError("no row has a trained token within --max-length", data_path)
+        if dropped:
+            print(f"derta: dropped {dropped} rows left with no trained token by --max-length {config.max_length}", file=sys.stderr)
+        shares = _label_shares(rows)
+        print("derta: trained-token shares " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()), file=sys.stderr)
+        if shares["rto"] > RTO_SHARE_WARN:
+            print(f"derta: warning: RTO is {shares['rto']:.0%} of trained tokens (> {RTO_SHARE_WARN:.0%}); "
+                  "lower --rto-keep-ratio or --rto-weight, or the model may learn to refuse everywhere", file=sys.stderr)
     model = load_model(model_name, dtype=dtype)
-    packing = config.padding_free and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
-    if config.padding_free and not packing and config.train_sampling_strategy == "random":
+    reference = _load_reference(config, model, dtype)
+    packing = not dpo and config.padding_free and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
+    if not dpo and config.padding_free and not packing and config.train_sampling_strategy == "random":
         # The next best thing to packing: rows of similar length share a batch (less padding).
         config.train_sampling_strategy = "group_by_length"
     if config.use_lora:
-        from peft import LoraConfig, get_peft_model
-        from transformers import set_seed
-
-        targets = config.lora_target_modules
-        set_seed(config.seed)  # LoRA A is initialised here, before Trainer seeds: same --seed, same run
-        layers = None
-        if config.lora_layers is not None:
-            total = model.config.num_hidden_layers
-            if not 0 < config.lora_layers <= total:
-                raise InputError(f"--lora-layers must be between 1 and the model's {total} layers")
-            layers = list(range(total - config.lora_layers, total))
-        if targets == "all-linear" and layers is not None:
-            # peft takes a layer subset only with module names: every linear layer's name but the output head's.
-            out_head = model.get_output_embeddings()
-            targets = ",".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                       if isinstance(m, torch.nn.Linear) and m is not out_head}))
-        model = get_peft_model(model, LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
-            layers_to_transform=layers,
-        ))
-    dataset = EpochRows(rows, config.seed)
-    trainer = DertaTrainer(
-        model=model, args=config, train_dataset=dataset,
-        data_collator=PackCollator() if packing else PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, callbacks=[EpochCallback(dataset), *(callbacks or [])],
-    )
+        model = _with_lora(model, config)
+    if dpo:
+        trainer = _dpo_trainer(config, model, tokenizer, examples, list(callbacks or []))
+    else:
+        dataset = EpochRows(rows, config.seed)
+        trainer = DertaTrainer(
+            model=model, args=config, train_dataset=dataset,
+            data_collator=PackCollator() if packing else PadCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer, callbacks=[EpochCallback(dataset), *(callbacks or [])], reference_model=reference,
+        )
     if config.disable_tqdm:
         from transformers import PrinterCallback
 
@@ -541,6 +687,8 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
     train_loss = (trainer.loss_sum_before + result.training_loss * steps_here) / max(trainer.state.global_step, 1)
 
     final = trainer.model
+    if config.use_lora and "ref" in getattr(final, "peft_config", {}):
+        final.delete_adapter("ref")  # TRL's frozen reference adapter (DPO) is not part of the trained model
     if config.use_lora and config.merge_lora:
         final = final.merge_and_unload()
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
@@ -550,11 +698,11 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
     if trainer.is_world_process_zero():
-        kinds = {k: sum(r["kind"] == k for r in rows) for k in ("helpful", "safe", "prefix", "rto")}
+        kinds = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
         history = [h for h in trainer.state.log_history if "loss" in h]
         write_json(out / "derta_train.json", {
-            "model": model_name, "data": str(data_path), "rows": kinds, "dropped_rows": dropped,
-            "label_shares": shares, "padding_free": packing, "processes": config.world_size,
+            "model": model_name, "data": str(data_path), "trainer": "dpo" if dpo else "derta", "rows": kinds,
+            "dropped_rows": dropped, "label_shares": shares, "padding_free": packing, "processes": config.world_size,
             "steps": trainer.state.global_step,
             "train_loss": train_loss, "log_history": history,
             "config": {k: v for k, v in config.to_dict().items() if not k.endswith("token")},
@@ -571,7 +719,8 @@ _CLI_TO_CONFIG = {
     "max_length": "max_length", "seed": "seed", "template": "template", "refusal_phrase": "refusal_phrase",
     "save_steps": "save_steps", "logging_steps": "logging_steps", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
     "lora_dropout": "lora_dropout", "lora_target_modules": "lora_target_modules", "lora_layers": "lora_layers",
-    "rto_keep_ratio": "rto_keep_ratio", "rto_weight": "rto_weight",
+    "rto_keep_ratio": "rto_keep_ratio", "rto_weight": "rto_weight", "constrain_to": "constrain_to",
+    "constraint_beta": "constraint_beta", "dpo_beta": "dpo_beta", "dpo_sft_weight": "dpo_sft_weight",
 }
 
 
@@ -585,6 +734,8 @@ _SETTING_RULES = {
     "num_train_epochs": ("--epochs", "positive"), "learning_rate": ("--learning-rate", "positive"),
     "lora_dropout": ("--lora-dropout", "dropout"), "rto_keep_ratio": ("--rto-keep-ratio", "ratio"),
     "rto_weight": ("--rto-weight", "nonneg"), "seed": ("--seed", "seed"),
+    "constraint_beta": ("--constraint-beta", "nonneg"), "dpo_beta": ("--dpo-beta", "nonneg"),
+    "dpo_sft_weight": ("--dpo-sft-weight", "nonneg"),
 }
 
 
