@@ -114,9 +114,6 @@ def cmd_data_build(args) -> None:
 def cmd_data_distill(args) -> None:
     from .distill import builtin_prompts, load_prompts_file, run_distill
 
-    for flag in ("max_new_tokens", "batch_size", "limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise_input(f"--{flag.replace('_', '-')} must be at least 1")
     prompts = (load_prompts_file(args.prompts) if args.prompts else builtin_prompts())[:args.limit]
     s = run_distill(args.model, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     template=args.template, trim_cut=args.trim_cut)
@@ -398,8 +395,6 @@ def cmd_eval_overrefusal(args) -> None:
     from .overrefusal import load_overrefusal_prompts, run_overrefusal
 
     load_overrefusal_prompts(args.prompts)  # bad rows fail before the model loads
-    if args.limit is not None and args.limit < 1:
-        raise_input("--limit must be at least 1")
     backend = make_backend(args.backend, args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                            template=args.template, system=args.system, dtype=args.dtype, base_url=args.base_url)
     s = run_overrefusal(args.out, args.prompts, backend, args.model, limit=args.limit)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .attacks import PAIR_ITERATIONS, PAIR_STREAMS
-from .io import InputError, check_fields, read_jsonl, read_text, write_json, write_jsonl, write_text
+from .io import InputError, check_fields, check_number, read_jsonl, read_text, write_json, write_jsonl, write_text
 
 PROMPT_FIELDS = ("question", "instruction", "prompt")  # the first one a row has is its prompt
 OFFLINE_ATTACKS = "completion,prefill,codeattack,jailbreak,selfcipher,pasttense"  # the six that need no search loop
@@ -205,12 +205,10 @@ class EvalConfig:
 
         if self.backend not in BACKENDS:
             raise InputError(f"unknown backend '{self.backend}': use one of {', '.join(BACKENDS)}")
-        for flag in ("max_new_tokens", "batch_size", "pair_streams", "pair_iterations", "limit"):
-            value = getattr(self, flag)
-            if value is not None and value < 1:
-                raise InputError(f"--{flag.replace('_', '-')} must be at least 1")
-        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.backend != "vllm"):
-            raise InputError("--tensor-parallel-size must be at least 1, and above 1 only with --backend vllm")
+        for flag in ("max_new_tokens", "batch_size", "pair_streams", "pair_iterations", "limit", "tensor_parallel_size"):
+            check_number(getattr(self, flag), f"--{flag.replace('_', '-')}", "count")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise InputError("--tensor-parallel-size above 1 only with --backend vllm")
         if self.attacker:
             parse_backend_spec(self.attacker)
 
