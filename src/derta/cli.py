@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from .data import RECIPES
+from .io import NUMERIC_RULES
 from .models import DTYPES
 
 RECIPE_CHOICES = tuple(RECIPES)
@@ -555,20 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The range rule (io.RULES) of every numeric flag, by its name; a test checks that no int or float flag
-# of any command is missing here, so a new flag gets its range checked too.
-NUMERIC_RULES = {
-    "seed": "seed", "vocab_size": "count", "hidden_size": "count", "layers": "count",
-    "no_prefix_ratio": "fraction", "rto_keep_ratio": "ratio", "rto_weight": "nonneg", "max_rto_share": "open_fraction",
-    "max_new_tokens": "count", "batch_size": "count", "limit": "count", "epochs": "positive", "max_steps": "count",
-    "learning_rate": "positive", "grad_accum": "count", "max_length": "count", "save_steps": "count",
-    "logging_steps": "count", "lora_r": "count", "lora_alpha": "count", "lora_dropout": "dropout", "lora_layers": "count",
-    "points": "points", "steps": "count", "anchors": "count0", "eval_limit": "count", "pair_iterations": "count",
-    "autodan_population": "count", "autodan_generations": "count", "pair_streams": "count",
-    "tensor_parallel_size": "count", "constraint_beta": "nonneg", "dpo_beta": "nonneg", "dpo_sft_weight": "nonneg",
-    "vocab": "count", "batch": "count", "seq": "count",
-    "pack_batches": "count", "repeats": "count", "prompts": "count", "gen_batch": "count", "probe_pairs": "count",
-}
 # Commands whose --out/--output is a directory (the others write one file).
 DIRECTORY_OUTPUTS = {"tiny", "convert", "train", "eval", "eval-helpful", "eval-overrefusal", "demo", "bench"}
 

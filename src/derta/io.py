@@ -79,7 +79,7 @@ def check_unicode(value, path=None, lineno=None) -> None:
 
 # ---------------------------------------------------------------- numeric settings
 
-# One rule per kind of number; every numeric flag of every command names its rule (cli.NUMERIC_RULES),
+# One rule per kind of number; every numeric flag of every command names its rule (NUMERIC_RULES),
 # and train's YAML settings use the same rules, so a bad value is always one line naming the flag.
 RULES = {
     "count": (lambda v: v >= 1, "must be at least 1"),
@@ -92,6 +92,22 @@ RULES = {
     "open_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "points": (lambda v: v >= 5, "must be at least 5"),
+}
+
+# The range rule (RULES) of every numeric flag of every command, by its argparse dest; derta train's YAML
+# settings use the same entries (train.check_ranges); a test checks that no int or float flag
+# of any command is missing here, so a new flag gets its range checked too.
+NUMERIC_RULES = {
+    "seed": "seed", "vocab_size": "count", "hidden_size": "count", "layers": "count",
+    "no_prefix_ratio": "fraction", "rto_keep_ratio": "ratio", "rto_weight": "nonneg", "max_rto_share": "open_fraction",
+    "max_new_tokens": "count", "batch_size": "count", "limit": "count", "epochs": "positive", "max_steps": "count",
+    "learning_rate": "positive", "grad_accum": "count", "max_length": "count", "save_steps": "count",
+    "logging_steps": "count", "lora_r": "count", "lora_alpha": "count", "lora_dropout": "dropout", "lora_layers": "count",
+    "points": "points", "steps": "count", "anchors": "count0", "eval_limit": "count", "pair_iterations": "count",
+    "autodan_population": "count", "autodan_generations": "count", "pair_streams": "count",
+    "tensor_parallel_size": "count", "constraint_beta": "nonneg", "dpo_beta": "nonneg", "dpo_sft_weight": "nonneg",
+    "vocab": "count", "batch": "count", "seq": "count",
+    "pack_batches": "count", "repeats": "count", "prompts": "count", "gen_batch": "count", "probe_pairs": "count",
 }
 
 

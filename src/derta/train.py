@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import IGNORE, KINDS, RTO_SHARE_WARN, label_token_counts, load_training_rows, sample_rto_labels, tokenize_row
-from .io import InputError, write_json
+from .io import NUMERIC_RULES, InputError, write_json
 from .models import check_model_files, load_model, load_tokenizer, resolve_template, safetensors_problem
 
 FULL_FT_LR, LORA_LR = 2e-5, 1e-4
@@ -724,19 +724,10 @@ _CLI_TO_CONFIG = {
 }
 
 
-# Every numeric setting's range rule (io.RULES) and flag name, checked whether it came from a flag or the
-# YAML: Trainer would take -5 steps as "one epoch" without a word. The CLI checks flags by the same rules.
-_SETTING_RULES = {
-    "max_steps": ("--max-steps", "count"), "per_device_train_batch_size": ("--batch-size", "count"),
-    "gradient_accumulation_steps": ("--grad-accum", "count"), "max_length": ("--max-length", "count"),
-    "save_steps": ("--save-steps", "count"), "logging_steps": ("--logging-steps", "count"),
-    "lora_r": ("--lora-r", "count"), "lora_alpha": ("--lora-alpha", "count"), "lora_layers": ("--lora-layers", "count"),
-    "num_train_epochs": ("--epochs", "positive"), "learning_rate": ("--learning-rate", "positive"),
-    "lora_dropout": ("--lora-dropout", "dropout"), "rto_keep_ratio": ("--rto-keep-ratio", "ratio"),
-    "rto_weight": ("--rto-weight", "nonneg"), "seed": ("--seed", "seed"),
-    "constraint_beta": ("--constraint-beta", "nonneg"), "dpo_beta": ("--dpo-beta", "nonneg"),
-    "dpo_sft_weight": ("--dpo-sft-weight", "nonneg"),
-}
+# Every numeric setting's flag and range rule (io.NUMERIC_RULES), checked whether it came from a flag or the
+# YAML: Trainer would take -5 steps as "one epoch" without a word.
+_SETTING_RULES = {field: ("--" + dest.replace("_", "-"), NUMERIC_RULES[dest])
+                  for dest, field in _CLI_TO_CONFIG.items() if dest in NUMERIC_RULES}
 
 
 def check_ranges(config: "DertaConfig", explicit: set[str], source=None) -> None:
