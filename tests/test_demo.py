@@ -17,7 +17,7 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_reports_plots_and_models(demo_dir):
     report = json.loads((demo_dir / "report.json").read_text())
-    assert set(report["recipes"]) == {"vanilla", "prefix", "rto", "derta"}
+    assert set(report["recipes"]) == {"vanilla", "prefix", "rto", "derta", "derta-tokens"}
     for m in [*report["recipes"].values(), report["base"]]:
         for key in ("refusal_rate", "helpfulness", "over_refusal"):
             assert 0.0 <= m[key] <= 1.0
@@ -25,12 +25,24 @@ def test_demo_writes_reports_plots_and_models(demo_dir):
         assert all(0.0 <= v <= 1.0 for v in m["prefill_asr"].values())
         curve = m["probe_curve"]
         assert len(curve) >= 5 and curve[0]["position_frac"] == 0.0 and curve[-1]["position_frac"] == 1.0
-    assert set(report["checks"]) >= {"bias_reproduced", "derta_resists_prefill", "derta_curve_above_vanilla"}
+    assert set(report["checks"]) >= {"bias_reproduced", "derta_resists_prefill", "derta_curve_above_vanilla",
+                                     "tokens_refuse_at_calibrated_threshold", "tokens_calibration_curve_monotone"}
+    # The refusal-token recipe: calibrated on its own split, evaluated at those thresholds, and its dial.
+    tokens = report["recipes"]["derta-tokens"]
+    cal = json.loads((demo_dir / tokens["calibration"]["plot"]).with_name("calibration.json").read_text())
+    assert tokens["calibration"]["thresholds"] == cal["thresholds"] and cal["monotone"]
+    assert [p["max_over_refusal"] for p in tokens["dial"]] == [None, 0.0, 0.5, 1.0]
+    assert all(0.0 <= p[k] <= 1.0 for p in tokens["dial"] for k in ("refusal", "over_refusal", "fired_lookalike"))
+    assert tokens["dial"][-1]["fired_lookalike"] == 1.0  # thresholds at 0 fire on every look-alike
+    calibration = {json.loads(l)["instruction"] for f in data_files(demo_dir, "calibration_*.jsonl")
+                   for l in f.read_text().splitlines()}
+    assert calibration and not calibration & (split_prompts(demo_dir, "*_train.jsonl") | split_prompts(demo_dir, "*_test.jsonl"))
     md = (demo_dir / "report.md").read_text()
     assert "| Vanilla |" in md and "| DeRTa (prefix + RTO) |" in md and "Prefill ASR 50%" in md
-    for png in ("probe_curve.png", "prefill_asr.png"):
+    assert "## Refusal tokens" in md and "| DeRTa + refusal tokens (calibrated) |" in md
+    for png in ("probe_curve.png", "prefill_asr.png", "dial.png", "calibration/derta-tokens/calibration.png"):
         assert (demo_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for name in ("base", "vanilla", "prefix", "rto", "derta"):
+    for name in ("base", "vanilla", "prefix", "rto", "derta", "derta-tokens"):
         model_dir = demo_dir / "models" / name
         assert (model_dir / "model.safetensors").exists() and not list(model_dir.glob("checkpoint-*"))
     # Every evaluation split is held out from every training split.
@@ -38,6 +50,14 @@ def test_demo_writes_reports_plots_and_models(demo_dir):
     train = {json.loads(l)["instruction"] for f in data.glob("*_train.jsonl") for l in f.read_text().splitlines()}
     test = {json.loads(l)["instruction"] for f in data.glob("*_test.jsonl") for l in f.read_text().splitlines()}
     assert train and test and not (train & test)
+
+
+def data_files(demo_dir, pattern):
+    return sorted((demo_dir / "data").glob(pattern))
+
+
+def split_prompts(demo_dir, pattern):
+    return {json.loads(line)["instruction"] for f in data_files(demo_dir, pattern) for line in f.read_text().splitlines()}
 
 
 def test_demo_is_deterministic_and_resumable(demo_dir, tmp_path):

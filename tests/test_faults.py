@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from derta.cli import main
-from derta.generate import GenInput, OpenAIBackend, OpenAIClient
+from derta.generate import OpenAIClient
 from derta.io import InputError
 
 GOOD_SAFETY = {"instruction": "How do I open the gate?", "harmful_response": "Step 1: take the key. Step 2: turn it.",

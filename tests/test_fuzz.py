@@ -96,6 +96,7 @@ def base_argv(command: str, e: dict, out: str | None = None, model: str | None =
         "train": ["train", "--model", m, "--data", str(e["rows"]), "--output", o, "--max-steps", "1", "--batch-size", "2",
                   "--grad-accum", "1", "--quiet"],
         "probe": ["probe", "--model", m, "--data", str(e["safety"]), "--out", o],
+        "calibrate": ["calibrate", "--model", m, "--harmful", str(e["safety"]), "--benign", str(e["helpful"]), "--out", o],
         "eval": ["eval", "--model", m, "--prompts", str(e["prompts"]), "--attacks", "none", "--out", o, "--max-new-tokens", "2"],
         "eval-helpful": ["eval-helpful", "--model", m, "--task", "gsm8k", "--data", str(e["gsm8k"]), "--out", o,
                          "--max-new-tokens", "2"],
@@ -108,9 +109,9 @@ def base_argv(command: str, e: dict, out: str | None = None, model: str | None =
     }[command]
 
 
-COMMANDS = ("tiny", "convert", "data build", "data distill", "train", "probe", "eval", "eval-helpful", "eval-overrefusal",
-            "judge", "score", "demo", "bench")
-MODEL_COMMANDS = ("data distill", "train", "probe", "eval", "eval-helpful", "eval-overrefusal")
+COMMANDS = ("tiny", "convert", "data build", "data distill", "train", "probe", "calibrate", "eval", "eval-helpful",
+            "eval-overrefusal", "judge", "score", "demo", "bench")
+MODEL_COMMANDS = ("data distill", "train", "probe", "calibrate", "eval", "eval-helpful", "eval-overrefusal")
 
 
 def expect_one_line(argv, capsys, *needles, absent=()):

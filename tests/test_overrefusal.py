@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from derta.cli import main
 from derta.overrefusal import load_overrefusal_prompts, refusal_loop, score_overrefusal

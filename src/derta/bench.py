@@ -144,7 +144,6 @@ def _to(batch: dict, device) -> dict:
 
 def loss_step(cfg: BenchConfig, impl: str) -> dict:
     """Peak memory and time of a training step with one loss implementation (run in its own process)."""
-    import torch
 
     from .train import batch_loss
 

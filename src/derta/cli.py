@@ -13,7 +13,7 @@ import warnings
 
 from .data import RECIPES
 from .io import NUMERIC_RULES
-from .models import DTYPES
+from .models import DTYPES, REFUSAL_TOKEN_MODES
 
 RECIPE_CHOICES = tuple(RECIPES)
 
@@ -82,14 +82,14 @@ def _add_convert(sub) -> None:
 
 def cmd_data_build(args) -> None:
     from .data import (HELPFUL_FIELDS, KINDS, SAFETY_FIELDS, RecipeConfig, build_rows, cap_rto_share, describe_shares,
-                       load_rows, parse_mapping, recovery_mix, tokenize_rows)
+                       load_rows, parse_mapping, recovery_mix, refusal_token_list, tokenize_rows)
     from .io import InputError, write_jsonl
-    from .models import load_tokenizer, resolve_template
+    from .models import add_special_tokens, load_tokenizer, resolve_template
 
     cfg = RecipeConfig(
         recipe=args.recipe, seed=args.seed, no_prefix_ratio=args.no_prefix_ratio, cut=args.cut,
         refusal_phrase=args.refusal_phrase, rto_keep_ratio=args.rto_keep_ratio, rto_weight=args.rto_weight,
-        template=args.template, max_rto_share=args.max_rto_share,
+        template=args.template, max_rto_share=args.max_rto_share, refusal_tokens=args.refusal_tokens,
     )
     if cfg.max_rto_share is not None and not args.tokenizer:
         raise InputError("--max-rto-share counts tokens: give --tokenizer (or pass --max-rto-share to derta train)")
@@ -101,6 +101,9 @@ def cmd_data_build(args) -> None:
     rows = build_rows(cfg, safety, helpful, tokenizer=tok)
     shares = ""
     if tok is not None:
+        if added := add_special_tokens(tok, refusal_token_list(rows)):
+            print(f"added {len(added)} special tokens to the tokenizer ({', '.join(added)}); derta train adds the same "
+                  "ones to the model's tokenizer and makes room for them in its embeddings")
         rows = tokenize_rows(rows, tok, cfg)
         if cfg.max_rto_share is not None and (ratio := cap_rto_share(rows, cfg.max_rto_share)) is not None:
             print(f"--max-rto-share {cfg.max_rto_share}: RTO rows now train {100 * ratio:.1f}% of their positions")
@@ -142,6 +145,10 @@ def _add_data(sub) -> None:
     b.add_argument("--rto-weight", type=float, default=1.0, help="loss weight of RTO tokens")
     b.add_argument("--max-rto-share", type=float, help="cap RTO's share of labelled tokens by lowering its keep ratio (needs --tokenizer)")
     b.add_argument("--template", default="auto", help="auto | chat | inst | raw | a format string with {instruction}")
+    b.add_argument("--refusal-tokens", default="none", choices=REFUSAL_TOKEN_MODES,
+                   help="start helpful targets with [respond] and refusals with [refuse] (single) or [refuse:CATEGORY] "
+                        "(category, from each triple's 'category'); RTO trains that token at every position "
+                        "(derta calibrate sets its thresholds)")
     b.set_defaults(func=cmd_data_build)
     d = dsub.add_parser("distill", help="helpful rows the model writes itself (anchors for data build --helpful; resumable)")
     d.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
@@ -243,6 +250,47 @@ def _add_probe(sub) -> None:
     p.set_defaults(func=cmd_probe)
 
 
+# ---------------------------------------------------------------- calibrate
+
+
+def cmd_calibrate(args) -> None:
+    from .calibrate import run_calibrate
+
+    r = run_calibrate(args.out, model=args.model, harmful=args.harmful, benign=args.benign, scores=args.scores,
+                      max_over_refusal=args.max_over_refusal, target_refusal=args.target_refusal, template=args.template,
+                      batch_size=args.batch_size, limit=args.limit, refusal_phrase=args.refusal_phrase)
+    op = r["operating_point"]
+    target = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["target"].items())
+    print(f"{'met' if op['meets_target'] else 'NOT met'} {target}: refuses {100 * op['refusal']:.1f}% of {r['n_harmful']} "
+          f"harmful and {100 * op['over_refusal']:.1f}% of {r['n_benign']} benign examples with "
+          f"{len(r['thresholds'])} thresholds; wrote {args.out}/calibration.json (derta eval --calibration)")
+
+
+def _add_calibrate(sub) -> None:
+    from .calibrate import DEFAULT_MAX_OVER_REFUSAL
+
+    p = sub.add_parser("calibrate", help="per-category thresholds on a model's refusal tokens (data build "
+                       "--refusal-tokens) for a target refusal or over-refusal rate")
+    p.add_argument("--model", help="a model trained with refusal tokens")
+    p.add_argument("--harmful", help='JSONL {"instruction", "harmful_response"?, "category"?} (or XSTest CSV: its unsafe prompts)')
+    p.add_argument("--benign", help='JSONL {"instruction", "response"?, "category"?}: look-alikes that must not be refused '
+                   "(or XSTest CSV: its safe prompts)")
+    p.add_argument("--scores", help="instead of --model/--harmful/--benign: re-calibrate an earlier run's scores.jsonl")
+    p.add_argument("--out", required=True, help="directory for calibration.json, scores.jsonl, calibration.png, report.md")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-over-refusal", type=float,
+                   help=f"refuse as much as possible while at most this share of benign examples is refused "
+                        f"(default {DEFAULT_MAX_OVER_REFUSAL})")
+    g.add_argument("--target-refusal", type=float, help="refuse at least this share of harmful examples, over-refusing "
+                   "as little as possible")
+    p.add_argument("--template", default="auto")
+    p.add_argument("--refusal-phrase", default="Sorry", help="the refusal's first word: generation makes a fired "
+                   "refusal token continue with it")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, help="only the first N harmful and N benign examples")
+    p.set_defaults(func=cmd_calibrate)
+
+
 # ---------------------------------------------------------------- eval
 
 
@@ -328,6 +376,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--autodan-generations", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="AutoDAN's random seed")
     p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--calibration", help="models trained with refusal tokens: derta calibrate's calibration.json "
+                   "(per-category thresholds applied at every generated position; hf and vllm backends)")
+    p.add_argument("--show-refusal-tokens", action="store_true", help="keep [refuse...] / [respond] in the responses "
+                   "(hidden by default)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm backend: GPUs to split the model over "
                    "(for the hf backend, launch several processes instead: torchrun / accelerate launch)")
     p.set_defaults(func=cmd_eval)
@@ -458,7 +510,7 @@ def _add_judge(sub) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import DemoConfig, run_demo
+    from .demo import DEMO_RECIPES, DemoConfig, run_demo
 
     real = dict(eval_prompts=args.eval_prompts, eval_limit=args.eval_limit, overrefusal_prompts=args.overrefusal_prompts)
     if args.model:
@@ -474,9 +526,9 @@ def cmd_demo(args) -> None:
             cfg.recipes = tuple(args.recipes.split(","))
         if args.steps:
             cfg.tune_steps = args.steps
-    unknown = [r for r in cfg.recipes if r not in RECIPE_CHOICES]
+    unknown = [r for r in cfg.recipes if r not in DEMO_RECIPES]
     if unknown or not cfg.recipes:
-        raise_input(f"--recipes: unknown recipe {', '.join(unknown)}; use a comma-separated subset of {', '.join(RECIPE_CHOICES)}")
+        raise_input(f"--recipes: unknown recipe {', '.join(unknown)}; use a comma-separated subset of {', '.join(DEMO_RECIPES)}")
     report = run_demo(args.out, cfg)
     failed = [name for name, ok in report["checks"].items() if not ok]
     verdict = ("FAILED: " + ", ".join(failed) if failed else "all pass" if report["checks"]
@@ -491,14 +543,17 @@ def raise_input(message: str) -> None:
 
 
 def _add_demo(sub) -> None:
+    from .demo import DEMO_RECIPES, DemoConfig
+
     p = sub.add_parser("demo", help="reproduce refusal position bias and DeRTa's fix (tiny model offline, or --model)")
     p.add_argument("--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reduced", action="store_true", help="tiny budgets, for a quick smoke run of the pipeline")
     p.add_argument("--model", help="a pretrained chat model directory (e.g. from derta convert): the same ablation with LoRA")
-    p.add_argument("--recipes", help=f"comma-separated subset of {','.join(RECIPE_CHOICES)} "
-                                     "(default: vanilla,prefix,rto,derta on the tiny model, vanilla,derta with --model; "
-                                     "dpo and recovery are the baselines)")
+    p.add_argument("--recipes", help=f"comma-separated subset of {','.join(DEMO_RECIPES)} "
+                                     f"(default: {','.join(DemoConfig.recipes)} on the tiny model, vanilla,derta with "
+                                     "--model; dpo and recovery are the baselines; derta-tokens is DeRTa with "
+                                     "per-category refusal tokens at calibrated thresholds)")
     p.add_argument("--steps", type=int, help="safety-tuning steps per recipe")
     p.add_argument("--anchors", type=int, help="with --model: how many built-in benign prompts the model answers itself as helpful rows (default 500; 0: synthetic copy tasks instead)")
     p.add_argument("--max-rto-share", type=float, help="with --model: cap on RTO's share of labelled tokens (default 0.15)")
@@ -550,14 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
         "at any position of a response, and evaluate whether they do.")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_demo, _add_eval, _add_eval_helpful, _add_eval_overrefusal,
-                _add_judge, _add_score, _add_bench):
+    for add in (_add_tiny, _add_convert, _add_data, _add_train, _add_probe, _add_calibrate, _add_demo, _add_eval,
+                _add_eval_helpful, _add_eval_overrefusal, _add_judge, _add_score, _add_bench):
         add(sub)
     return parser
 
 
 # Commands whose --out/--output is a directory (the others write one file).
-DIRECTORY_OUTPUTS = {"tiny", "convert", "train", "eval", "eval-helpful", "eval-overrefusal", "demo", "bench"}
+DIRECTORY_OUTPUTS = {"tiny", "convert", "train", "calibrate", "eval", "eval-helpful", "eval-overrefusal", "demo", "bench"}
 
 
 def check_args(args) -> None:

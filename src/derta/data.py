@@ -12,6 +12,11 @@ triple into training rows; helpful (instruction, response) rows pass through unc
 
 A row is text first (`kind`, `instruction`, `prefix`, `target`); `tokenize_row` turns it into
 `input_ids`/`labels` segment by segment, so the loss boundary is exactly where the text says.
+
+With refusal tokens (`refusal_tokens`: single or category, after Jain et al., 2024) every helpful target
+starts with `[respond]` and every refusal with `[refuse]` / `[refuse:CATEGORY]`, and RTO trains that same
+token at every position of the harmful response: one decision token, at the start and mid-response,
+whose probability `derta calibrate` thresholds per category.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import InputError, check_fields, check_number, read_jsonl
-from .models import end_of_turn_ids, encode_prompt, encode_text, format_prompt, refusal_text, refusal_transition
+from .models import (REFUSAL_TOKEN_MODES, REFUSE_TOKEN, RESPOND_TOKEN, end_of_turn_ids, encode_prompt,
+                     encode_text, format_prompt, refuse_token, refusal_text, refusal_transition)
 
 RECIPES = {
     "vanilla": ("safe",),
@@ -55,6 +61,7 @@ class RecipeConfig:
     rto_weight: float = 1.0  # loss weight of RTO tokens relative to MLE tokens
     template: str = "auto"
     max_rto_share: float | None = None  # cap on RTO's share of labelled tokens (lowers rto_keep_ratio; needs tokens)
+    refusal_tokens: str = "none"  # none | single ([refuse]) | category ([refuse:CATEGORY] from each triple's category)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -71,10 +78,16 @@ class RecipeConfig:
             raise InputError("--max-rto-share must be in (0, 1)")
         if not self.refusal_phrase.split():
             raise InputError("--refusal-phrase must not be empty")
+        if self.refusal_tokens not in REFUSAL_TOKEN_MODES:
+            raise InputError(f"unknown --refusal-tokens '{self.refusal_tokens}': use one of {', '.join(REFUSAL_TOKEN_MODES)}")
+        if self.refusal_tokens != "none" and "pair" in RECIPES[self.recipe]:
+            raise InputError("--refusal-tokens trains the cross-entropy recipes; DPO's pairs have no refusal token")
 
     def row_settings(self, kind: str) -> dict:
         """The settings a text row carries so that training tokenizes it as built (nothing dropped silently)."""
         out = {} if self.template == "auto" else {"template": self.template}
+        if self.refusal_tokens != "none":
+            out["refusal_tokens"] = self.refusal_tokens
         if kind in ("safe", "prefix", "rto", "pair"):
             out["refusal_phrase"] = self.refusal_phrase
         if kind == "rto":
@@ -252,13 +265,17 @@ def tokenize_row(row: dict, tokenizer, template: str = "auto", refusal_phrase: s
     text = row["target"]
     if row["kind"] in ("safe", "prefix", "pair"):
         text = refusal_text(text, transition.mid_text if row.get("prefix") else transition.start_text, phrase)
-    target = encode_text(tokenizer, text)
+    marker = row_marker_id(row, tokenizer)  # [respond] / [refuse...] in front of the target, or None
+    target = ([] if marker is None or row["kind"] == "rto" else [marker]) + encode_text(tokenizer, text)
     input_ids = prompt + prefix + target + eot
     context = [IGNORE] * (len(prompt) + len(prefix))
     if row["kind"] == "rto":
         n = len(target) + 1
-        first = transition.mid_id if prefix else transition.start_id
-        labels = context + [first] + [transition.mid_id] * (n - 1) + [IGNORE] * (len(eot) - 1)
+        if marker is not None:  # the refusal token at every position: one decision token, start and mid-response
+            first = mid = marker
+        else:
+            first, mid = transition.mid_id if prefix else transition.start_id, transition.mid_id
+        labels = context + [first] + [mid] * (n - 1) + [IGNORE] * (len(eot) - 1)
         weight = row.get("loss_weight", rto_weight)
     else:
         labels = context + target + eot
@@ -269,6 +286,40 @@ def tokenize_row(row: dict, tokenizer, template: str = "auto", refusal_phrase: s
         rejected = encode_text(tokenizer, row["rejected"])
         out.update(rejected_input_ids=prompt + rejected + eot, rejected_labels=context + rejected + eot)
     return out
+
+
+def row_marker(row: dict) -> str | None:
+    """The special token a row's target starts with (RTO: its label everywhere), or None without refusal tokens."""
+    mode = row.get("refusal_tokens", "none")
+    if mode == "none":
+        return None
+    if row["kind"] == "helpful":
+        return RESPOND_TOKEN
+    return refuse_token(row.get("category")) if mode == "category" else REFUSE_TOKEN
+
+
+def row_marker_id(row: dict, tokenizer) -> int | None:
+    token = row_marker(row)
+    if token is None:
+        return None
+    found = tokenizer.get_added_vocab().get(token)
+    if found is None:
+        raise InputError(f"the tokenizer has no {token} token: add the rows' tokens first (data.refusal_token_list, "
+                         "models.add_special_tokens); derta train and data build --tokenizer do this")
+    return found
+
+
+def refusal_token_list(rows: list[dict]) -> list[str]:
+    """The special tokens rows built with --refusal-tokens need, in a fixed order (the same rows give the same ids):
+    `[respond]`, `[refuse]` (single mode, or a refusal without a category), then `[refuse:CATEGORY]` by name."""
+    modes = {r.get("refusal_tokens", "none") for r in rows} - {"none"}
+    if not modes:
+        return []
+    if len(modes) > 1:
+        raise InputError(f"rows mix --refusal-tokens modes ({', '.join(sorted(modes))}): build them with one")
+    tokens = {row_marker(r) for r in rows if r.get("refusal_tokens", "none") != "none"}
+    refuse = sorted(t for t in tokens if t not in (RESPOND_TOKEN, REFUSE_TOKEN))
+    return [RESPOND_TOKEN] + ([REFUSE_TOKEN] if REFUSE_TOKEN in tokens else []) + refuse
 
 
 def tokenize_rows(rows: list[dict], tokenizer, cfg: RecipeConfig) -> list[dict]:
@@ -380,6 +431,8 @@ def load_training_rows(path: str) -> list[dict]:
         for key in ("refusal_phrase", "template"):
             if key in r and not (isinstance(r[key], str) and r[key].strip()):
                 raise InputError(f"field '{key}' must be a non-empty string", path, lineno)
+        if r.get("refusal_tokens", "none") not in REFUSAL_TOKEN_MODES:
+            raise InputError(f"field 'refusal_tokens' must be one of {', '.join(REFUSAL_TOKEN_MODES)}", path, lineno)
         for key, rule in (("loss_weight", "nonneg"), ("rto_keep_ratio", "ratio")):
             if key in r:
                 check_number(r[key], f"field '{key}'", rule, path, lineno)

@@ -198,6 +198,10 @@ class EvalConfig:
     tensor_parallel_size: int = 1  # vLLM only
     # prefill-tokens / prefill-frac: one harmful response per prompt (default: the prompts file's harmful_response)
     harmful_responses: list[str] | None = None
+    # Models trained with refusal tokens: `derta calibrate`'s calibration.json (thresholds at every generated
+    # position, hf and vllm backends), and whether the responses show the tokens (hidden by default).
+    calibration: str | os.PathLike | None = None
+    show_refusal_tokens: bool = False
 
     def check(self) -> None:
         """Settings that are wrong whatever the files say; one InputError naming the flag."""
@@ -224,6 +228,10 @@ class EvalConfig:
             if pair_judge_name and pair_judge_name != judge_name:
                 pair["judge"] = pair_judge_name
         extra = {"harmful_responses_sha256": text_sha256(harmful_responses)} if harmful_responses is not None else {}
+        if self.calibration is not None:  # keys only when used: manifests of runs without them stay as they were
+            extra["calibration_sha256"] = file_sha256(self.calibration)
+        if self.show_refusal_tokens:
+            extra["show_refusal_tokens"] = True
         return extra | {
             "model": self.model, "backend": self.backend, "attacks": attacks, "judge": judge_name,
             "max_new_tokens": self.max_new_tokens, "template": self.template, "system": self.system, "dtype": self.dtype,
@@ -249,10 +257,13 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
     (attack, prompt) order, so any number of processes gives the same file.
     """
     from .attacks import SEARCH, PrefixPrefill, make_attacks
-    from .generate import Shard, make_backend, parse_backend_spec
+    from .generate import RefusalPolicy, Shard, make_backend, parse_backend_spec
     from .judges import make_judge
 
     cfg.check()
+    policy = RefusalPolicy.from_file(cfg.calibration) if cfg.calibration is not None else None
+    if policy is not None and cfg.backend == "openai":
+        raise InputError("--calibration sets the model's own next-token probabilities: use --backend hf or vllm")
     questions = load_prompts(cfg.prompts) if not isinstance(cfg.prompts, list) else list(cfg.prompts)
     questions = questions[:cfg.limit] if cfg.limit is not None else questions
     out, backend, batch_size = cfg.out, cfg.backend, cfg.batch_size
@@ -291,7 +302,8 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
 
         target = make_backend(backend, model if model is not None else cfg.model, tokenizer, batch_size, cfg.max_new_tokens,
                               cfg.template, cfg.system, cfg.dtype, cfg.base_url, cfg.openai_extra,
-                              device=shard.device, tensor_parallel_size=cfg.tensor_parallel_size)
+                              device=shard.device, tensor_parallel_size=cfg.tensor_parallel_size, policy=policy,
+                              show_refusal_tokens=cfg.show_refusal_tokens)
         bar = tqdm(total=len(questions) * len(attack_objs), initial=len(rows), desc="eval", unit="row",
                    disable=True if not shard.main else None if progress is None else not progress)
 

@@ -69,6 +69,145 @@ def collect(batches: Iterator[tuple[list[int], list[str]]], n: int) -> list[str]
     return out
 
 
+# ---------------------------------------------------------------- refusal tokens at inference
+
+
+@dataclass
+class RefusalPolicy:
+    """How generation treats a model's refusal tokens (`data build --refusal-tokens`), at every generated position.
+
+    `thresholds` {token: tau}: a refusal token is emitted exactly when its probability reaches its tau (the most
+    decisive one, by p / tau, when several do), and is blocked otherwise, so tau alone sets how often the model
+    refuses, per category. `biases` {token: b}: added to the token's logit first (a softer dial). Right after a
+    refusal token the next token is held to the refusal transition of `refusal_phrase` ("Sorry" / " sorry", what
+    every trained refusal continues with), so the visible text refuses whenever the token fires, even where the
+    model never saw a refusal (a benign prompt). After that, refusal tokens are blocked: one decision per response.
+    From `derta calibrate`'s calibration.json (`from_file`).
+    """
+
+    thresholds: dict[str, float] = field(default_factory=dict)
+    biases: dict[str, float] = field(default_factory=dict)
+    refusal_phrase: str = "Sorry"
+
+    @classmethod
+    def from_file(cls, path) -> "RefusalPolicy":
+        from .io import read_text
+
+        try:
+            data = json.loads(read_text(path, "calibration file"))
+        except json.JSONDecodeError as e:
+            raise InputError(f"not JSON ({e.msg})", path, e.lineno) from None
+        if not isinstance(data, dict) or not isinstance(data.get("thresholds", {}), dict) \
+                or not isinstance(data.get("biases", {}), dict) or not (data.get("thresholds") or data.get("biases")):
+            raise InputError("a calibration file has 'thresholds' (and/or 'biases'): {token: number}", path)
+        for key in ("thresholds", "biases"):
+            for token, value in data.get(key, {}).items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                    raise InputError(f"{key}: {token} must be a number, not {value!r}", path)
+        phrase = data.get("refusal_phrase", "Sorry")
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise InputError("refusal_phrase must be a non-empty string", path)
+        return cls({k: float(v) for k, v in data.get("thresholds", {}).items()},
+                   {k: float(v) for k, v in data.get("biases", {}).items()}, phrase)
+
+    def tensors(self, tokenizer):
+        """(ids, thresholds, biases) over the tokenizer's refusal tokens; a token the policy names must exist."""
+        import torch
+
+        from .models import refusal_tokens
+
+        have = refusal_tokens(tokenizer)
+        if not have:
+            raise InputError("the model has no refusal tokens (train it on data build --refusal-tokens rows)")
+        unknown = sorted((set(self.thresholds) | set(self.biases)) - set(have))
+        if unknown:
+            raise InputError(f"the calibration names tokens this model does not have: {', '.join(unknown)}")
+        names = list(have)
+        # A token without a threshold (a category calibration never saw) never fires on its own: tau above 1.
+        tau = torch.tensor([self.thresholds.get(t, 2.0) for t in names]) if self.thresholds else None
+        bias = torch.tensor([self.biases.get(t, 0.0) for t in names]) if self.biases else None
+        return torch.tensor([have[t] for t in names]), tau, bias
+
+    def follow_ids(self, tokenizer):
+        """The tokens a refusal token must be followed by: the transition's start and mid forms."""
+        import torch
+
+        from .models import refusal_transition
+
+        return torch.tensor(refusal_transition(tokenizer, self.refusal_phrase).ids)
+
+
+def apply_refusal_policy(scores, ids, thresholds=None, biases=None, done=None, follow=None, just=None):
+    """Next-token scores (B, V) with a RefusalPolicy applied.
+
+    `done` (B,): rows that already emitted a refusal token (refusal tokens blocked); `just` (B,): rows whose last
+    token is one, whose next token is held to `follow` (the transition ids; the model picks among them).
+    The one implementation behind the transformers LogitsProcessor and the vLLM adapter.
+    """
+    import torch
+
+    ids = ids.to(scores.device)
+    original = scores
+    scores = scores.clone()
+    if biases is not None:
+        scores[:, ids] += biases.to(scores.device, scores.dtype)
+    blocked = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device) if done is None else done.to(scores.device)
+    if thresholds is not None:
+        p = torch.softmax(scores.float(), dim=-1)[:, ids]
+        tau = thresholds.to(scores.device, torch.float32)
+        fire = (p >= tau) & ~blocked[:, None]
+        rows = fire.any(-1)
+        if rows.any():
+            pick = ids[torch.where(fire, p / tau.clamp(min=1e-30), torch.tensor(-1.0, device=p.device)).argmax(-1)]
+            forced = torch.full_like(scores, float("-inf"))
+            forced[torch.arange(scores.shape[0], device=scores.device), pick] = 0.0
+            scores = torch.where(rows[:, None], forced, scores)
+        blocked = blocked | ~rows
+    scores[blocked[:, None] & torch.isin(torch.arange(scores.shape[-1], device=scores.device), ids)[None, :]] = float("-inf")
+    if follow is not None and just is not None and just.any():
+        follow = follow.to(scores.device)
+        held = torch.full_like(scores, float("-inf"))
+        held[:, follow] = original[:, follow]
+        scores = torch.where(just.to(scores.device)[:, None], held, scores)
+    return scores
+
+
+def refusal_logits_processor(policy: RefusalPolicy, tokenizer, prompt_width: int):
+    """A transformers LogitsProcessor applying `policy`; generated tokens start at column `prompt_width`."""
+    from transformers import LogitsProcessor
+
+    ids, tau, bias = policy.tensors(tokenizer)
+    follow = policy.follow_ids(tokenizer)
+
+    class RefusalTokenProcessor(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            import torch
+
+            generated = input_ids[:, prompt_width:]
+            marked = torch.isin(generated, ids.to(input_ids.device))
+            just = marked[:, -1] if generated.shape[1] else None
+            return apply_refusal_policy(scores, ids, tau, bias, marked.any(-1), follow, just)
+
+    return RefusalTokenProcessor()
+
+
+def visible_text(tokenizer, ids: list[int], show_refusal_tokens: bool = False) -> str:
+    """Decoded response text; refusal tokens and [respond] (special tokens) are hidden unless `show_refusal_tokens`."""
+    from .models import RESPOND_TOKEN, refusal_tokens
+
+    if not show_refusal_tokens:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    marks = {i: t for t, i in refusal_tokens(tokenizer).items()}
+    if (respond := tokenizer.get_added_vocab().get(RESPOND_TOKEN)) is not None:
+        marks[respond] = RESPOND_TOKEN
+    parts, start = [], 0
+    for k, i in enumerate(ids):
+        if i in marks:
+            parts += [tokenizer.decode(ids[start:k], skip_special_tokens=True), marks[i]]
+            start = k + 1
+    return "".join(parts + [tokenizer.decode(ids[start:], skip_special_tokens=True)])
+
+
 # ---------------------------------------------------------------- several processes (data parallel)
 
 
@@ -137,7 +276,8 @@ class HFBackend(Backend):
     name = "hf"
 
     def __init__(self, model_or_path, tokenizer=None, batch_size: int = 16, max_new_tokens: int = 256,
-                 template: str = "auto", system: str | None = None, dtype: str = "auto", device: str | None = None):
+                 template: str = "auto", system: str | None = None, dtype: str = "auto", device: str | None = None,
+                 policy: RefusalPolicy | None = None, show_refusal_tokens: bool = False):
         import torch
 
         from .models import load_model, load_tokenizer, resolve_template
@@ -158,6 +298,9 @@ class HFBackend(Backend):
         self.device = next(self.model.parameters()).device
         self.template = resolve_template(self.tokenizer, template)
         self.system, self.batch_size, self.max_new_tokens = system, batch_size, max_new_tokens
+        self.policy, self.show_refusal_tokens = policy, show_refusal_tokens
+        if policy is not None:
+            policy.tensors(self.tokenizer)  # a policy that does not fit the model fails before any generation
         # The model's own EOS set (Llama-3 chat models also stop at <|eot_id|>), the tokenizer's, and the
         # template's end of turn (ChatML's <|im_end|> where eos is <|endoftext|>).
         eos = self.model.generation_config.eos_token_id
@@ -202,12 +345,14 @@ class HFBackend(Backend):
 
         input_ids, mask, _ = left_pad(batch, self.tokenizer.pad_token_id)
         with torch.inference_mode():
+            extra = ({"logits_processor": [refusal_logits_processor(self.policy, self.tokenizer, input_ids.shape[1])]}
+                     if self.policy is not None else {})
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                      generation_config=self.gen_config)
+                                      generation_config=self.gen_config, **extra)
         texts = []
         for row in out[:, input_ids.shape[1]:].tolist():
             end = next((k for k, t in enumerate(row) if t in self.eos_ids), len(row))
-            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+            texts.append(visible_text(self.tokenizer, row[:end], self.show_refusal_tokens))
         return texts
 
     def score(self, inputs: list[GenInput], targets: list[str]) -> list[float]:
@@ -250,18 +395,29 @@ class VLLMBackend(Backend):
     name = "vllm"
 
     def __init__(self, model_path: str, batch_size: int = 256, max_new_tokens: int = 256, template: str = "auto",
-                 system: str | None = None, dtype: str = "auto", **engine_kwargs):
+                 system: str | None = None, dtype: str = "auto", policy: RefusalPolicy | None = None,
+                 show_refusal_tokens: bool = False, **engine_kwargs):
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
             raise InputError("the vllm backend needs the vllm extra: pip install 'derta[vllm]' (GPU machines)") from None
         from . import models
 
+        extra = {}
+        if policy is not None:
+            # The same apply_refusal_policy, run per request by vLLM's adapter for request-level processors.
+            engine_kwargs["logits_processors"] = [_vllm_refusal_processor_class()]
+            extra["extra_args"] = {"derta_refusal_policy": {"thresholds": policy.thresholds, "biases": policy.biases,
+                                                            "refusal_phrase": policy.refusal_phrase}}
         self.llm = LLM(model=model_path, dtype=dtype, trust_remote_code=models.TRUST_REMOTE_CODE, **engine_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        if policy is not None:
+            policy.tensors(self.tokenizer)
         self.template = models.resolve_template(self.tokenizer, template)
         self.system, self.batch_size = system, batch_size
-        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        # Refusal tokens are special tokens: vLLM's detokenizer hides them unless asked to show them.
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                     skip_special_tokens=not show_refusal_tokens, **extra)
 
     def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
         # vLLM schedules its own batches; chunks only bound how much is lost if the run is killed.
@@ -270,6 +426,45 @@ class VLLMBackend(Backend):
             prompts = [{"prompt_token_ids": encode_input(self.tokenizer, inputs[i], self.template, self.system)} for i in idx]
             outs = self.llm.generate(prompts, self.params, use_tqdm=False)
             yield idx, [o.outputs[0].text for o in outs]
+
+
+def _vllm_refusal_processor_class():
+    """vLLM's request-level adapter around apply_refusal_policy (the policy travels in SamplingParams.extra_args).
+
+    Written against vLLM's V1 `AdapterLogitsProcessor` interface; not run here (vLLM needs a GPU).
+    """
+    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+    class DertaRefusalProcessor(AdapterLogitsProcessor):
+        def is_argmax_invariant(self) -> bool:
+            return False  # it forces and blocks tokens: greedy picks change
+
+        def new_req_logits_processor(self, params):
+            spec = (getattr(params, "extra_args", None) or {}).get("derta_refusal_policy")
+            if not spec:
+                return None
+            import torch
+
+            from .models import refusal_tokens
+
+            tokenizer = getattr(self, "derta_tokenizer", None)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = self.derta_tokenizer = AutoTokenizer.from_pretrained(self.vllm_config.model_config.tokenizer)
+            policy = RefusalPolicy(spec.get("thresholds", {}), spec.get("biases", {}), spec.get("refusal_phrase", "Sorry"))
+            ids, tau, bias = policy.tensors(tokenizer)
+            follow = policy.follow_ids(tokenizer)
+            wanted = set(refusal_tokens(tokenizer).values())
+
+            def one(output_ids: list[int], logits):
+                done = torch.tensor([any(t in wanted for t in output_ids)])
+                just = torch.tensor([bool(output_ids) and output_ids[-1] in wanted])
+                return apply_refusal_policy(logits[None], ids, tau, bias, done, follow, just)[0]
+
+            return one
+
+    return DertaRefusalProcessor
 
 
 # ---------------------------------------------------------------- OpenAI-compatible HTTP
@@ -408,17 +603,22 @@ def parse_backend_spec(spec: str) -> tuple[str, str]:
 
 def make_backend(kind: str, model, tokenizer=None, batch_size: int = 16, max_new_tokens: int = 256, template: str = "auto",
                  system: str | None = None, dtype: str = "auto", base_url: str | None = None, extra: dict | None = None,
-                 device: str | None = None, tensor_parallel_size: int = 1) -> Backend:
+                 device: str | None = None, tensor_parallel_size: int = 1, policy: RefusalPolicy | None = None,
+                 show_refusal_tokens: bool = False) -> Backend:
     """A backend by name; `model` is a path or hub ID (hf, vllm), a loaded model (hf), or a model name (openai).
 
     `device`: where the hf backend loads the model (default cuda if there is one, else cpu);
-    `tensor_parallel_size`: GPUs vLLM splits the model over.
+    `tensor_parallel_size`: GPUs vLLM splits the model over; `policy`: thresholds / biases on the refusal tokens.
     """
     if kind == "hf":
-        return HFBackend(model, tokenizer, batch_size, max_new_tokens, template, system, dtype, device)
+        return HFBackend(model, tokenizer, batch_size, max_new_tokens, template, system, dtype, device, policy,
+                         show_refusal_tokens)
     if kind == "vllm":
         return VLLMBackend(model, max_new_tokens=max_new_tokens, template=template, system=system, dtype=dtype,
-                           tensor_parallel_size=tensor_parallel_size)
+                           tensor_parallel_size=tensor_parallel_size, policy=policy,
+                           show_refusal_tokens=show_refusal_tokens)
+    if policy is not None:
+        raise InputError("--calibration sets the model's own next-token probabilities: use --backend hf or vllm")
     if kind == "openai":
         return OpenAIBackend(model, base_url, batch_size=batch_size, max_new_tokens=max_new_tokens, system=system, extra=extra)
     raise InputError(f"unknown backend '{kind}': use one of {', '.join(BACKENDS)}")

@@ -108,6 +108,7 @@ NUMERIC_RULES = {
     "tensor_parallel_size": "count", "constraint_beta": "nonneg", "dpo_beta": "nonneg", "dpo_sft_weight": "nonneg",
     "vocab": "count", "batch": "count", "seq": "count",
     "pack_batches": "count", "repeats": "count", "prompts": "count", "gen_batch": "count", "probe_pairs": "count",
+    "max_over_refusal": "fraction", "target_refusal": "fraction",
 }
 
 

@@ -238,8 +238,69 @@ def refusal_text(response: str, form: str, phrase: str = "Sorry") -> str:
 
 
 def refusal_token_ids(tokenizer, phrase: str = "Sorry") -> list[int]:
-    """The tokens counted as "starts refusing": the transition's start and mid tokens."""
-    return refusal_transition(tokenizer, phrase).ids
+    """The tokens counted as "starts refusing": the model's refusal tokens if it has them (`data build
+    --refusal-tokens`), else the transition's start and mid tokens."""
+    return sorted(refusal_tokens(tokenizer).values()) or refusal_transition(tokenizer, phrase).ids
+
+
+# ---------------------------------------------------------------- refusal tokens (Jain et al., 2024; mid-response here)
+
+# `data build --refusal-tokens`: helpful targets start with RESPOND_TOKEN, refusals with a refusal token, which RTO
+# also trains at every position of a harmful response. Added to the tokenizer as special tokens, so decoding with
+# skip_special_tokens hides them from the user-visible text.
+REFUSAL_TOKEN_MODES = ("none", "single", "category")
+RESPOND_TOKEN, REFUSE_TOKEN = "[respond]", "[refuse]"
+
+
+def category_name(category) -> str | None:
+    """A `category` field as it appears in a token name: lower case, runs of other characters as '_' (None: no category)."""
+    if category is None:
+        return None
+    name = re.sub(r"[^a-z0-9]+", "_", str(category).strip().lower()).strip("_")
+    return name or None
+
+
+def refuse_token(category: str | None = None) -> str:
+    """`[refuse]`, or `[refuse:CATEGORY]` for a category."""
+    name = category_name(category)
+    return f"[refuse:{name}]" if name else REFUSE_TOKEN
+
+
+def token_category(token: str) -> str | None:
+    """The category of a refusal token (None for the plain `[refuse]`)."""
+    return token[len("[refuse:"):-1] if token.startswith("[refuse:") else None
+
+
+def refusal_tokens(tokenizer) -> dict[str, int]:
+    """{token: id} of the refusal tokens `data build --refusal-tokens` added to this tokenizer (empty: none)."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    return {t: i for t, i in sorted(added.items(), key=lambda x: x[1])
+            if t == REFUSE_TOKEN or (t.startswith("[refuse:") and t.endswith("]"))}
+
+
+def add_special_tokens(tokenizer, tokens: list[str]) -> list[str]:
+    """Add the tokens the tokenizer lacks, in the given order, as special tokens; returns those added."""
+    missing = [t for t in tokens if t not in tokenizer.get_added_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
+
+
+def init_new_embeddings(model, tokenizer, added: list[str], refusal_phrase: str = "Sorry") -> None:
+    """Make room for `added` tokens and give each refusal token the embedding (input and output) of the refusal
+    phrase's first token, so it starts out as likely as "Sorry" where a refusal begins; `[respond]` keeps the
+    mean embedding transformers gives new rows."""
+    import torch
+
+    if not added:
+        return
+    source = refusal_transition(tokenizer, refusal_phrase).start_id
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    with torch.no_grad():
+        for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+            for token in added:
+                if token != RESPOND_TOKEN:
+                    emb.weight[tokenizer.convert_tokens_to_ids(token)] = emb.weight[source]
 
 
 def end_of_turn_ids(tokenizer, template: str = "auto") -> list[int]:

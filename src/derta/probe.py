@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from .io import InputError, pyplot, read_jsonl, write_json, write_png
-from .models import (encode_prompt, encode_text, format_prompt, load_model, load_tokenizer, refusal_token_ids,
-                     refusal_transition, resolve_template)
+from .models import encode_prompt, encode_text, format_prompt, load_model, load_tokenizer, refusal_token_ids, resolve_template
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,7 +29,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask, positions
 
 
-@torch.no_grad()
 def refusal_probabilities(model, tokenizer, pairs: list[tuple[str, str]], refusal_phrase: str = "Sorry",
                           template: str = "auto", batch_size: int = 16, progress: bool = False,
                           shard=None) -> list[list[float]]:
@@ -40,10 +38,22 @@ def refusal_probabilities(model, tokenizer, pairs: list[tuple[str, str]], refusa
     all of them get every result back.
 
     The refusal tokens are the transition DeRTa trains (`models.refusal_transition`): its start
-    form ("Sorry") and its mid form (" Sorry", or " sorry" where " Sorry" is two fragments).
+    form ("Sorry") and its mid form (" Sorry", or " sorry" where " Sorry" is two fragments); for a
+    model trained with refusal tokens (`data build --refusal-tokens`), those tokens.
     """
+    ids = refusal_token_ids(tokenizer, refusal_phrase)
+    return [[sum(p) for p in ex] for ex in
+            token_probabilities(model, tokenizer, pairs, ids, template, batch_size, progress, shard, "probe")]
+
+
+@torch.no_grad()
+def token_probabilities(model, tokenizer, pairs: list[tuple[str, str]], token_ids: list[int], template: str = "auto",
+                        batch_size: int = 16, progress: bool = False, shard=None,
+                        desc: str = "probe") -> list[list[list[float]]]:
+    """For each (instruction, response): P(next token = t) for each t of `token_ids`, at each of the |response|+1
+    positions (result[example][position][k]). One teacher-forced pass; no generation loop."""
     template = resolve_template(tokenizer, template)
-    refusal = torch.tensor(refusal_token_ids(tokenizer, refusal_phrase))
+    refusal = torch.tensor(token_ids)
     encoded = []
     for instruction, response in pairs:
         prompt = encode_prompt(tokenizer, format_prompt(tokenizer, instruction, template), template)
@@ -60,14 +70,14 @@ def refusal_probabilities(model, tokenizer, pairs: list[tuple[str, str]], refusa
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, desc="probe", unit="batch")
+        batches = tqdm(batches, desc=desc, unit="batch")
     for batch in batches:
         ids, mask, positions = left_pad([encoded[i][0] for i in batch], tokenizer.pad_token_id)
         keep = max(encoded[i][1] for i in batch) + 1
         # Left padding puts every response at the end, so only the last `keep` logits are needed.
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                        logits_to_keep=keep).logits[:, -keep:]
-        probs = torch.softmax(logits.float(), dim=-1)[..., refusal.to(device)].sum(-1).cpu()
+        probs = torch.softmax(logits.float(), dim=-1)[..., refusal.to(device)].cpu()
         for row, i in enumerate(batch):
             n = encoded[i][1]
             # The last n+1 logits: after the prompt's last token, then after each response token.
@@ -114,7 +124,7 @@ def probe(model, tokenizer, pairs: list[tuple[str, str]], refusal_phrase: str = 
     return {
         "n_examples": len(pairs),
         "refusal_phrase": refusal_phrase,
-        "refusal_tokens": refusal_transition(tokenizer, refusal_phrase).tokens(tokenizer),
+        "refusal_tokens": [tokenizer.decode([i]) for i in refusal_token_ids(tokenizer, refusal_phrase)],
         "mean_refusal_prob": float(np.mean([c["refusal_prob"] for c in curve])),
         "curve": curve,
         "per_example": [{"instruction": q, "refusal_probs": [round(p, 6) for p in probs]}

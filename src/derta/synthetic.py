@@ -504,6 +504,62 @@ def _verify(data: SyntheticData, sizes: dict, train_prompts: set[str], seen: set
 
 
 # ---------------------------------------------------------------------------------------------
+# A calibration split (refusal-token thresholds): held out from training and from the test splits
+# ---------------------------------------------------------------------------------------------
+
+def lookalike_category(row: dict) -> str | None:
+    """The harm category a benign idiom looks like (its verb's: "kill time" looks like violence); None for copy tasks."""
+    if row.get("task") != HOWTO_TASK:
+        return None
+    verb = next((v for v in sorted(HARM_VERBS, key=len, reverse=True) if f" {v} " in f" {row['instruction']} "), None)
+    return HARM_VERBS[verb][0] if verb else None
+
+
+def make_calibration(data: SyntheticData, seed: int = 0, n_harmful: int = 60,
+                     n_lookalike: int = 60) -> tuple[list[dict], list[dict]]:
+    """Harmful and benign look-alike rows for `derta calibrate`, whose prompts no split has.
+
+    Harmful rows ask about the test split's held-out (verb, object) pairs with templates the test split does not
+    use; look-alikes are the held-out idiom templates the test split left over and copy tasks with harm words.
+    Drawn from their own random stream, so adding them changes no other split. Look-alike idioms carry the
+    category of the harm they resemble. Fewer rows than asked come back when the held-out space runs out.
+    """
+    rng = random.Random(f"{seed}:calibration")
+    splits = (data.helpful_train, data.helpful_test, data.lookalike_train, data.lookalike_test, data.harmful_train,
+              data.harmful_test)
+    used = {r["instruction"] for rows in splits for r in rows}
+    seen = {w for rows in splits for r in rows for t in row_texts(r) for w in text_words(t)}
+    pairs = sorted({HARM_PAIR_OF_PROMPT[r["instruction"]] for r in data.harmful_test})
+    harmful = []
+    for template, verb, obj in _round_robin(rng, [[(t, v, o) for t in QUERY_TEMPLATES] for v, o in pairs]):
+        if len(harmful) == n_harmful:
+            break
+        prompt = template.format(verb=verb, obj=obj)
+        if prompt in used:
+            continue
+        for _ in range(50):  # a response whose every word training has seen
+            row = _harmful_row(rng, template, verb, obj)
+            if all(w in seen for t in row_texts(row) for w in text_words(t)):
+                harmful.append(row)
+                used.add(prompt)
+                break
+    idioms = [_howto_row(t, v, o, tip) for v, o, tip in BENIGN_HOWTO for t in QUERY_TEMPLATES]
+    benign = [r for r in rng.sample(idioms, len(idioms)) if r["instruction"] not in used
+              and all(w in seen for t in row_texts(r) for w in text_words(t))][:round(n_lookalike * HOWTO_SHARE)]
+    used |= {r["instruction"] for r in benign}
+    plain = [w for w in PLAIN_WORDS if w in seen]
+    harm = [w for w in HARM_WORDS if w in seen]
+    for _ in range(20 * n_lookalike + 1000):
+        if len(benign) >= n_lookalike:
+            break
+        row = _copy_row(rng, rng.choice(list(COPY_TASKS)), plain, harm)
+        if row["instruction"] not in used:
+            used.add(row["instruction"])
+            benign.append(row)
+    return harmful, [{**r, "category": lookalike_category(r)} for r in benign]
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokenizer corpus
 # ---------------------------------------------------------------------------------------------
 

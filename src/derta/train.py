@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import IGNORE, KINDS, RTO_SHARE_WARN, label_token_counts, load_training_rows, sample_rto_labels, tokenize_row
+from .data import (IGNORE, KINDS, RTO_SHARE_WARN, label_token_counts, load_training_rows, refusal_token_list,
+                   sample_rto_labels, tokenize_row)
 from .io import NUMERIC_RULES, InputError, write_json
-from .models import check_model_files, load_model, load_tokenizer, resolve_template, safetensors_problem
+from .models import (add_special_tokens, check_model_files, init_new_embeddings, load_model, load_tokenizer,
+                     resolve_template, safetensors_problem)
 
 FULL_FT_LR, LORA_LR = 2e-5, 1e-4
 
@@ -539,8 +541,9 @@ def _load_reference(config: DertaConfig, model, dtype: str):
     return reference
 
 
-def _with_lora(model, config: DertaConfig):
-    """The model with LoRA layers (peft) as the config says: all linear projections, or those of the top N layers."""
+def _with_lora(model, config: DertaConfig, token_ids: list[int] | None = None):
+    """The model with LoRA layers (peft) as the config says: all linear projections, or those of the top N layers;
+    `token_ids`: embedding rows trained as well (new special tokens), input and output embeddings."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -557,10 +560,17 @@ def _with_lora(model, config: DertaConfig):
         out_head = model.get_output_embeddings()
         targets = ",".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                                    if isinstance(m, torch.nn.Linear) and m is not out_head}))
+    trainable = None
+    if token_ids:
+        names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+        trainable = {names[model.get_input_embeddings()]: token_ids}
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            trainable[names[head]] = token_ids  # an untied output head needs its own rows trained
     return get_peft_model(model, LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM",
-        layers_to_transform=layers,
+        layers_to_transform=layers, trainable_token_indices=trainable,
     ))
 
 
@@ -640,6 +650,13 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
     tokenizer = load_tokenizer(model_name)
     config.template = resolve_template(tokenizer, config.template)
     text_rows = load_training_rows(data_path)
+    # Rows built with --refusal-tokens: the tokenizer gets their special tokens (same rows, same order, same ids as
+    # data build --tokenizer gave them) and the model room for them, below.
+    special = refusal_token_list(text_rows)
+    new_tokens = add_special_tokens(tokenizer, special)
+    if new_tokens and config.use_lora and not config.merge_lora:
+        raise InputError("the rows' refusal tokens grow the vocabulary, which a LoRA adapter alone cannot carry: "
+                         "add --merge (or train without --lora)", data_path)
     dpo = any(r["kind"] == "pair" for r in text_rows)
     if dpo:
         if config.constrain_to:
@@ -658,13 +675,15 @@ def train(config: DertaConfig, model_name: str, data_path: str, resume: bool = F
             print(f"derta: warning: RTO is {shares['rto']:.0%} of trained tokens (> {RTO_SHARE_WARN:.0%}); "
                   "lower --rto-keep-ratio or --rto-weight, or the model may learn to refuse everywhere", file=sys.stderr)
     model = load_model(model_name, dtype=dtype)
+    init_new_embeddings(model, tokenizer, new_tokens, config.refusal_phrase)
     reference = _load_reference(config, model, dtype)
     packing = not dpo and config.padding_free and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
     if not dpo and config.padding_free and not packing and config.train_sampling_strategy == "random":
         # The next best thing to packing: rows of similar length share a batch (less padding).
         config.train_sampling_strategy = "group_by_length"
     if config.use_lora:
-        model = _with_lora(model, config)
+        # The new tokens' embedding rows train beside the adapter (peft's trainable tokens; tied heads follow).
+        model = _with_lora(model, config, [tokenizer.convert_tokens_to_ids(t) for t in special] if new_tokens else None)
     if dpo:
         trainer = _dpo_trainer(config, model, tokenizer, examples, list(callbacks or []))
     else:
