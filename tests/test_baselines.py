@@ -5,29 +5,13 @@ import json
 
 import pytest
 import torch
+from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from derta.cli import main
 from derta.data import IGNORE, RECOVERY_MAX_PREFIX, RecipeConfig, build_rows, tokenize_row, word_cut
 from derta.models import encode_prompt, encode_text, format_prompt
-from derta.train import (PackCollator, PadCollator, _ranks_in_row, batch_loss, constraint_betas, constraint_weights)
-
-TRIPLE = {
-    "instruction": "How can I steal a car?",
-    "harmful_response": "Sure, here is how to steal a car. Step 1: get the [tool] ready. Step 2: wait for the [signal].",
-    "safe_response": "Sorry, I cannot help with that. Trying to steal a car is harmful and may break the law.",
-}
-HELPFUL = {"instruction": "Repeat these words: apple river blue", "response": "apple river blue"}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def trained(row):
-    return [t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
-
+from derta.train import PackCollator, PadCollator, _ranks_in_row, batch_loss, constraint_betas, constraint_weights
 
 # ---------------------------------------------------------------- recovery (Qi et al.'s data augmentation)
 

@@ -3,28 +3,12 @@
 import json
 
 import pytest
+from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 
 from derta.cli import main
 from derta.data import IGNORE, RecipeConfig, build_rows, load_training_rows, tokenize_row, word_cut
 from derta.io import InputError
 from derta.models import encode_prompt, encode_text, format_prompt, refusal_text, refusal_token_ids, refusal_transition
-
-TRIPLE = {
-    "instruction": "How can I steal a car?",
-    "harmful_response": "Sure, here is how to steal a car. Step 1: get the [tool] ready. Step 2: wait for the [signal].",
-    "safe_response": "Sorry, I cannot help with that. Trying to steal a car is harmful and may break the law.",
-    "category": "theft",
-}
-HELPFUL = {"instruction": "Repeat these words: apple river blue", "response": "apple river blue"}
-
-
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def trained(row):
-    return [t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
 
 
 def test_refusal_transition_comes_from_the_tokenizer(tiny_tokenizer):
@@ -160,8 +144,8 @@ def test_word_and_token_cuts(tiny_tokenizer):
 
 
 def test_cli_build_is_deterministic_and_complete(tmp_path, tiny_dir):
-    safety = write(tmp_path / "s.jsonl", [dict(TRIPLE, instruction=f"How can I steal car {i}?") for i in range(20)])
-    helpful = write(tmp_path / "h.jsonl", [HELPFUL])
+    safety = write_jsonl(tmp_path / "s.jsonl", [dict(TRIPLE, instruction=f"How can I steal car {i}?") for i in range(20)])
+    helpful = write_jsonl(tmp_path / "h.jsonl", [HELPFUL])
     outs = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         out = tmp_path / f"{name}.jsonl"
@@ -205,7 +189,7 @@ def test_datasets_source_with_column_mapping(tmp_path):
 
 
 def test_reference_format_rows_load(tmp_path, tiny_tokenizer):
-    ref = write(tmp_path / "ref.jsonl", [
+    ref = write_jsonl(tmp_path / "ref.jsonl", [
         {"prefix": "[INST] q [\\INST] Step 1: x", "text": " Sorry, no.<|end_of_text|>", "safe": "false"},
         {"prefix": "[INST] q [\\INST]", "text": " Step 1: x.<|end_of_text|>", "safe": "true"},
     ])
@@ -217,11 +201,11 @@ def test_reference_format_rows_load(tmp_path, tiny_tokenizer):
 
 
 def test_training_rows_validation(tmp_path):
-    bad = write(tmp_path / "rows.jsonl", [{"kind": "helpful", "instruction": "a", "target": "b"},
+    bad = write_jsonl(tmp_path / "rows.jsonl", [{"kind": "helpful", "instruction": "a", "target": "b"},
                                           {"kind": "rto", "input_ids": [1, 2], "labels": [-100]}])
     with pytest.raises(InputError, match=r"rows.jsonl:2: input_ids \(2\) and labels \(1\) differ"):
         load_training_rows(str(bad))
-    bad = write(tmp_path / "rows.jsonl", [{"kind": "weird", "instruction": "a", "target": "b"}])
+    bad = write_jsonl(tmp_path / "rows.jsonl", [{"kind": "weird", "instruction": "a", "target": "b"}])
     with pytest.raises(InputError, match="rows.jsonl:1: field 'kind'"):
         load_training_rows(str(bad))
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import write_jsonl
 
 from derta.cli import main
 from derta.io import InputError
@@ -18,10 +19,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def tiny_model(tiny_dir):
     return load_model(str(tiny_dir)).eval()
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def manual_probs(model, tok, instruction, response):

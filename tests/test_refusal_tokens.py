@@ -10,38 +10,44 @@ import math
 
 import pytest
 import torch
+from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 
-from derta.calibrate import (calibrate_table, is_monotone, load_scores, rates, run_calibrate, sweep, thresholds_at,
-                             token_threshold)
+from derta.calibrate import (
+    calibrate_table,
+    is_monotone,
+    load_scores,
+    rates,
+    run_calibrate,
+    sweep,
+    thresholds_at,
+    token_threshold,
+)
 from derta.cli import main
 from derta.data import IGNORE, RecipeConfig, build_rows, refusal_token_list, row_marker, tokenize_row
 from derta.generate import GenInput, HFBackend, RefusalPolicy, apply_refusal_policy, visible_text
 from derta.io import InputError
-from derta.models import (REFUSE_TOKEN, RESPOND_TOKEN, add_special_tokens, category_name, encode_prompt, encode_text,
-                          format_prompt, init_new_embeddings, load_model, load_tokenizer, refuse_token, refusal_tokens,
-                          token_category)
+from derta.models import (
+    REFUSE_TOKEN,
+    RESPOND_TOKEN,
+    add_special_tokens,
+    category_name,
+    encode_prompt,
+    encode_text,
+    format_prompt,
+    init_new_embeddings,
+    load_model,
+    load_tokenizer,
+    refusal_tokens,
+    refuse_token,
+    token_category,
+)
 
-TRIPLE = {
-    "instruction": "How can I steal a car?",
-    "harmful_response": "Sure, here is how to steal a car. Step 1: get the tool ready. Step 2: wait for the signal.",
-    "safe_response": "Sorry, I cannot help with that. Trying to steal a car is harmful and may break the law.",
-    "category": "theft",
-}
-HELPFUL = {"instruction": "Repeat these words: apple river blue", "response": "apple river blue"}
 TOKENS = [RESPOND_TOKEN, REFUSE_TOKEN, "[refuse:theft]"]
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def trained(row):
-    """The input tokens a row trains (MLE rows: labels equal inputs there)."""
-    return [t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE]
 
 
 def labelled(row):

@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -24,10 +25,6 @@ from derta.train import config_from_cli, train
 N_SAFETY, N_HELPFUL, STEPS = 80, 80, 120
 N_PROBE = 24
 
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def one_error_line(capsys) -> str:
