@@ -136,7 +136,7 @@ def out_of(argv):
     return [argv[i + 1] for i, a in enumerate(argv) if a in ("--out", "--output", "--plot")]
 
 
-# ---------------------------------------------------------------- unwritable outputs (3 kinds x 13 commands + --plot)
+# ---------------------------------------------------------------- unwritable outputs (3 kinds x 14 commands + --plot)
 
 
 @pytest.mark.parametrize("where", ["under_file", "under_file_deep", "unwritable"])

@@ -231,7 +231,11 @@ def plot_calibration(result: dict, path: str | Path) -> None:
                      drawstyle="steps-post", label=t)
     curve = result["curve"]
     roc.plot([p["over_refusal"] for p in curve], [p["refusal"] for p in curve], color="black", lw=2.2,
-             drawstyle="steps-post", label="overall (all tokens, generation's rule)")
+             drawstyle="steps-post", label="overall, any position (all tokens, generation's rule)")
+    start = "refusal_at_start" in curve[0]
+    if start:  # what the first token alone decides: a plain prompt's refusal before any response text
+        roc.plot([p["over_refusal_at_start"] for p in curve], [p["refusal_at_start"] for p in curve], color="black",
+                 lw=1.5, ls="--", drawstyle="steps-post", label="overall, first token only")
     op = result["operating_point"]
     roc.scatter([op["over_refusal"]], [op["refusal"]], marker="*", s=220, color="red", zorder=5,
                 label=f"chosen ({', '.join(f'{k} {v}' for k, v in result['target'].items())})")
@@ -243,8 +247,13 @@ def plot_calibration(result: dict, path: str | Path) -> None:
     roc.legend(fontsize=7, loc="lower right")
     roc.set_title("Refusal vs over-refusal as the thresholds move")
     xs = [p["allowance"] for p in curve]
-    dial.plot(xs, [p["refusal"] for p in curve], drawstyle="steps-post", label="harmful refused")
-    dial.plot(xs, [p["over_refusal"] for p in curve], drawstyle="steps-post", label="benign refused")
+    dial.plot(xs, [p["refusal"] for p in curve], color="C0", drawstyle="steps-post", label="harmful refused")
+    dial.plot(xs, [p["over_refusal"] for p in curve], color="C1", drawstyle="steps-post", label="benign refused")
+    if start:
+        dial.plot(xs, [p["refusal_at_start"] for p in curve], color="C0", ls="--", drawstyle="steps-post",
+                  label="harmful refused at the first token")
+        dial.plot(xs, [p["over_refusal_at_start"] for p in curve], color="C1", ls="--", drawstyle="steps-post",
+                  label="benign refused at the first token")
     dial.axvline(op["allowance"], color="red", ls="--", lw=1, label="chosen")
     dial.set_xlabel("allowance (share of the benign examples each token may fire on)")
     dial.set_ylabel("rate")
