@@ -173,9 +173,22 @@ def is_monotone(curve: list[dict]) -> bool:
                if a[k] is not None and b[k] is not None)
 
 
+POSITIONS = ("any", "start")
+
+
 def calibrate_table(examples: list[dict], max_over_refusal: float | None = None,
-                    target_refusal: float | None = None) -> dict:
-    """Thresholds for a score table (`score_examples` rows), per category, meeting one target (see module doc)."""
+                    target_refusal: float | None = None, positions: str = "any") -> dict:
+    """Thresholds for a score table (`score_examples` rows), per category, meeting one target (see module doc).
+
+    `positions` "start" calibrates on the first-token scores alone (Jain et al.'s setting: the decision before any
+    response text); "any" on the highest score along the response, which also counts mid-response false refusals.
+    """
+    if positions not in POSITIONS:
+        raise InputError(f"unknown --positions '{positions}': use one of {', '.join(POSITIONS)}")
+    if positions == "start":
+        if not all("start" in e for e in examples):
+            raise InputError("--positions start needs first-token scores ('start') in every example")
+        examples = [{k: v for k, v in {**e, "scores": e["start"]}.items() if k != "start"} for e in examples]
     if max_over_refusal is not None and target_refusal is not None:
         raise InputError("give --max-over-refusal or --target-refusal, not both")
     if max_over_refusal is None and target_refusal is None:
@@ -206,6 +219,7 @@ def calibrate_table(examples: list[dict], max_over_refusal: float | None = None,
                         "curve": token_curve(examples, t)}
     return {
         "target": target,
+        "positions": positions,
         "thresholds": thresholds,
         "operating_point": {**point, "meets_target": met},
         "tokens": per_token,
@@ -275,8 +289,11 @@ def report_markdown(result: dict) -> str:
         f"{result['n_harmful']} harmful and {result['n_benign']} benign examples; target: {target} "
         f"({'met' if op['meets_target'] else 'NOT met'}). At the chosen point the model refuses {pct(op['refusal'])} % of "
         f"the harmful examples and {pct(op['over_refusal'])} % of the benign ones (allowance {op['allowance']:.4g}). "
-        "Scores: the highest probability of each refusal token at the start of the response or after any of its "
-        "tokens (teacher forced); an example counts as refused when any token reaches its threshold.",
+        + ("Scores: the probability of each refusal token at the first token of the response (`--positions start`); "
+           if result.get("positions") == "start" else
+           "Scores: the highest probability of each refusal token at the start of the response or after any of its "
+           "tokens (teacher forced); ")
+        + "an example counts as refused when any token reaches its threshold.",
         "",
         "Per token: its threshold, and its category's examples refused (by any token, as in generation).",
         "",
@@ -299,12 +316,14 @@ def report_markdown(result: dict) -> str:
 def run_calibrate(out: str | Path, model: str | None = None, harmful: str | None = None, benign: str | None = None,
                   scores: str | None = None, max_over_refusal: float | None = None, target_refusal: float | None = None,
                   template: str = "auto", batch_size: int = 16, limit: int | None = None, progress: bool = True,
-                  refusal_phrase: str = "Sorry") -> dict:
+                  refusal_phrase: str = "Sorry", positions: str = "any") -> dict:
     """Score (or read `scores`), sweep, choose; writes OUT/calibration.json, scores.jsonl, calibration.png, report.md."""
     for flag, value in (("--max-over-refusal", max_over_refusal), ("--target-refusal", target_refusal)):
         check_number(value, flag, "fraction")
     if max_over_refusal is not None and target_refusal is not None:
         raise InputError("give --max-over-refusal or --target-refusal, not both")
+    if positions not in POSITIONS:
+        raise InputError(f"unknown --positions '{positions}': use one of {', '.join(POSITIONS)}")
     if scores:
         if model or harmful or benign:
             raise InputError("--scores re-calibrates a saved score table: leave out --model, --harmful and --benign")
@@ -324,7 +343,8 @@ def run_calibrate(out: str | Path, model: str | None = None, harmful: str | None
         table = score_examples(load_model(model), tokenizer, examples, tokens, template, batch_size, progress)
         source = {"model": str(model), "harmful": str(harmful), "benign": str(benign)}
     # The phrase travels with the thresholds: generation holds a fired token's next token to its transition.
-    result = {**source, **calibrate_table(table, max_over_refusal, target_refusal), "refusal_phrase": refusal_phrase}
+    result = {**source, **calibrate_table(table, max_over_refusal, target_refusal, positions),
+              "refusal_phrase": refusal_phrase}
     out = Path(out)
     if not scores:
         write_jsonl(out / "scores.jsonl", table)

@@ -258,7 +258,8 @@ def cmd_calibrate(args) -> None:
 
     r = run_calibrate(args.out, model=args.model, harmful=args.harmful, benign=args.benign, scores=args.scores,
                       max_over_refusal=args.max_over_refusal, target_refusal=args.target_refusal, template=args.template,
-                      batch_size=args.batch_size, limit=args.limit, refusal_phrase=args.refusal_phrase)
+                      batch_size=args.batch_size, limit=args.limit, refusal_phrase=args.refusal_phrase,
+                      positions=args.positions)
     op = r["operating_point"]
     target = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["target"].items())
     print(f"{'met' if op['meets_target'] else 'NOT met'} {target}: refuses {100 * op['refusal']:.1f}% of {r['n_harmful']} "
@@ -267,7 +268,7 @@ def cmd_calibrate(args) -> None:
 
 
 def _add_calibrate(sub) -> None:
-    from .calibrate import DEFAULT_MAX_OVER_REFUSAL
+    from .calibrate import DEFAULT_MAX_OVER_REFUSAL, POSITIONS
 
     p = sub.add_parser("calibrate", help="per-category thresholds on a model's refusal tokens (data build "
                        "--refusal-tokens) for a target refusal or over-refusal rate")
@@ -286,6 +287,9 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--template", default="auto")
     p.add_argument("--refusal-phrase", default="Sorry", help="the refusal's first word: generation makes a fired "
                    "refusal token continue with it")
+    p.add_argument("--positions", default="any", choices=POSITIONS,
+                   help="score an example by its highest refusal-token probability along the response (any: also counts "
+                        "mid-response false refusals) or at the first token only (start: Jain et al.'s setting)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, help="only the first N harmful and N benign examples")
     p.set_defaults(func=cmd_calibrate)
@@ -444,12 +448,14 @@ def _add_score(sub) -> None:
 
 
 def cmd_eval_overrefusal(args) -> None:
-    from .generate import make_backend
+    from .generate import RefusalPolicy, make_backend
     from .overrefusal import load_overrefusal_prompts, run_overrefusal
 
     load_overrefusal_prompts(args.prompts)  # bad rows fail before the model loads
+    policy = RefusalPolicy.from_file(args.calibration) if args.calibration else None
     backend = make_backend(args.backend, args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                           template=args.template, system=args.system, dtype=args.dtype, base_url=args.base_url)
+                           template=args.template, system=args.system, dtype=args.dtype, base_url=args.base_url,
+                           policy=policy)
     s = run_overrefusal(args.out, args.prompts, backend, args.model, limit=args.limit)
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     print(f"refused {pct(s['safe_refusal'])} of {s['n_safe']} safe and {pct(s['unsafe_refusal'])} of {s['n_unsafe']} "
@@ -472,6 +478,7 @@ def _add_eval_overrefusal(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL)")
     p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--calibration", help="models trained with refusal tokens: derta calibrate's calibration.json")
     p.set_defaults(func=cmd_eval_overrefusal)
 
 
