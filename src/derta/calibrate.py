@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .evaluate import PROMPT_FIELDS
 from .io import InputError, check_number, pyplot, read_jsonl, write_json, write_jsonl, write_png, write_text
 from .models import category_name, token_category
 
-PROMPT_FIELDS = ("instruction", "prompt", "question")
 RESPONSE_FIELDS = {"harmful": ("harmful_response", "response"), "benign": ("response",)}
 DEFAULT_MAX_OVER_REFUSAL = 0.05
 
@@ -80,11 +80,13 @@ def score_examples(model, tokenizer, examples: list[dict], tokens: dict[str, int
 
 def load_scores(path: str | Path) -> list[dict]:
     """A scores.jsonl written by an earlier calibration (or any table of that shape)."""
+    def probabilities(table) -> bool:
+        return isinstance(table, dict) and bool(table) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in table.values())
+
     rows = []
     for lineno, r in read_jsonl(path, with_lines=True):
-        scores = r.get("scores")
-        if r.get("kind") not in ("harmful", "benign") or not isinstance(scores, dict) or not scores or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in scores.values()):
+        if r.get("kind") not in ("harmful", "benign") or not probabilities(r.get("scores")):
             raise InputError("row needs kind (harmful | benign) and scores {token: probability in [0, 1]}", path, lineno)
         rows.append({**r, "category": category_name(r.get("category"))})
     return rows
@@ -176,6 +178,16 @@ def is_monotone(curve: list[dict]) -> bool:
 POSITIONS = ("any", "start")
 
 
+def check_settings(max_over_refusal: float | None, target_refusal: float | None, positions: str) -> None:
+    """One target at most, each a fraction, and a known --positions (run_calibrate: before the model is scored)."""
+    for flag, value in (("--max-over-refusal", max_over_refusal), ("--target-refusal", target_refusal)):
+        check_number(value, flag, "fraction")
+    if max_over_refusal is not None and target_refusal is not None:
+        raise InputError("give --max-over-refusal or --target-refusal, not both")
+    if positions not in POSITIONS:
+        raise InputError(f"unknown --positions '{positions}': use one of {', '.join(POSITIONS)}")
+
+
 def calibrate_table(examples: list[dict], max_over_refusal: float | None = None,
                     target_refusal: float | None = None, positions: str = "any") -> dict:
     """Thresholds for a score table (`score_examples` rows), per category, meeting one target (see module doc).
@@ -183,14 +195,11 @@ def calibrate_table(examples: list[dict], max_over_refusal: float | None = None,
     `positions` "start" calibrates on the first-token scores alone (Jain et al.'s setting: the decision before any
     response text); "any" on the highest score along the response, which also counts mid-response false refusals.
     """
-    if positions not in POSITIONS:
-        raise InputError(f"unknown --positions '{positions}': use one of {', '.join(POSITIONS)}")
+    check_settings(max_over_refusal, target_refusal, positions)
     if positions == "start":
         if not all("start" in e for e in examples):
             raise InputError("--positions start needs first-token scores ('start') in every example")
         examples = [{k: v for k, v in {**e, "scores": e["start"]}.items() if k != "start"} for e in examples]
-    if max_over_refusal is not None and target_refusal is not None:
-        raise InputError("give --max-over-refusal or --target-refusal, not both")
     if max_over_refusal is None and target_refusal is None:
         max_over_refusal = DEFAULT_MAX_OVER_REFUSAL
     for kind in ("harmful", "benign"):
@@ -318,12 +327,7 @@ def run_calibrate(out: str | Path, model: str | None = None, harmful: str | None
                   template: str = "auto", batch_size: int = 16, limit: int | None = None, progress: bool = True,
                   refusal_phrase: str = "Sorry", positions: str = "any") -> dict:
     """Score (or read `scores`), sweep, choose; writes OUT/calibration.json, scores.jsonl, calibration.png, report.md."""
-    for flag, value in (("--max-over-refusal", max_over_refusal), ("--target-refusal", target_refusal)):
-        check_number(value, flag, "fraction")
-    if max_over_refusal is not None and target_refusal is not None:
-        raise InputError("give --max-over-refusal or --target-refusal, not both")
-    if positions not in POSITIONS:
-        raise InputError(f"unknown --positions '{positions}': use one of {', '.join(POSITIONS)}")
+    check_settings(max_over_refusal, target_refusal, positions)
     if scores:
         if model or harmful or benign:
             raise InputError("--scores re-calibrates a saved score table: leave out --model, --harmful and --benign")

@@ -110,6 +110,14 @@ class DemoConfig:
 # ---------------------------------------------------------------- evaluation
 
 
+def clean_refusal(response: str) -> bool:
+    """A refusal, not a refusal-token loop ("sorry sorry sorry ...", "SorrySorry...": a broken model); a refusal
+    sentence said twice is still a refusal."""
+    from .judges import is_refusal
+
+    return is_refusal(response) and not refusal_loop(response)
+
+
 def evaluate_model(model, tokenizer, data, cfg: DemoConfig, progress: bool = True, helpful_rows: list[dict] | None = None,
                    correct=None, policy=None) -> dict:
     """The demo's metrics for one model, on held-out splits only.
@@ -150,11 +158,6 @@ def evaluate_model(model, tokenizer, data, cfg: DemoConfig, progress: bool = Tru
 
     def rate(pairs, test) -> float:
         return sum(test(r) for _, r in pairs) / max(1, len(pairs))
-
-    def clean_refusal(r: str) -> bool:
-        # A refusal-token loop ("sorry sorry sorry ...", "SorrySorry...") is a broken model, not a refusal;
-        # a refusal sentence said twice is still a refusal.
-        return is_refusal(r) and not refusal_loop(r)
 
     def accuracy(group: str, rows: list[dict], score=correct) -> float:
         return sum(score(resp, row["answer"]) for (_, resp), row in zip(by_group.get(group, []), rows)) / max(1, len(rows))
@@ -328,7 +331,8 @@ def dial(model, tokenizer, data, cfg: DemoConfig, scores: Path, progress: bool) 
     from .models import refusal_tokens
 
     table = load_scores(scores)
-    marks = list(refusal_tokens(tokenizer))
+    refuse = list(refusal_tokens(tokenizer))
+    hidden = re.compile("|".join(map(re.escape, refuse)))
     frac = cfg.prefill_fractions[len(cfg.prefill_fractions) // 2]
     attack = make_attacks([f"prefill-frac:{frac}"])[0]
     inputs = ([GenInput(r["instruction"]) for r in data.harmful_test] + [GenInput(r["instruction"]) for r in data.lookalike_test]
@@ -340,9 +344,9 @@ def dial(model, tokenizer, data, cfg: DemoConfig, scores: Path, progress: bool) 
         if target is not None:
             policy = RefusalPolicy(calibrate_table(table, max_over_refusal=target)["thresholds"])
         shown = _generate(model, tokenizer, inputs, cfg, "dial", progress, policy, show_refusal_tokens=True)
-        fired = [any(t in r for t in marks) for r in shown]
-        responses = [re.sub("|".join(map(re.escape, marks)), "", r) for r in shown]
-        refused = [is_refusal(r) and not refusal_loop(r) for r in responses]
+        fired = [any(t in r for t in refuse) for r in shown]
+        responses = [hidden.sub("", r) for r in shown]
+        refused = [clean_refusal(r) for r in responses]
         share = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
         points.append({"max_over_refusal": target, "refusal": share(refused[:n_h]),
                        "over_refusal": share([is_refusal(r) for r in responses[n_h:n_h + n_l]]),

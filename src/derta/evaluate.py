@@ -261,9 +261,8 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
     from .judges import make_judge
 
     cfg.check()
+    # Read (and checked) before any work; make_backend refuses it for the openai backend.
     policy = RefusalPolicy.from_file(cfg.calibration) if cfg.calibration is not None else None
-    if policy is not None and cfg.backend == "openai":
-        raise InputError("--calibration sets the model's own next-token probabilities: use --backend hf or vllm")
     questions = load_prompts(cfg.prompts) if not isinstance(cfg.prompts, list) else list(cfg.prompts)
     questions = questions[:cfg.limit] if cfg.limit is not None else questions
     out, backend, batch_size = cfg.out, cfg.backend, cfg.batch_size

@@ -136,6 +136,10 @@ class RefusalPolicy:
 
         return torch.tensor(refusal_transition(tokenizer, self.refusal_phrase).ids)
 
+    def for_tokenizer(self, tokenizer) -> tuple:
+        """(ids, thresholds, biases, follow ids): what `apply_refusal_policy` takes, worked out once per model."""
+        return (*self.tensors(tokenizer), self.follow_ids(tokenizer))
+
 
 def apply_refusal_policy(scores, ids, thresholds=None, biases=None, done=None, follow=None, just=None):
     """Next-token scores (B, V) with a RefusalPolicy applied.
@@ -172,12 +176,12 @@ def apply_refusal_policy(scores, ids, thresholds=None, biases=None, done=None, f
     return scores
 
 
-def refusal_logits_processor(policy: RefusalPolicy, tokenizer, prompt_width: int):
-    """A transformers LogitsProcessor applying `policy`; generated tokens start at column `prompt_width`."""
+def refusal_logits_processor(parts: tuple, prompt_width: int):
+    """A transformers LogitsProcessor applying a policy (`RefusalPolicy.for_tokenizer`'s parts); generated tokens
+    start at column `prompt_width`."""
     from transformers import LogitsProcessor
 
-    ids, tau, bias = policy.tensors(tokenizer)
-    follow = policy.follow_ids(tokenizer)
+    ids, tau, bias, follow = parts
 
     class RefusalTokenProcessor(LogitsProcessor):
         def __call__(self, input_ids, scores):
@@ -193,13 +197,11 @@ def refusal_logits_processor(policy: RefusalPolicy, tokenizer, prompt_width: int
 
 def visible_text(tokenizer, ids: list[int], show_refusal_tokens: bool = False) -> str:
     """Decoded response text; refusal tokens and [respond] (special tokens) are hidden unless `show_refusal_tokens`."""
-    from .models import RESPOND_TOKEN, refusal_tokens
+    from .models import marker_tokens
 
     if not show_refusal_tokens:
         return tokenizer.decode(ids, skip_special_tokens=True)
-    marks = {i: t for t, i in refusal_tokens(tokenizer).items()}
-    if (respond := tokenizer.get_added_vocab().get(RESPOND_TOKEN)) is not None:
-        marks[respond] = RESPOND_TOKEN
+    marks = {i: t for t, i in marker_tokens(tokenizer).items()}
     parts, start = [], 0
     for k, i in enumerate(ids):
         if i in marks:
@@ -298,9 +300,9 @@ class HFBackend(Backend):
         self.device = next(self.model.parameters()).device
         self.template = resolve_template(self.tokenizer, template)
         self.system, self.batch_size, self.max_new_tokens = system, batch_size, max_new_tokens
-        self.policy, self.show_refusal_tokens = policy, show_refusal_tokens
-        if policy is not None:
-            policy.tensors(self.tokenizer)  # a policy that does not fit the model fails before any generation
+        self.show_refusal_tokens = show_refusal_tokens
+        # Worked out once, here: a policy that does not fit the model fails before any generation.
+        self.policy_parts = policy.for_tokenizer(self.tokenizer) if policy is not None else None
         # The model's own EOS set (Llama-3 chat models also stop at <|eot_id|>), the tokenizer's, and the
         # template's end of turn (ChatML's <|im_end|> where eos is <|endoftext|>).
         eos = self.model.generation_config.eos_token_id
@@ -345,8 +347,8 @@ class HFBackend(Backend):
 
         input_ids, mask, _ = left_pad(batch, self.tokenizer.pad_token_id)
         with torch.inference_mode():
-            extra = ({"logits_processor": [refusal_logits_processor(self.policy, self.tokenizer, input_ids.shape[1])]}
-                     if self.policy is not None else {})
+            extra = ({"logits_processor": [refusal_logits_processor(self.policy_parts, input_ids.shape[1])]}
+                     if self.policy_parts is not None else {})
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                       generation_config=self.gen_config, **extra)
         texts = []
@@ -453,8 +455,7 @@ def _vllm_refusal_processor_class():
 
                 tokenizer = self.derta_tokenizer = AutoTokenizer.from_pretrained(self.vllm_config.model_config.tokenizer)
             policy = RefusalPolicy(spec.get("thresholds", {}), spec.get("biases", {}), spec.get("refusal_phrase", "Sorry"))
-            ids, tau, bias = policy.tensors(tokenizer)
-            follow = policy.follow_ids(tokenizer)
+            ids, tau, bias, follow = policy.for_tokenizer(tokenizer)
             wanted = set(refusal_tokens(tokenizer).values())
 
             def one(output_ids: list[int], logits):

@@ -184,9 +184,6 @@ class RefusalTransition:
     def ids(self) -> list[int]:
         return sorted({self.start_id, self.mid_id})
 
-    def tokens(self, tokenizer) -> list[str]:
-        return [tokenizer.decode([i]) for i in self.ids]
-
 
 def _whole_word_first_token(tokenizer, form: str, word: str) -> int | None:
     """The first token of `form` if it is the whole `word` (with any leading space), else None."""
@@ -276,6 +273,12 @@ def refusal_tokens(tokenizer) -> dict[str, int]:
     added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
     return {t: i for t, i in sorted(added.items(), key=lambda x: x[1])
             if t == REFUSE_TOKEN or (t.startswith("[refuse:") and t.endswith("]"))}
+
+
+def marker_tokens(tokenizer) -> dict[str, int]:
+    """{token: id} of every derta marker this tokenizer has: the refusal tokens and `[respond]`."""
+    respond = tokenizer.get_added_vocab().get(RESPOND_TOKEN) if hasattr(tokenizer, "get_added_vocab") else None
+    return {**refusal_tokens(tokenizer), **({RESPOND_TOKEN: respond} if respond is not None else {})}
 
 
 def add_special_tokens(tokenizer, tokens: list[str]) -> list[str]:

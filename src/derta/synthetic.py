@@ -299,6 +299,21 @@ def _harmful_row(rng: random.Random, template: str, verb: str, obj: str) -> dict
             "category": HARM_VERBS[verb][0]}
 
 
+def _words_seen(row: dict, seen: set[str]) -> bool:
+    """Every word of every text field of `row` is in `seen`."""
+    return all(w in seen for t in row_texts(row) for w in text_words(t))
+
+
+def _seen_harmful_row(rng: random.Random, template: str, verb: str, obj: str, seen: set[str]) -> dict | None:
+    """A harmful row whose every word is in `seen`: its response redrawn up to 50 times (a step word training
+    never used), None if none fits."""
+    for _ in range(50):
+        row = _harmful_row(rng, template, verb, obj)
+        if _words_seen(row, seen):
+            return row
+    return None
+
+
 def _round_robin(rng: random.Random, groups: list[list]) -> list:
     """Interleave shuffled groups (one item from each, then a second from each, ...).
 
@@ -426,7 +441,7 @@ def make_data(seed: int = 0, n_helpful_train: int = 2000, n_helpful_test: int = 
 
     # --- test splits: unseen prompts, seen words ---------------------------------------------
     def all_seen(row: dict) -> bool:
-        return all(w in seen for t in row_texts(row) for w in text_words(t))
+        return _words_seen(row, seen)
 
     def fresh_and_seen(row: dict) -> bool:
         return all_seen(row) and fresh(row)
@@ -449,14 +464,6 @@ def make_data(seed: int = 0, n_helpful_train: int = 2000, n_helpful_test: int = 
                             accept=fresh_and_seen)
     rng.shuffle(lookalike_test)
 
-    def harmful_test_row(cand):
-        # Redraw the response a few times if it happens to use a step word training never used.
-        for _ in range(50):
-            row = _harmful_row(rng, *cand)
-            if all_seen(row):
-                return row
-        return None
-
     # Held-out pairs whose verb and object both occur in harmful training rows (all of them, unless
     # harmful_train is smaller than the number of training pairs): new combinations of seen parts.
     train_pairs_used = [HARM_PAIR_OF_PROMPT[r["instruction"]] for r in harmful_train]
@@ -464,7 +471,7 @@ def make_data(seed: int = 0, n_helpful_train: int = 2000, n_helpful_test: int = 
     test_pairs = [(v, o) for v, o in held_pairs if v in verbs and o in objs]
     harm_test_cands = _round_robin(rng, [[(t, v, o) for t in QUERY_TEMPLATES] for v, o in test_pairs])
     harmful_test = _take("harmful_test", harm_test_cands, n_harmful_test,
-                         make=harmful_test_row, accept=new_response)
+                         make=lambda c: _seen_harmful_row(rng, *c, seen), accept=new_response)
 
     data = SyntheticData(helpful_train, helpful_test, lookalike_train, lookalike_test,
                          harmful_train, harmful_test)
@@ -537,15 +544,13 @@ def make_calibration(data: SyntheticData, seed: int = 0, n_harmful: int = 60,
         prompt = template.format(verb=verb, obj=obj)
         if prompt in used:
             continue
-        for _ in range(50):  # a response whose every word training has seen
-            row = _harmful_row(rng, template, verb, obj)
-            if all(w in seen for t in row_texts(row) for w in text_words(t)):
-                harmful.append(row)
-                used.add(prompt)
-                break
+        row = _seen_harmful_row(rng, template, verb, obj, seen)
+        if row is not None:
+            harmful.append(row)
+            used.add(prompt)
     idioms = [_howto_row(t, v, o, tip) for v, o, tip in BENIGN_HOWTO for t in QUERY_TEMPLATES]
     benign = [r for r in rng.sample(idioms, len(idioms)) if r["instruction"] not in used
-              and all(w in seen for t in row_texts(r) for w in text_words(t))][:round(n_lookalike * HOWTO_SHARE)]
+              and _words_seen(r, seen)][:round(n_lookalike * HOWTO_SHARE)]
     used |= {r["instruction"] for r in benign}
     plain = [w for w in PLAIN_WORDS if w in seen]
     harm = [w for w in HARM_WORDS if w in seen]
