@@ -626,7 +626,8 @@ def test_calibrate_cli_bad_flags_exit_2(tmp_path, capsys, extra):
 def test_calibrate_cli_malformed_score_row_is_one_line_with_its_line_number(tmp_path, capsys):
     out = tmp_path / "cal"
     for bad in ({"kind": "other", "scores": {A: 0.1}}, {"kind": "benign", "scores": {A: 1.5}},
-                {"kind": "benign", "scores": {}}, {"kind": "benign", "scores": {A: "x"}}):
+                {"kind": "benign", "scores": {}}, {"kind": "benign", "scores": {A: "x"}},
+                {"kind": "benign", "scores": {A: 0.1}, "start": {A: "x"}}):
         scores = tmp_path / "scores.jsonl"
         scores.write_text(json.dumps(table()[0]) + "\n" + json.dumps(bad) + "\n")
         capsys.readouterr()

@@ -88,6 +88,8 @@ def load_scores(path: str | Path) -> list[dict]:
     for lineno, r in read_jsonl(path, with_lines=True):
         if r.get("kind") not in ("harmful", "benign") or not probabilities(r.get("scores")):
             raise InputError("row needs kind (harmful | benign) and scores {token: probability in [0, 1]}", path, lineno)
+        if "start" in r and not probabilities(r["start"]):  # the first-token scores (--positions start)
+            raise InputError("field 'start' must be {token: probability in [0, 1]}", path, lineno)
         rows.append({**r, "category": category_name(r.get("category"))})
     return rows
 

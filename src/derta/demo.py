@@ -328,11 +328,12 @@ def dial(model, tokenizer, data, cfg: DemoConfig, scores: Path, progress: bool) 
     from .calibrate import calibrate_table, load_scores
     from .generate import GenInput, RefusalPolicy
     from .judges import is_refusal
-    from .models import refusal_tokens
+    from .models import marker_tokens, refusal_tokens
 
     table = load_scores(scores)
     refuse = list(refusal_tokens(tokenizer))
-    hidden = re.compile("|".join(map(re.escape, refuse)))
+    # The visible text, as a user sees it: every marker ([respond] too) taken out of the shown responses.
+    hidden = re.compile("|".join(map(re.escape, marker_tokens(tokenizer))))
     frac = cfg.prefill_fractions[len(cfg.prefill_fractions) // 2]
     attack = make_attacks([f"prefill-frac:{frac}"])[0]
     inputs = ([GenInput(r["instruction"]) for r in data.harmful_test] + [GenInput(r["instruction"]) for r in data.lookalike_test]
