@@ -259,7 +259,7 @@ def cmd_calibrate(args) -> None:
     r = run_calibrate(args.out, model=args.model, harmful=args.harmful, benign=args.benign, scores=args.scores,
                       max_over_refusal=args.max_over_refusal, target_refusal=args.target_refusal, template=args.template,
                       batch_size=args.batch_size, limit=args.limit, refusal_phrase=args.refusal_phrase,
-                      positions=args.positions)
+                      positions=args.positions, progress=not args.quiet)
     op = r["operating_point"]
     target = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in r["target"].items())
     print(f"{'met' if op['meets_target'] else 'NOT met'} {target}: refuses {100 * op['refusal']:.1f}% of {r['n_harmful']} "
@@ -292,6 +292,7 @@ def _add_calibrate(sub) -> None:
                         "mid-response false refusals) or at the first token only (start: Jain et al.'s setting)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, help="only the first N harmful and N benign examples")
+    p.add_argument("--quiet", action="store_true", help="no progress bar while the examples are scored")
     p.set_defaults(func=cmd_calibrate)
 
 
