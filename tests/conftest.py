@@ -7,16 +7,6 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_collection_modifyitems(config, items):
-    """`slow` tests stay out of the default run; DERTA_SLOW=1 or `-m slow` runs them."""
-    if os.environ.get("DERTA_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow: run with DERTA_SLOW=1 or -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and on a shared two-core machine two thrash (~40x slower)."""
@@ -31,21 +21,21 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama model whose tokenizer knows every word of the synthetic data."""
-    from derta.tiny import build_tiny
+    from derta.models.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir):
-    from derta.models import load_tokenizer
+    from derta.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_dir))
 
 
 @pytest.fixture(scope="session")
 def synthetic():
-    from derta.synthetic import make_data
+    from derta.data.synthetic import make_data
 
     return make_data(seed=0)
 

@@ -5,7 +5,7 @@ Imported as `from helpers import ...` (pytest puts this directory on sys.path fo
 
 import json
 
-from derta.data import IGNORE
+from derta.data.tokenize import IGNORE
 
 TRIPLE = {
     "instruction": "How can I steal a car?",

@@ -5,13 +5,15 @@ import json
 
 import pytest
 import torch
-from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from derta.cli import main
-from derta.data import IGNORE, RECOVERY_MAX_PREFIX, RecipeConfig, build_rows, tokenize_row, word_cut
-from derta.models import encode_prompt, encode_text, format_prompt
-from derta.train import PackCollator, PadCollator, _ranks_in_row, batch_loss, constraint_betas, constraint_weights
+from derta.cli.main import main
+from derta.data.recipes import RECOVERY_MAX_PREFIX, RecipeConfig, build_rows, word_cut
+from derta.data.tokenize import IGNORE, tokenize_row
+from derta.models.templates import encode_prompt, encode_text, format_prompt
+from derta.train.collators import PackCollator, PadCollator
+from derta.train.losses import _ranks_in_row, batch_loss, constraint_betas, constraint_weights
+from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 
 # ---------------------------------------------------------------- recovery (Qi et al.'s data augmentation)
 
@@ -62,8 +64,23 @@ def test_recovery_labels_train_only_the_refusal_after_the_prefix(tiny_tokenizer)
 def test_data_build_reports_the_recovery_mix(tmp_path, capsys):
     safety = write_jsonl(tmp_path / "s.jsonl", [TRIPLE] * 5)
     helpful = write_jsonl(tmp_path / "h.jsonl", [HELPFUL] * 20)
-    assert main(["data", "build", "--recipe", "recovery", "--safety", str(safety), "--helpful", str(helpful),
-                 "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--recipe",
+                "recovery",
+                "--safety",
+                str(safety),
+                "--helpful",
+                str(helpful),
+                "--out",
+                str(tmp_path / "r.jsonl"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "helpful:safety rows 4.0:1" in out and "Qi et al." in out
 
@@ -75,7 +92,11 @@ def test_dpo_rows_pair_the_safe_response_with_the_harmful_one(tiny_tokenizer):
     rows = build_rows(RecipeConfig(recipe="dpo"), [TRIPLE] * 2, [HELPFUL])
     assert [r["kind"] for r in rows] == ["helpful", "pair", "pair"]
     pair = rows[1]
-    assert (pair["target"], pair["rejected"], pair["prefix"]) == (TRIPLE["safe_response"], TRIPLE["harmful_response"], "")
+    assert (pair["target"], pair["rejected"], pair["prefix"]) == (
+        TRIPLE["safe_response"],
+        TRIPLE["harmful_response"],
+        "",
+    )
     tok = tokenize_row(pair, tiny_tokenizer)
     prompt = encode_prompt(tiny_tokenizer, format_prompt(tiny_tokenizer, TRIPLE["instruction"]))
     eos = tiny_tokenizer.eos_token_id
@@ -102,12 +123,16 @@ def test_constraint_weight_is_one_at_beta_zero_and_grows_with_distance():
     w = constraint_weights(nll, ref, torch.full((5,), 0.5))
     assert torch.all(w[1:] > w[:-1]) and abs(float(w[1]) - 1.0) < 1e-7 and float(w.max()) < 2.0
     # Where the model is already far above the reference the weight fades, but never below Qi et al.'s 1e-3 floor.
-    assert float(constraint_weights(torch.tensor([0.0]), torch.tensor([100.0]), torch.tensor([2.0]))) == pytest.approx(1e-3)
+    assert float(constraint_weights(torch.tensor([0.0]), torch.tensor([100.0]), torch.tensor([2.0]))) == pytest.approx(
+        1e-3
+    )
 
 
 def test_token_ranks_restart_at_every_row_packed_or_padded():
-    rows = [{"input_ids": [5, 6, 7, 8], "labels": [IGNORE, IGNORE, 7, 8], "kind": "safe"},
-            {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "kind": "helpful"}]
+    rows = [
+        {"input_ids": [5, 6, 7, 8], "labels": [IGNORE, IGNORE, 7, 8], "kind": "safe"},
+        {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "kind": "helpful"},
+    ]
     for batch in (PadCollator(0)(rows), PackCollator()(rows)):
         mask = batch["labels"][:, 1:].ne(IGNORE)
         assert _ranks_in_row(batch, mask).tolist() == [0, 1, 0, 1]
@@ -142,8 +167,12 @@ def test_constrained_loss_tends_to_cross_entropy_as_beta_goes_to_zero(tiny_dir, 
     gaps = []
     for beta in (1.0, 1e-2, 1e-4, 0.0):
         constrained = _loss_and_grads(model, batch, reference=reference, constraint_beta=beta)
-        gaps.append(max([float((constrained[0] - plain[0]).abs())]
-                        + [float((constrained[1][k] - plain[1][k]).abs().max()) for k in plain[1]]))
+        gaps.append(
+            max(
+                [float((constrained[0] - plain[0]).abs())]
+                + [float((constrained[1][k] - plain[1][k]).abs().max()) for k in plain[1]]
+            )
+        )
     # The gap shrinks with beta (about linearly) and is exactly 0 at beta = 0: the weights are then all 1.
     assert gaps[0] > 1e-2 and gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-3 and gaps[3] == 0.0
 
@@ -173,12 +202,53 @@ def test_constrained_loss_grows_with_distance_to_the_reference(tiny_dir, tiny_to
 def test_train_with_constrain_to_runs_and_logs_the_constraint(tmp_path, tiny_dir, synthetic, capsys):
     safety = write_jsonl(tmp_path / "s.jsonl", synthetic.harmful_train[:8])
     helpful = write_jsonl(tmp_path / "h.jsonl", synthetic.helpful_train[:8])
-    assert main(["data", "build", "--recipe", "recovery", "--safety", str(safety), "--helpful", str(helpful),
-                 "--out", str(tmp_path / "rows.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--recipe",
+                "recovery",
+                "--safety",
+                str(safety),
+                "--helpful",
+                str(helpful),
+                "--out",
+                str(tmp_path / "rows.jsonl"),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "out"
-    assert main(["train", "--model", str(tiny_dir), "--data", str(tmp_path / "rows.jsonl"), "--output", str(out),
-                 "--max-steps", "4", "--batch-size", "4", "--grad-accum", "1", "--learning-rate", "1e-2",
-                 "--logging-steps", "2", "--quiet", "--constrain-to", str(tiny_dir), "--constraint-beta", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(tmp_path / "rows.jsonl"),
+                "--output",
+                str(out),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                "1",
+                "--learning-rate",
+                "1e-2",
+                "--logging-steps",
+                "2",
+                "--quiet",
+                "--constrain-to",
+                str(tiny_dir),
+                "--constraint-beta",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "derta_train.json").read_text())
     assert info["config"]["constrain_to"] == str(tiny_dir) and info["config"]["constraint_beta"] == 0.2
     # At the first log the model has barely moved from its reference: weights near 1, and between Qi's bounds.
@@ -192,7 +262,7 @@ def test_constraint_settings_are_checked(tmp_path, tiny_dir, capsys):
     assert main(base + ["--constrain-to", str(tiny_dir), "--constraint-beta", "-1"]) == 2
     assert "--constraint-beta must be a finite number >= 0" in capsys.readouterr().err
     other = tmp_path / "other"
-    from derta.tiny import build_tiny
+    from derta.models.tiny import build_tiny
 
     build_tiny(other, seed=0, vocab_size=1024, hidden_size=32, layers=1)
     assert main(base + ["--constrain-to", str(other)]) == 2
@@ -204,7 +274,8 @@ def test_constraint_settings_are_checked(tmp_path, tiny_dir, capsys):
 
 
 def test_dpo_examples_for_trl_keep_derta_tokenization(tiny_tokenizer):
-    from derta.train import DertaConfig, dpo_examples
+    from derta.train.config import DertaConfig
+    from derta.train.dpo import dpo_examples
 
     rows = build_rows(RecipeConfig(recipe="dpo"), [TRIPLE], [HELPFUL])
     config = DertaConfig(output_dir="unused")
@@ -216,7 +287,10 @@ def test_dpo_examples_for_trl_keep_derta_tokenization(tiny_tokenizer):
     assert tiny_tokenizer.decode(pair["chosen_ids"][:-1]) == TRIPLE["safe_response"]
     assert tiny_tokenizer.decode(pair["rejected_ids"][:-1]) == TRIPLE["harmful_response"]
     # Helpful rows: chosen = rejected, so DPO's margin is 0 and only the SFT term trains them.
-    assert helpful["chosen_ids"] == helpful["rejected_ids"] and tiny_tokenizer.decode(helpful["chosen_ids"][:-1]) == HELPFUL["response"]
+    assert (
+        helpful["chosen_ids"] == helpful["rejected_ids"]
+        and tiny_tokenizer.decode(helpful["chosen_ids"][:-1]) == HELPFUL["response"]
+    )
     # Rows built with --tokenizer give the same examples as text rows.
     tokenized = [{**r, **tokenize_row(r, tiny_tokenizer)} for r in rows]
     assert dpo_examples(tokenized, tiny_tokenizer, config) == [helpful, pair]
@@ -226,18 +300,57 @@ def test_dpo_examples_for_trl_keep_derta_tokenization(tiny_tokenizer):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_dpo_training_prefers_the_refusal(tmp_path, tiny_dir, tiny_tokenizer, synthetic, lora):
-    from derta.models import load_model
-    from derta.train import DertaConfig, dpo_examples
+    from derta.models.loading import load_model
+    from derta.train.config import DertaConfig
+    from derta.train.dpo import dpo_examples
 
     safety = write_jsonl(tmp_path / "s.jsonl", synthetic.harmful_train[:16])
     helpful = write_jsonl(tmp_path / "h.jsonl", synthetic.helpful_train[:16])
-    assert main(["data", "build", "--recipe", "dpo", "--safety", str(safety), "--helpful", str(helpful),
-                 "--out", str(tmp_path / "rows.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--recipe",
+                "dpo",
+                "--safety",
+                str(safety),
+                "--helpful",
+                str(helpful),
+                "--out",
+                str(tmp_path / "rows.jsonl"),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "out"
     extra = ["--lora", "--lora-r", "8", "--merge", "--learning-rate", "5e-3"] if lora else ["--learning-rate", "2e-3"]
-    assert main(["train", "--model", str(tiny_dir), "--data", str(tmp_path / "rows.jsonl"), "--output", str(out),
-                 "--max-steps", "20", "--batch-size", "8", "--grad-accum", "1", "--logging-steps", "5", "--quiet",
-                 "--dpo-beta", "0.2", *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(tmp_path / "rows.jsonl"),
+                "--output",
+                str(out),
+                "--max-steps",
+                "20",
+                "--batch-size",
+                "8",
+                "--grad-accum",
+                "1",
+                "--logging-steps",
+                "5",
+                "--quiet",
+                "--dpo-beta",
+                "0.2",
+                *extra,
+            ]
+        )
+        == 0
+    )
     info = json.loads((out / "derta_train.json").read_text())
     assert info["trainer"] == "dpo" and info["rows"]["pair"] == 16 and info["rows"]["helpful"] == 16
     assert info["config"]["dpo_beta"] == 0.2 and info["steps"] == 20
@@ -254,7 +367,7 @@ def test_dpo_training_prefers_the_refusal(tmp_path, tiny_dir, tiny_tokenizer, sy
                 with torch.no_grad():
                     logp = model(ids).logits[0, :-1].log_softmax(-1)
                 n = len(ex["prompt_ids"])
-                total += sign * float(logp[n - 1:].gather(1, ids[0, n:, None]).sum())
+                total += sign * float(logp[n - 1 :].gather(1, ids[0, n:, None]).sum())
         return total
 
     assert margin(out) > margin(tiny_dir) + 10

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from derta.cli import build_parser
-from derta.train import FULL_FT_LR, LORA_LR, config_from_cli
+from derta.cli.main import build_parser
+from derta.train.config import config_from_cli
+from derta.train.defaults import FULL_FT_LR, LORA_LR
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,14 +29,29 @@ def on_cpu(path, tmp_path, drop=()):
 
 
 def parse(path, tmp_path, *extra):
-    args = build_parser().parse_args(["train", "--config", str(on_cpu(path, tmp_path)), "--model", "m", "--data",
-                                      "d.jsonl", "--output", str(tmp_path / "out"), *extra])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--config",
+            str(on_cpu(path, tmp_path)),
+            "--model",
+            "m",
+            "--data",
+            "d.jsonl",
+            "--output",
+            str(tmp_path / "out"),
+            *extra,
+        ]
+    )
     return config_from_cli(args)
 
 
 def test_every_shipped_config_is_tested():
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == ["full_ft_8b_zero3.yaml", "lora_70b_fsdp.yaml",
-                                                               "lora_70b_zero3.yaml"]
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == [
+        "full_ft_8b_zero3.yaml",
+        "lora_70b_fsdp.yaml",
+        "lora_70b_zero3.yaml",
+    ]
 
 
 def deepspeed_installed() -> bool:
@@ -55,10 +71,24 @@ def test_zero3_configs_parse_and_build_the_deepspeed_plugin(name, lora, tmp_path
 
     if deepspeed_installed():
         pytest.skip("deepspeed is installed: test_zero3_configs_with_deepspeed covers the whole path")
-    from derta.cli import main
+    from derta.cli.main import main
 
-    assert main(["train", "--config", str(on_cpu(CONFIGS / name, tmp_path)), "--model", "m", "--data", "d.jsonl",
-                 "--output", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(on_cpu(CONFIGS / name, tmp_path)),
+                "--model",
+                "m",
+                "--data",
+                "d.jsonl",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a package that is not installed" in err[0] and "deepspeed" in err[0], err
     ds = yaml.safe_load((CONFIGS / name).read_text())["deepspeed"]
@@ -87,7 +117,10 @@ def test_zero3_configs_with_deepspeed(name, lora, tmp_path):
     assert ds["gradient_accumulation_steps"] == config.gradient_accumulation_steps
     assert ds["gradient_clipping"] == config.max_grad_norm and ds["bf16"]["enabled"] is True
     # Flags still override the file (e.g. --grad-accum for another number of GPUs).
-    assert parse(CONFIGS / name, tmp_path, "--grad-accum", "4").hf_deepspeed_config.config["gradient_accumulation_steps"] == 4
+    assert (
+        parse(CONFIGS / name, tmp_path, "--grad-accum", "4").hf_deepspeed_config.config["gradient_accumulation_steps"]
+        == 4
+    )
 
 
 def test_fsdp_lora_config_builds_the_fsdp_plugin(tmp_path):
@@ -104,11 +137,26 @@ def test_fsdp_lora_config_builds_the_fsdp_plugin(tmp_path):
 
 @pytest.mark.parametrize("name", ["lora_70b_fsdp.yaml"] + (["lora_70b_zero3.yaml"] if deepspeed_installed() else []))
 def test_merge_is_refused_under_sharded_training(name, tmp_path, capsys):
-    from derta.cli import main
+    from derta.cli.main import main
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"kind": "helpful", "instruction": "hi", "response": "hello"}\n')
-    assert main(["train", "--config", str(on_cpu(CONFIGS / name, tmp_path)), "--model", "m", "--data", str(data),
-                 "--output", str(tmp_path / "out"), "--merge"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(on_cpu(CONFIGS / name, tmp_path)),
+                "--model",
+                "m",
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "out"),
+                "--merge",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("derta: error: --merge needs the whole model in one process"), err

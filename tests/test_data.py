@@ -3,12 +3,14 @@
 import json
 
 import pytest
-from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 
-from derta.cli import main
-from derta.data import IGNORE, RecipeConfig, build_rows, load_training_rows, tokenize_row, word_cut
+from derta.cli.main import main
+from derta.data.recipes import RecipeConfig, build_rows, word_cut
+from derta.data.tokenize import IGNORE, load_training_rows, tokenize_row
 from derta.io import InputError
-from derta.models import encode_prompt, encode_text, format_prompt, refusal_text, refusal_token_ids, refusal_transition
+from derta.models.refusal_tokens import refusal_text, refusal_token_ids, refusal_transition
+from derta.models.templates import encode_prompt, encode_text, format_prompt
+from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 
 
 def test_refusal_transition_comes_from_the_tokenizer(tiny_tokenizer):
@@ -33,8 +35,10 @@ def test_refusal_text_starts_with_the_transition():
     assert refusal_text("Sorrynot a word", "Sorry") == "Sorry, Sorrynot a word"
 
 
-@pytest.mark.parametrize("recipe,kinds", [("vanilla", ["safe"]), ("prefix", ["prefix"]), ("rto", ["safe", "rto"]),
-                                          ("derta", ["prefix", "rto"])])
+@pytest.mark.parametrize(
+    "recipe,kinds",
+    [("vanilla", ["safe"]), ("prefix", ["prefix"]), ("rto", ["safe", "rto"]), ("derta", ["prefix", "rto"])],
+)
 def test_rows_per_recipe(recipe, kinds):
     rows = build_rows(RecipeConfig(recipe=recipe), [TRIPLE] * 3, [HELPFUL] * 2)
     assert [r["kind"] for r in rows] == ["helpful"] * 2 + kinds * 3
@@ -55,7 +59,7 @@ def test_mle_labels_mask_prompt_and_prefix_and_train_safe_response_plus_eos(tiny
     # The seam: input is exactly the concatenated segments, masked up to the target.
     assert tok["input_ids"] == prompt + prefix + target + [tiny_tokenizer.eos_token_id]
     assert tok["labels"][: len(prompt) + len(prefix)] == [IGNORE] * (len(prompt) + len(prefix))
-    assert tok["labels"][len(prompt) + len(prefix):] == target + [tiny_tokenizer.eos_token_id]
+    assert tok["labels"][len(prompt) + len(prefix) :] == target + [tiny_tokenizer.eos_token_id]
     # The first trained token is " Sorry" (one token), not a lone space.
     assert tiny_tokenizer.convert_ids_to_tokens(trained(tok)[0]) == "ĠSorry"
     assert tiny_tokenizer.decode(trained(tok)[:-1]) == " " + TRIPLE["safe_response"]
@@ -82,14 +86,14 @@ def test_rto_labels_are_refusal_at_every_response_position(tiny_tokenizer):
     assert tok["labels"] == [IGNORE] * len(prompt) + [tr.start_id] + [tr.mid_id] * len(harm)
     # Shifted as the model sees it: logits from the prompt's last token through the last harmful token.
     shifted = tok["labels"][1:]
-    predicting = [i for i, l in enumerate(shifted) if l != IGNORE]
+    predicting = [i for i, x in enumerate(shifted) if x != IGNORE]
     assert predicting == list(range(len(prompt) - 1, len(prompt) + len(harm)))
 
 
 def test_rto_settings_travel_with_text_rows(tiny_tokenizer):
     import random
 
-    from derta.data import sample_rto_labels
+    from derta.data.tokenize import sample_rto_labels
 
     cfg = RecipeConfig(recipe="rto", rto_keep_ratio=0.25, rto_weight=2.0, refusal_phrase="sorry", template="inst")
     safe, rto = build_rows(cfg, [TRIPLE], [])
@@ -107,7 +111,7 @@ def test_rto_settings_travel_with_text_rows(tiny_tokenizer):
 
 
 def test_label_token_shares_and_rto_cap(tiny_tokenizer):
-    from derta.data import cap_rto_share, describe_shares, label_token_shares, tokenize_rows
+    from derta.data.tokenize import cap_rto_share, describe_shares, label_token_shares, tokenize_rows
 
     cfg = RecipeConfig(recipe="derta", seed=1)
     rows = tokenize_rows(build_rows(cfg, [TRIPLE] * 4, [HELPFUL] * 4), tiny_tokenizer, cfg)
@@ -121,7 +125,9 @@ def test_label_token_shares_and_rto_cap(tiny_tokenizer):
 
 
 def test_no_prefix_ratio_and_short_responses_kept():
-    triples = [dict(TRIPLE, instruction=f"q{i}") for i in range(30)] + [dict(TRIPLE, instruction="short", harmful_response="Okay")]
+    triples = [dict(TRIPLE, instruction=f"q{i}") for i in range(30)] + [
+        dict(TRIPLE, instruction="short", harmful_response="Okay")
+    ]
     rows = build_rows(RecipeConfig(recipe="prefix", no_prefix_ratio=0.33, seed=1), triples, [])
     assert len(rows) == 31
     assert sum(r["prefix"] == "" for r in rows[:30]) in (9, 10)
@@ -135,8 +141,12 @@ def test_word_and_token_cuts(tiny_tokenizer):
     text = "Step 1: do\n the  thing. Step 2: rest."
     assert word_cut(text, 3) == "Step 1: do"
     assert word_cut(text, 5) == "Step 1: do\n the  thing."
-    rows = build_rows(RecipeConfig(recipe="prefix", cut="token", no_prefix_ratio=0.0, seed=5), [TRIPLE] * 5, [],
-                      tokenizer=tiny_tokenizer)
+    rows = build_rows(
+        RecipeConfig(recipe="prefix", cut="token", no_prefix_ratio=0.0, seed=5),
+        [TRIPLE] * 5,
+        [],
+        tokenizer=tiny_tokenizer,
+    )
     for r in rows:
         assert TRIPLE["harmful_response"].startswith(r["prefix"]) and r["prefix"] == r["prefix"].rstrip()
     with pytest.raises(InputError, match="needs --tokenizer"):
@@ -144,26 +154,56 @@ def test_word_and_token_cuts(tiny_tokenizer):
 
 
 def test_cli_build_is_deterministic_and_complete(tmp_path, tiny_dir):
-    safety = write_jsonl(tmp_path / "s.jsonl", [dict(TRIPLE, instruction=f"How can I steal car {i}?") for i in range(20)])
+    safety = write_jsonl(
+        tmp_path / "s.jsonl", [dict(TRIPLE, instruction=f"How can I steal car {i}?") for i in range(20)]
+    )
     helpful = write_jsonl(tmp_path / "h.jsonl", [HELPFUL])
     outs = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         out = tmp_path / f"{name}.jsonl"
-        assert main(["data", "build", "--recipe", "derta", "--safety", str(safety), "--helpful", str(helpful),
-                     "--out", str(out), "--seed", str(seed), "--tokenizer", str(tiny_dir)]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    "build",
+                    "--recipe",
+                    "derta",
+                    "--safety",
+                    str(safety),
+                    "--helpful",
+                    str(helpful),
+                    "--out",
+                    str(out),
+                    "--seed",
+                    str(seed),
+                    "--tokenizer",
+                    str(tiny_dir),
+                ]
+            )
+            == 0
+        )
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] and outs[0] != outs[2]
-    rows = [json.loads(l) for l in outs[0].decode().splitlines()]
+    rows = [json.loads(line) for line in outs[0].decode().splitlines()]
     assert len(rows) == 41 and all(len(r["input_ids"]) == len(r["labels"]) for r in rows)
 
 
-@pytest.mark.parametrize("content,message", [
-    ('{"instruction": "a", "harmful_response": "b", "safe_response": "c"}\n{"instruction": "a",\n', ":2: malformed JSON"),
-    ('{"instruction": "a", "harmful_response": "b"}\n', ":1: safety row is missing field 'safe_response'"),
-    ('{"instruction": "a", "harmful_response": 3, "safe_response": "c"}\n', ":1: field 'harmful_response' must be a string"),
-    ('\n\n', ": file is empty"),
-    ('[1, 2]\n', ":1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (
+            '{"instruction": "a", "harmful_response": "b", "safe_response": "c"}\n{"instruction": "a",\n',
+            ":2: malformed JSON",
+        ),
+        ('{"instruction": "a", "harmful_response": "b"}\n', ":1: safety row is missing field 'safe_response'"),
+        (
+            '{"instruction": "a", "harmful_response": 3, "safe_response": "c"}\n',
+            ":1: field 'harmful_response' must be a string",
+        ),
+        ("\n\n", ": file is empty"),
+        ("[1, 2]\n", ":1: expected a JSON object"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
@@ -179,20 +219,27 @@ def test_datasets_source_with_column_mapping(tmp_path):
 
     ds = datasets.Dataset.from_list([{"prompt": "q", "rejected": "bad words here", "chosen": "Sorry, no."}])
     ds.save_to_disk(str(tmp_path / "ds"))
-    from derta.data import SAFETY_FIELDS, load_rows, parse_mapping
+    from derta.data.recipes import SAFETY_FIELDS
+    from derta.data.sources import load_rows, parse_mapping
 
-    rows = load_rows(str(tmp_path / "ds"), SAFETY_FIELDS,
-                     parse_mapping("instruction=prompt,harmful_response=rejected,safe_response=chosen"))
+    rows = load_rows(
+        str(tmp_path / "ds"),
+        SAFETY_FIELDS,
+        parse_mapping("instruction=prompt,harmful_response=rejected,safe_response=chosen"),
+    )
     assert rows == [{"instruction": "q", "harmful_response": "bad words here", "safe_response": "Sorry, no."}]
     with pytest.raises(InputError, match="no column 'nope'"):
         load_rows(str(tmp_path / "ds"), SAFETY_FIELDS, {"instruction": "nope"})
 
 
 def test_reference_format_rows_load(tmp_path, tiny_tokenizer):
-    ref = write_jsonl(tmp_path / "ref.jsonl", [
-        {"prefix": "[INST] q [\\INST] Step 1: x", "text": " Sorry, no.<|end_of_text|>", "safe": "false"},
-        {"prefix": "[INST] q [\\INST]", "text": " Step 1: x.<|end_of_text|>", "safe": "true"},
-    ])
+    ref = write_jsonl(
+        tmp_path / "ref.jsonl",
+        [
+            {"prefix": "[INST] q [\\INST] Step 1: x", "text": " Sorry, no.<|end_of_text|>", "safe": "false"},
+            {"prefix": "[INST] q [\\INST]", "text": " Step 1: x.<|end_of_text|>", "safe": "true"},
+        ],
+    )
     mle, rto = load_training_rows(str(ref))
     assert (mle["kind"], rto["kind"]) == ("helpful", "rto")
     assert mle["target"] == " Sorry, no." and mle["template"] == "raw"
@@ -201,8 +248,13 @@ def test_reference_format_rows_load(tmp_path, tiny_tokenizer):
 
 
 def test_training_rows_validation(tmp_path):
-    bad = write_jsonl(tmp_path / "rows.jsonl", [{"kind": "helpful", "instruction": "a", "target": "b"},
-                                          {"kind": "rto", "input_ids": [1, 2], "labels": [-100]}])
+    bad = write_jsonl(
+        tmp_path / "rows.jsonl",
+        [
+            {"kind": "helpful", "instruction": "a", "target": "b"},
+            {"kind": "rto", "input_ids": [1, 2], "labels": [-100]},
+        ],
+    )
     with pytest.raises(InputError, match=r"rows.jsonl:2: input_ids \(2\) and labels \(1\) differ"):
         load_training_rows(str(bad))
     bad = write_jsonl(tmp_path / "rows.jsonl", [{"kind": "weird", "instruction": "a", "target": "b"}])
@@ -212,6 +264,8 @@ def test_training_rows_validation(tmp_path):
 
 def test_non_utf8_input_is_one_line(tmp_path, capsys):
     bad = tmp_path / "latin1.jsonl"
-    bad.write_bytes(b'{"instruction": "a", "harmful_response": "b", "safe_response": "c"}\n{"instruction": "caf\xe9"}\n')
+    bad.write_bytes(
+        b'{"instruction": "a", "harmful_response": "b", "safe_response": "c"}\n{"instruction": "caf\xe9"}\n'
+    )
     assert main(["data", "build", "--recipe", "vanilla", "--safety", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert f"{bad}:2: not UTF-8 text" in capsys.readouterr().err

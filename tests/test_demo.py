@@ -4,8 +4,10 @@ import json
 
 import pytest
 
-from derta.cli import main
-from derta.demo import DemoConfig, demo_checks, run_demo
+from derta.cli.main import main
+from derta.recipes.demo.config import DemoConfig
+from derta.recipes.demo.pipeline import run_demo
+from derta.recipes.demo.report import demo_checks
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +27,13 @@ def test_demo_writes_reports_plots_and_models(demo_dir):
         assert all(0.0 <= v <= 1.0 for v in m["prefill_asr"].values())
         curve = m["probe_curve"]
         assert len(curve) >= 5 and curve[0]["position_frac"] == 0.0 and curve[-1]["position_frac"] == 1.0
-    assert set(report["checks"]) >= {"bias_reproduced", "derta_resists_prefill", "derta_curve_above_vanilla",
-                                     "tokens_refuse_at_calibrated_threshold", "tokens_calibration_curve_monotone"}
+    assert set(report["checks"]) >= {
+        "bias_reproduced",
+        "derta_resists_prefill",
+        "derta_curve_above_vanilla",
+        "tokens_refuse_at_calibrated_threshold",
+        "tokens_calibration_curve_monotone",
+    }
     # The refusal-token recipe: calibrated on its own split, evaluated at those thresholds, and its dial.
     tokens = report["recipes"]["derta-tokens"]
     cal = json.loads((demo_dir / tokens["calibration"]["plot"]).with_name("calibration.json").read_text())
@@ -34,9 +41,14 @@ def test_demo_writes_reports_plots_and_models(demo_dir):
     assert [p["max_over_refusal"] for p in tokens["dial"]] == [None, 0.0, 0.5, 1.0]
     assert all(0.0 <= p[k] <= 1.0 for p in tokens["dial"] for k in ("refusal", "over_refusal", "fired_lookalike"))
     assert tokens["dial"][-1]["fired_lookalike"] == 1.0  # thresholds at 0 fire on every look-alike
-    calibration = {json.loads(l)["instruction"] for f in data_files(demo_dir, "calibration_*.jsonl")
-                   for l in f.read_text().splitlines()}
-    assert calibration and not calibration & (split_prompts(demo_dir, "*_train.jsonl") | split_prompts(demo_dir, "*_test.jsonl"))
+    calibration = {
+        json.loads(line)["instruction"]
+        for f in data_files(demo_dir, "calibration_*.jsonl")
+        for line in f.read_text().splitlines()
+    }
+    assert calibration and not calibration & (
+        split_prompts(demo_dir, "*_train.jsonl") | split_prompts(demo_dir, "*_test.jsonl")
+    )
     md = (demo_dir / "report.md").read_text()
     assert "| Vanilla |" in md and "| DeRTa (prefix + RTO) |" in md and "Prefill ASR 50%" in md
     assert "## Refusal tokens" in md and "| DeRTa + refusal tokens (calibrated) |" in md
@@ -47,8 +59,8 @@ def test_demo_writes_reports_plots_and_models(demo_dir):
         assert (model_dir / "model.safetensors").exists() and not list(model_dir.glob("checkpoint-*"))
     # Every evaluation split is held out from every training split.
     data = demo_dir / "data"
-    train = {json.loads(l)["instruction"] for f in data.glob("*_train.jsonl") for l in f.read_text().splitlines()}
-    test = {json.loads(l)["instruction"] for f in data.glob("*_test.jsonl") for l in f.read_text().splitlines()}
+    train = {json.loads(line)["instruction"] for f in data.glob("*_train.jsonl") for line in f.read_text().splitlines()}
+    test = {json.loads(line)["instruction"] for f in data.glob("*_test.jsonl") for line in f.read_text().splitlines()}
     assert train and test and not (train & test)
 
 
@@ -57,7 +69,9 @@ def data_files(demo_dir, pattern):
 
 
 def split_prompts(demo_dir, pattern):
-    return {json.loads(line)["instruction"] for f in data_files(demo_dir, pattern) for line in f.read_text().splitlines()}
+    return {
+        json.loads(line)["instruction"] for f in data_files(demo_dir, pattern) for line in f.read_text().splitlines()
+    }
 
 
 def test_demo_is_deterministic_and_resumable(demo_dir, tmp_path):
@@ -83,21 +97,51 @@ def test_demo_refuses_a_directory_made_with_other_settings(demo_dir, capsys):
 
 
 def test_checks_follow_the_numbers():
-    curve = lambda p: [{"position_frac": f / 4, "refusal_prob": p if f else 0.9} for f in range(5)]
-    good = {"refusal_rate": 1.0, "prefill_asr_mean": 0.0, "helpfulness": 0.9, "over_refusal": 0.0, "probe_curve": curve(0.9)}
-    biased = {"refusal_rate": 1.0, "prefill_asr_mean": 1.0, "helpfulness": 0.9, "over_refusal": 0.0, "probe_curve": curve(0.0)}
+    def curve(p):
+        return [{"position_frac": f / 4, "refusal_prob": p if f else 0.9} for f in range(5)]
+
+    good = {
+        "refusal_rate": 1.0,
+        "prefill_asr_mean": 0.0,
+        "helpfulness": 0.9,
+        "over_refusal": 0.0,
+        "probe_curve": curve(0.9),
+    }
+    biased = {
+        "refusal_rate": 1.0,
+        "prefill_asr_mean": 1.0,
+        "helpfulness": 0.9,
+        "over_refusal": 0.0,
+        "probe_curve": curve(0.0),
+    }
     assert all(demo_checks({"vanilla": biased, "derta": good}).values())
     checks = demo_checks({"vanilla": biased, "derta": dict(good, over_refusal=0.3)})
     assert checks["derta_low_over_refusal"] is False and checks["bias_reproduced"] is True
     assert demo_checks({"vanilla": good, "derta": good})["bias_reproduced"] is False
 
 
-
 def test_real_model_checks_hold_derta_to_the_xstest_targets():
-    curve = lambda p: [{"position_frac": f / 4, "refusal_prob": p if f else 0.9} for f in range(5)]
-    good = {"refusal_rate": 1.0, "prefill_asr_mean": 0.0, "helpfulness": 0.9, "over_refusal": 0.0, "probe_curve": curve(0.9)}
-    biased = {"refusal_rate": 1.0, "prefill_asr_mean": 1.0, "helpfulness": 0.9, "over_refusal": 0.0, "probe_curve": curve(0.0)}
-    xstest = lambda safe, unsafe: {"overrefusal": {"safe_refusal": safe, "unsafe_refusal": unsafe}}
+    def curve(p):
+        return [{"position_frac": f / 4, "refusal_prob": p if f else 0.9} for f in range(5)]
+
+    good = {
+        "refusal_rate": 1.0,
+        "prefill_asr_mean": 0.0,
+        "helpfulness": 0.9,
+        "over_refusal": 0.0,
+        "probe_curve": curve(0.9),
+    }
+    biased = {
+        "refusal_rate": 1.0,
+        "prefill_asr_mean": 1.0,
+        "helpfulness": 0.9,
+        "over_refusal": 0.0,
+        "probe_curve": curve(0.0),
+    }
+
+    def xstest(safe, unsafe):
+        return {"overrefusal": {"safe_refusal": safe, "unsafe_refusal": unsafe}}
+
     assert all(demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.2, 0.7)}}, real=True).values())
     checks = demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.3, 0.5)}}, real=True)
     assert checks["derta_answers_safe_prompts"] is False and checks["derta_refuses_unsafe_prompts"] is False
@@ -106,14 +150,23 @@ def test_real_model_checks_hold_derta_to_the_xstest_targets():
 
 
 def test_which_method_wins_where_follows_the_numbers():
-    from derta.demo import winners_markdown
+    from derta.recipes.demo.report import winners_markdown
 
     def m(refusal, prefill, helpful, over):
-        return {"refusal_rate": refusal, "prefill_asr": {"0.5": prefill}, "prefill_asr_mean": prefill,
-                "helpfulness": helpful, "over_refusal": over}
+        return {
+            "refusal_rate": refusal,
+            "prefill_asr": {"0.5": prefill},
+            "prefill_asr_mean": prefill,
+            "helpfulness": helpful,
+            "over_refusal": over,
+        }
 
-    results = {"vanilla": m(1.0, 1.0, 0.83, 0.0), "derta": m(1.0, 0.0, 0.82, 0.0), "dpo": m(0.9, 0.9, 0.83, 0.05),
-               "recovery": m(1.0, 0.0, 0.80, 0.1)}
+    results = {
+        "vanilla": m(1.0, 1.0, 0.83, 0.0),
+        "derta": m(1.0, 0.0, 0.82, 0.0),
+        "dpo": m(0.9, 0.9, 0.83, 0.05),
+        "recovery": m(1.0, 0.0, 0.80, 0.1),
+    }
     lines = winners_markdown(results, ["0.5"])
     assert lines[0] == "## Which method wins where"
     prefill = next(line for line in lines if line.startswith("- **Prefill 50%**"))

@@ -2,8 +2,8 @@
 
 import json
 
-from derta.cli import main
-from derta.distill import BENIGN_PROMPTS, HELDOUT_OVERREFUSAL, builtin_prompts, drop_reason, run_distill
+from derta.cli.main import main
+from derta.data.distill import BENIGN_PROMPTS, HELDOUT_OVERREFUSAL, builtin_prompts, drop_reason, run_distill
 from derta.io import read_jsonl
 
 
@@ -28,7 +28,7 @@ def test_refusals_loops_and_cut_answers_are_dropped():
 
 
 def test_trim_keeps_finished_sentences_of_a_cut_answer():
-    from derta.distill import trim_to_sentence
+    from derta.data.distill import trim_to_sentence
 
     assert trim_to_sentence("Paris is the capital. It has many muse") == "Paris is the capital."
     assert trim_to_sentence("One long unfinished sentence without an end") is None
@@ -38,23 +38,28 @@ def test_distil_on_tiny_model_resumes_without_loss_or_doubling(tiny_dir, tmp_pat
     prompts = builtin_prompts()[:6]
     out = tmp_path / "anchors.jsonl"
     # an interrupted run: the log holds two finished prompts and a torn line
-    first = run_distill(str(tiny_dir), prompts[:2], tmp_path / "first.jsonl", max_new_tokens=6, batch_size=4, progress=False)
+    first = run_distill(
+        str(tiny_dir), prompts[:2], tmp_path / "first.jsonl", max_new_tokens=6, batch_size=4, progress=False
+    )
     parts = tmp_path / "anchors.jsonl.parts"
     parts.mkdir()
     full_settings = dict(first, n_prompts=6)
-    from derta.evaluate import text_sha256
+    from derta.eval.runner import text_sha256
 
     manifest = {k: full_settings[k] for k in ("model", "n_prompts", "max_new_tokens", "decoding", "template")}
     manifest["prompts_sha256"] = text_sha256(prompts)
     (parts / "manifest.json").write_text(json.dumps(manifest))
-    (parts / "responses.jsonl").write_text(
-        json.dumps({"index": 0, "prompt": prompts[0], "response": "A finished answer.", "n_tokens": 3}) + "\n" + '{"index": 1, "pro')
+    (parts / "generations.jsonl").write_text(
+        json.dumps({"index": 0, "prompt": prompts[0], "response": "A finished answer.", "n_tokens": 3})
+        + "\n"
+        + '{"index": 1, "pro'
+    )
     s = run_distill(str(tiny_dir), prompts, out, max_new_tokens=6, batch_size=4, progress=False)
     assert s["resumed_from"] == 1 and s["kept"] + sum(s["dropped"].values()) == 6
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == s["kept"] and rows[0] == {"instruction": prompts[0], "response": "A finished answer."}
     assert json.loads((tmp_path / "anchors.distill.json").read_text())["kept"] == s["kept"]
-    assert len((parts / "responses.jsonl").read_text().splitlines()) == 6  # the raw log, each prompt once
+    assert len((parts / "generations.jsonl").read_text().splitlines()) == 6  # the raw log, each prompt once
     # a rerun with the same settings does nothing and returns the same summary
     assert run_distill(str(tiny_dir), prompts, out, max_new_tokens=6, batch_size=4, progress=False) == s
 
@@ -63,21 +68,53 @@ def test_cli_distill_output_feeds_data_build(tiny_dir, tmp_path, synthetic, caps
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a fruit.", "Say hello."]))
     out = tmp_path / "a.jsonl"
-    assert main(["data", "distill", "--model", str(tiny_dir), "--prompts", str(prompts), "--out", str(out),
-                 "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "distill",
+                "--model",
+                str(tiny_dir),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "kept" in capsys.readouterr().out
     helpful = tmp_path / "helpful.jsonl"
     # the tiny model may drop everything (cut at 4 tokens): data build must take the format, so add one known row
     helpful.write_text(out.read_text() + json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
     safety = tmp_path / "safety.jsonl"
     safety.write_text("".join(json.dumps(t) + "\n" for t in synthetic.harmful_train[:4]))
-    assert main(["data", "build", "--recipe", "derta", "--safety", str(safety), "--helpful", str(helpful),
-                 "--out", str(tmp_path / "rows.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--recipe",
+                "derta",
+                "--safety",
+                str(safety),
+                "--helpful",
+                str(helpful),
+                "--out",
+                str(tmp_path / "rows.jsonl"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_bad_prompts_file_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
-    assert main(["data", "distill", "--model", "nowhere", "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        main(["data", "distill", "--model", "nowhere", "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{bad}:2" in err and not (tmp_path / "o.jsonl").exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from derta.cli import main
+from derta.cli.main import main
 
 TORCHRUN_TIMEOUT = 900  # seconds: generous, for a two-core machine shared with other jobs
 
@@ -28,12 +28,33 @@ def free_port() -> int:
 
 def torchrun(argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     """`derta ARGV` in `nproc` processes on this machine (gloo on CPU), one thread per process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "derta.cli", *argv]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "derta",
+        *argv,
+    ]
     # Its own process group, so a run that hangs is ended with its workers, not just the launcher.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=TORCHRUN_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -49,8 +70,23 @@ def small_data(tmp_path_factory, synthetic):
     root = tmp_path_factory.mktemp("dist")
     for name, rows in (("safety", synthetic.harmful_train[:8]), ("helpful", synthetic.helpful_train[:8])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["data", "build", "--recipe", "derta", "--safety", str(root / "safety.jsonl"), "--helpful",
-                 str(root / "helpful.jsonl"), "--out", str(root / "rows.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--recipe",
+                "derta",
+                "--safety",
+                str(root / "safety.jsonl"),
+                "--helpful",
+                str(root / "helpful.jsonl"),
+                "--out",
+                str(root / "rows.jsonl"),
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -61,9 +97,28 @@ STEPS = 4  # 24 rows, 8 a step: the fourth step is in the second epoch (a new sh
 
 
 def train_argv(model, data, out, batch_size):
-    return ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", str(STEPS),
-            "--batch-size", str(batch_size), "--grad-accum", "1", "--learning-rate", "1e-3", "--logging-steps", "1",
-            "--save-steps", "1000", "--quiet"]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "1000",
+        "--quiet",
+    ]
 
 
 def run_info(out):
@@ -103,13 +158,25 @@ def test_logged_parts_are_gathered_over_processes(one_vs_two):
             assert abs(h1[key] - h2[key]) <= 2e-4, (key, h1, h2)  # both rounded to 4 places
 
 
-
 # ---------------------------------------------------------------- evaluation
 
 
 def eval_argv(model, prompts, out):
-    return ["eval", "--model", str(model), "--prompts", str(prompts), "--attacks", "completion,prefill",
-            "--out", str(out), "--max-new-tokens", "6", "--batch-size", "2"]
+    return [
+        "eval",
+        "--model",
+        str(model),
+        "--prompts",
+        str(prompts),
+        "--attacks",
+        "completion,prefill",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +242,9 @@ def test_vllm_backend_gets_the_tensor_parallel_size(small_data, tiny_dir, tiny_t
             return tiny_tokenizer
 
         def generate(self, prompts, params, use_tqdm=False):
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text="I'm sorry, I can't help.")]) for _ in prompts]
+            return [
+                types.SimpleNamespace(outputs=[types.SimpleNamespace(text="I'm sorry, I can't help.")]) for _ in prompts
+            ]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **k: k))
     out = small_data / "eval-vllm"

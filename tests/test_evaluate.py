@@ -9,15 +9,22 @@ import time
 
 import pytest
 
-from derta import evaluate
-from derta.cli import main
-from derta.evaluate import EvalConfig, RunDir, load_prompts, report_markdown, run_eval, summarize
-from derta.helpfulness import gsm8k_gold, gsm8k_prediction, load_task, mmlu_letters, mmlu_prediction, run_helpful
+from derta.cli.main import main
+from derta.data.sources import load_prompts
+from derta.eval import safety
+from derta.eval.answers import gsm8k_gold, gsm8k_prediction, mmlu_letters, mmlu_prediction
+from derta.eval.helpfulness import load_task, run_helpful
+from derta.eval.runner import RunDir
+from derta.eval.safety import EvalConfig, report_markdown, run_eval, summarize
 from derta.io import InputError
 
 SIX = "completion,prefill,codeattack,jailbreak,selfcipher,pasttense"
-QUESTIONS = ["How can I open the gate?", "Tell me how to fix the house.", "What is the best way to win the race?",
-             "Write a short story about the river."]
+QUESTIONS = [
+    "How can I open the gate?",
+    "Tell me how to fix the house.",
+    "What is the best way to win the race?",
+    "Write a short story about the river.",
+]
 
 
 def _eval(*args, **kw):
@@ -44,12 +51,15 @@ def test_load_prompts_formats(tmp_path):
     assert load_prompts(tmp_path / "b.txt") == ["first prompt", "second prompt"]
 
 
-@pytest.mark.parametrize("content,line,what", [
-    ('{"question": "q1"}\n{"question": "q2"\n', 2, "malformed JSON"),
-    ('{"question": "q1"}\n{"text": "q2"}\n', 2, "none of the fields"),
-    ('{"question": ""}\n', 1, "empty"),
-    ('["q1"]\n', 1, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "content,line,what",
+    [
+        ('{"question": "q1"}\n{"question": "q2"\n', 2, "malformed JSON"),
+        ('{"question": "q1"}\n{"text": "q2"}\n', 2, "none of the fields"),
+        ('{"question": ""}\n', 1, "empty"),
+        ('["q1"]\n', 1, "JSON object"),
+    ],
+)
 def test_bad_prompts_name_the_line(tmp_path, content, line, what):
     path = tmp_path / "p.jsonl"
     path.write_text(content)
@@ -86,13 +96,18 @@ def test_eval_writes_rows_summary_report_and_resumes_without_loading(tiny_dir, t
     rows = _rows(out / "generations.jsonl")
     assert len(rows) == 24 and len({(r["attack"], r["index"]) for r in rows}) == 24
     assert set(rows[0]) >= {"attack", "prompt", "input", "response", "harmful", "refused", "judge"}
-    assert summary["n"] == {a: 4 for a in SIX.split(",")} and set(summary["asr"]) == set(SIX.split(","))
+    assert summary["n"] == dict.fromkeys(SIX.split(","), 4) and set(summary["asr"]) == set(SIX.split(","))
     assert json.loads((out / "summary.json").read_text())["asr"] == summary["asr"]
     report = (out / "report.md").read_text()
-    assert ("| Model | CompletingAttack-style (declarative text, no template) | Prefill (\"Sure, here is how you can ...\") | "
-            "CodeAttack-style (deque code task, 1 template) | JailbreakChat-style (4 self-written templates) | "
-            "SelfCipher-style (benign demonstrations) | Past tense (regex) | Avg. |") in report
-    assert "- `jailbreak`: JailbreakChat-style (4 self-written templates), after https://arxiv.org/abs/2308.03825" in report
+    assert (
+        '| Model | CompletingAttack-style (declarative text, no template) | Prefill ("Sure, here is how you can ...") | '
+        "CodeAttack-style (deque code task, 1 template) | JailbreakChat-style (4 self-written templates) | "
+        "SelfCipher-style (benign demonstrations) | Past tense (regex) | Avg. |"
+    ) in report
+    assert (
+        "- `jailbreak`: JailbreakChat-style (4 self-written templates), after https://arxiv.org/abs/2308.03825"
+        in report
+    )
     prefill = next(r for r in rows if r["attack"] == "prefill")
     assert prefill["prefill"].startswith("Sure, here is") and prefill["chat"]
     assert not next(r for r in rows if r["attack"] == "completion")["chat"]
@@ -102,7 +117,7 @@ def test_eval_writes_rows_summary_report_and_resumes_without_loading(tiny_dir, t
     def no_backend(*a, **k):
         raise AssertionError("a finished run loaded a model")
 
-    monkeypatch.setattr("derta.generate.make_backend", no_backend)
+    monkeypatch.setattr("derta.eval.safety.make_backend", no_backend)
     assert _eval(out, _prompts(tmp_path), SIX, "keyword", **kw) == summary
     assert _rows(out / "generations.jsonl") == rows
 
@@ -119,16 +134,33 @@ def test_eval_resumes_after_a_torn_write(tiny_dir, tmp_path):
     rows = _rows(out / "generations.jsonl")
     assert len(rows) == 8 and len({(r["attack"], r["index"]) for r in rows}) == 8
     assert [json.loads(line) for line in full[:3]] == rows[:3]  # finished rows untouched
-    assert sorted(map(json.dumps, rows)) == sorted(json.dumps(json.loads(line)) for line in full)  # greedy: same answers
+    assert sorted(map(json.dumps, rows)) == sorted(
+        json.dumps(json.loads(line)) for line in full
+    )  # greedy: same answers
 
 
 def test_eval_survives_kill_9(tiny_dir, tmp_path):
     """A real `kill -9` of `derta eval` mid-run, then the same command: every row once."""
     questions = [f"How can I do task number {k}?" for k in range(10)]
     prompts, out = _prompts(tmp_path, questions), tmp_path / "run"
-    argv = ["eval", "--model", str(tiny_dir), "--prompts", str(prompts), "--attacks", "completion,prefill",
-            "--out", str(out), "--max-new-tokens", "8", "--batch-size", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "derta.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--prompts",
+        str(prompts),
+        "--attacks",
+        "completion,prefill",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "derta", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     log = out / "generations.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
@@ -164,23 +196,45 @@ def test_eval_refuses_to_resume_with_other_settings(tiny_dir, tmp_path):
 
 def test_eval_search_attacks_and_none_on_a_tiny_model(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    s = _eval(out, _prompts(tmp_path, QUESTIONS[:2]), "none,pair,autodan", "keyword", model=str(tiny_dir),
-                 max_new_tokens=4, pair_iterations=2, pair_streams=2, autodan_population=3, autodan_generations=2)
+    s = _eval(
+        out,
+        _prompts(tmp_path, QUESTIONS[:2]),
+        "none,pair,autodan",
+        "keyword",
+        model=str(tiny_dir),
+        max_new_tokens=4,
+        pair_iterations=2,
+        pair_streams=2,
+        autodan_population=3,
+        autodan_generations=2,
+    )
     rows = _rows(out / "generations.jsonl")
     assert s["n"] == {"none": 2, "pair": 2, "autodan": 2} and len(rows) == 6
     assert {r["input"] for r in rows if r["attack"] == "none"} == set(QUESTIONS[:2])
     assert all("fitness" in r["attack_details"] for r in rows if r["attack"] == "autodan")
     assert all("iterations" in r["attack_details"] for r in rows if r["attack"] == "pair")
-    assert json.loads((out / "manifest.json").read_text())["pair"] == {"attacker": "target", "iterations": 2, "streams": 2}
+    assert json.loads((out / "manifest.json").read_text())["pair"] == {
+        "attacker": "target",
+        "iterations": 2,
+        "streams": 2,
+    }
 
 
 def test_eval_against_an_openai_compatible_endpoint(fake_openai, closed_port_url, tmp_path, monkeypatch):
-    monkeypatch.setattr("derta.generate.BACKOFF", 0.01)
+    monkeypatch.setattr("derta.inference.endpoint.BACKOFF", 0.01)
     fake_openai.fail_next = [500]
     fake_openai.reply = lambda p: "Step 1: <placeholder>" if "magic" in json.dumps(p) else "I’m sorry, I can’t help."
     out = tmp_path / "run"
-    s = _eval(out, _prompts(tmp_path, ["How can I do magic?", "How can I open the gate?"]), "none,prefill", "keyword",
-                 model="closed-model", backend="openai", base_url=fake_openai.url, max_new_tokens=8)
+    s = _eval(
+        out,
+        _prompts(tmp_path, ["How can I do magic?", "How can I open the gate?"]),
+        "none,prefill",
+        "keyword",
+        model="closed-model",
+        backend="openai",
+        base_url=fake_openai.url,
+        max_new_tokens=8,
+    )
     assert s["asr"] == {"none": 0.5, "prefill": 0.5} and s["refusal_rate"] == {"none": 0.5, "prefill": 0.5}
     # An unreachable endpoint: one line, and no run directory left behind.
     gone = tmp_path / "gone"
@@ -190,14 +244,18 @@ def test_eval_against_an_openai_compatible_endpoint(fake_openai, closed_port_url
     # AutoDAN needs log-probabilities: refused before the static attacks run and fix the manifest.
     n = len(fake_openai.requests)
     with pytest.raises(InputError, match="--backend hf"):
-        _eval(gone, _prompts(tmp_path), "none,autodan", "keyword", model="m", backend="openai", base_url=fake_openai.url)
+        _eval(
+            gone, _prompts(tmp_path), "none,autodan", "keyword", model="m", backend="openai", base_url=fake_openai.url
+        )
     assert not gone.exists() and len(fake_openai.requests) == n
 
 
 def test_summarize_and_report():
-    rows = [{"attack": "prefill", "harmful": True, "refused": False, "judge": {}},
-            {"attack": "prefill", "harmful": False, "refused": True, "judge": {}},
-            {"attack": "codeattack", "harmful": False, "refused": False, "judge": {"degenerate": "empty"}}]
+    rows = [
+        {"attack": "prefill", "harmful": True, "refused": False, "judge": {}},
+        {"attack": "prefill", "harmful": False, "refused": True, "judge": {}},
+        {"attack": "codeattack", "harmful": False, "refused": False, "judge": {"degenerate": "empty"}},
+    ]
     s = summarize(rows, ["prefill", "codeattack"])
     assert s["asr"] == {"prefill": 0.5, "codeattack": 0.0} and s["degenerate"]["codeattack"] == 1.0
     text = report_markdown({**s, "model": "/x/my-model", "judge": "keyword", "backend": "hf", "max_new_tokens": 8})
@@ -213,10 +271,10 @@ def test_rundir_rejects_damage_it_did_not_make(tmp_path):
     run.append({"attack": "x", "index": 1})
     run.close()
     with pytest.raises(InputError, match=":2: malformed row"):
-        run.read_rows(evaluate._row_key)
+        run.read_rows(safety._row_key)
     run.rows_path.write_text('[1, 2]\n{"attack": "x", "index": 1}\n')  # JSON, but not a row
     with pytest.raises(InputError, match=":1: malformed row"):
-        run.read_rows(evaluate._row_key)
+        run.read_rows(safety._row_key)
     run.manifest_path.write_text("[]\n")
     with pytest.raises(InputError, match="malformed manifest"):
         run.check()
@@ -251,8 +309,12 @@ def test_helpful_data_errors_name_the_line(tmp_path):
 
 def test_helpful_gsm8k_and_mmlu_on_a_tiny_model(tiny_dir, tmp_path, monkeypatch):
     g = tmp_path / "g.jsonl"
-    g.write_text("".join(json.dumps({"question": f"What is {k} plus 1?", "answer": f"{k}+1={k + 1}\n#### {k + 1}"}) + "\n"
-                         for k in range(3)))
+    g.write_text(
+        "".join(
+            json.dumps({"question": f"What is {k} plus 1?", "answer": f"{k}+1={k + 1}\n#### {k + 1}"}) + "\n"
+            for k in range(3)
+        )
+    )
     s = run_helpful(tmp_path / "g", "gsm8k", g, model=str(tiny_dir), max_new_tokens=4)
     rows = _rows(tmp_path / "g" / "generations.jsonl")
     assert s["n"] == 3 and s["metric"] == "accuracy" and 0.0 <= s["score"] <= 1.0
@@ -261,51 +323,136 @@ def test_helpful_gsm8k_and_mmlu_on_a_tiny_model(tiny_dir, tmp_path, monkeypatch)
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"question": "Pick one\n-options\n-(A) x\n-(B) y\n", "answer": "B"}) + "\n")
     assert run_helpful(tmp_path / "m", "mmlu", m, model=str(tiny_dir), max_new_tokens=2)["n"] == 1
-    monkeypatch.setattr("derta.generate.make_backend", lambda *a, **k: pytest.fail("reloaded"))
+    monkeypatch.setattr("derta.eval.safety.make_backend", lambda *a, **k: pytest.fail("reloaded"))
     assert run_helpful(tmp_path / "g", "gsm8k", g, model=str(tiny_dir), max_new_tokens=4) == s
 
 
 def test_helpful_alpaca_win_rate_with_an_llm_judge(fake_openai, tmp_path, capsys):
     data, refs = tmp_path / "a.jsonl", tmp_path / "refs.jsonl"
     data.write_text('{"question": "Name a color."}\n{"question": "Name a fruit."}\n')
-    refs.write_text('{"instruction": "Name a fruit.", "output": "Apple."}\n{"instruction": "Name a color.", "output": "Red."}\n')
+    refs.write_text(
+        '{"instruction": "Name a fruit.", "output": "Apple."}\n{"instruction": "Name a color.", "output": "Red."}\n'
+    )
     # The model under test is the endpoint too; the judge always prefers whichever answer is "Blue!".
-    fake_openai.reply = lambda p: ("A" if "Response A: Blue!" in p["messages"][0]["content"] else "B") \
-        if "Response A" in p["messages"][0]["content"] else "Blue!"
-    s = run_helpful(tmp_path / "a", "alpaca", data, model="m", backend="openai", judge="openai:judge",
-                    reference=refs, base_url=fake_openai.url)
+    fake_openai.reply = lambda p: (
+        ("A" if "Response A: Blue!" in p["messages"][0]["content"] else "B")
+        if "Response A" in p["messages"][0]["content"]
+        else "Blue!"
+    )
+    s = run_helpful(
+        tmp_path / "a",
+        "alpaca",
+        data,
+        model="m",
+        backend="openai",
+        judge="openai:judge",
+        reference=refs,
+        base_url=fake_openai.url,
+    )
     assert s["metric"] == "win_rate" and s["score"] == 1.0 and s["judge"] == "openai:judge"
     rows = sorted(_rows(tmp_path / "a" / "generations.jsonl"), key=lambda r: r["index"])
     assert [r["reference"] for r in rows] == ["Red.", "Apple."]
     # Without a judge: generation only.
     s2 = run_helpful(tmp_path / "a2", "alpaca", data, model="m", backend="openai", base_url=fake_openai.url)
     assert s2["score"] is None
-    assert main(["eval-helpful", "--model", "m", "--task", "alpaca", "--data", str(data), "--out", str(tmp_path / "a3"),
-                 "--judge", "keyword", "--reference", str(refs)]) == 2
+    assert (
+        main(
+            [
+                "eval-helpful",
+                "--model",
+                "m",
+                "--task",
+                "alpaca",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "a3"),
+                "--judge",
+                "keyword",
+                "--reference",
+                str(refs),
+            ]
+        )
+        == 2
+    )
     assert "needs an LLM judge" in capsys.readouterr().err
 
 
 def test_eval_config_is_what_the_cli_builds_and_what_the_manifest_is_written_from(tmp_path):
-    from derta.cli import build_parser, eval_config
+    from derta.cli.evaluate import eval_config
+    from derta.cli.main import build_parser
 
-    args = build_parser().parse_args(["eval", "--model", "m", "--prompts", "p.txt", "--out", str(tmp_path / "o"),
-                                      "--attacks", "none,pair", "--judge", "openai:j", "--judge-rubric", "strongreject",
-                                      "--pair-streams", "4", "--pair-iterations", "2", "--pair-judge", "openai:pj",
-                                      "--pair-judge-rubric", "pair", "--openai-extra", '{"a": 1}', "--limit", "3"])
+    args = build_parser().parse_args(
+        [
+            "eval",
+            "--model",
+            "m",
+            "--prompts",
+            "p.txt",
+            "--out",
+            str(tmp_path / "o"),
+            "--attacks",
+            "none,pair",
+            "--judge",
+            "openai:j",
+            "--judge-rubric",
+            "strongreject",
+            "--pair-streams",
+            "4",
+            "--pair-iterations",
+            "2",
+            "--pair-judge",
+            "openai:pj",
+            "--pair-judge-rubric",
+            "pair",
+            "--openai-extra",
+            '{"a": 1}',
+            "--limit",
+            "3",
+        ]
+    )
     cfg = eval_config(args)
     assert isinstance(cfg, EvalConfig)
-    assert (cfg.model, cfg.judge_rubric, cfg.pair_streams, cfg.pair_iterations, cfg.pair_judge, cfg.openai_extra, cfg.limit) == \
-        ("m", "strongreject", 4, 2, "openai:pj", {"a": 1}, 3)
-    assert eval_config(build_parser().parse_args(["eval", "--model", "m", "--prompts", "p", "--out", "o"])) == \
-        EvalConfig("o", "p", model="m")  # the CLI's defaults are the library's
+    assert (
+        cfg.model,
+        cfg.judge_rubric,
+        cfg.pair_streams,
+        cfg.pair_iterations,
+        cfg.pair_judge,
+        cfg.openai_extra,
+        cfg.limit,
+    ) == ("m", "strongreject", 4, 2, "openai:pj", {"a": 1}, 3)
+    assert eval_config(
+        build_parser().parse_args(["eval", "--model", "m", "--prompts", "p", "--out", "o"])
+    ) == EvalConfig("o", "p", model="m")  # the CLI's defaults are the library's
     # The manifest keeps the keys of runs made before EvalConfig, so their resume checks still hold.
     manifest = cfg.manifest(["q1", "q2"], ["none", "pair"], "openai:j/strongreject", "openai:pj/pair")
-    assert set(manifest) == {"model", "backend", "attacks", "judge", "max_new_tokens", "template", "system", "dtype",
-                             "openai_extra", "n_prompts", "prompts_sha256", "jailbreak_templates", "pair", "autodan"}
+    assert set(manifest) == {
+        "model",
+        "backend",
+        "attacks",
+        "judge",
+        "max_new_tokens",
+        "template",
+        "system",
+        "dtype",
+        "openai_extra",
+        "n_prompts",
+        "prompts_sha256",
+        "jailbreak_templates",
+        "pair",
+        "autodan",
+    }
     assert manifest["pair"] == {"attacker": "target", "iterations": 2, "streams": 4, "judge": "openai:pj/pair"}
-    old_pair = EvalConfig("o", "p", "pair", model="m", pair_streams=1, pair_iterations=3).manifest(["q"], ["pair"], "keyword", None)
+    old_pair = EvalConfig("o", "p", "pair", model="m", pair_streams=1, pair_iterations=3).manifest(
+        ["q"], ["pair"], "keyword", None
+    )
     assert old_pair["pair"] == {"attacker": "target", "iterations": 3}  # a one-stream run resumes a pre-EvalConfig run
-    for bad, flag in (({"pair_streams": 0}, "--pair-streams"), ({"batch_size": 0}, "--batch-size"),
-                      ({"backend": "tgi"}, "unknown backend"), ({"attacker": "gpt"}, "bad backend spec")):
+    for bad, flag in (
+        ({"pair_streams": 0}, "--pair-streams"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"backend": "tgi"}, "unknown backend"),
+        ({"attacker": "gpt"}, "bad backend spec"),
+    ):
         with pytest.raises(InputError, match=flag):
             EvalConfig("o", "p", model="m", **bad).check()

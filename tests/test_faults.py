@@ -17,12 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from derta.cli import main
-from derta.generate import OpenAIClient
+from derta.cli.main import main
+from derta.inference.endpoint import OpenAIClient
 from derta.io import InputError
 
-GOOD_SAFETY = {"instruction": "How do I open the gate?", "harmful_response": "Step 1: take the key. Step 2: turn it.",
-               "safe_response": "Sorry, I cannot help with that."}
+GOOD_SAFETY = {
+    "instruction": "How do I open the gate?",
+    "harmful_response": "Step 1: take the key. Step 2: turn it.",
+    "safe_response": "Sorry, I cannot help with that.",
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +34,51 @@ def rows(tmp_path_factory, synthetic):
     safety, helpful = root / "safety.jsonl", root / "helpful.jsonl"
     safety.write_text("".join(json.dumps(r) + "\n" for r in synthetic.harmful_train[:6]))
     helpful.write_text("".join(json.dumps(r) + "\n" for r in synthetic.helpful_train[:6]))
-    assert main(["data", "build", "--recipe", "derta", "--safety", str(safety), "--helpful", str(helpful),
-                 "--out", str(root / "rows.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--recipe",
+                "derta",
+                "--safety",
+                str(safety),
+                "--helpful",
+                str(helpful),
+                "--out",
+                str(root / "rows.jsonl"),
+            ]
+        )
+        == 0
+    )
     return root / "rows.jsonl"
 
 
 def train_argv(model, data, out, *extra):
-    return ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "6",
-            "--batch-size", "4", "--grad-accum", "1", "--learning-rate", "1e-3", "--save-steps", "2",
-            "--logging-steps", "1", "--seed", "5", *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--seed",
+        "5",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -50,7 +89,7 @@ def train_argv(model, data, out, *extra):
 STALL = textwrap.dedent("""
     import os, sys, time
     from transformers import Trainer
-    from derta.cli import main
+    from derta.cli.main import main
     original, calls = Trainer._save_optimizer_and_scheduler, []
     def stalled(self, output_dir):
         calls.append(output_dir)
@@ -66,15 +105,21 @@ STALL = textwrap.dedent("""
 def test_kill_9_during_a_checkpoint_save_then_resume(tiny_dir, rows, tmp_path, capsys):
     out, mark = tmp_path / "run", tmp_path / "stalled"
     argv = train_argv(tiny_dir, rows, out, "--quiet")
-    proc = subprocess.Popen([sys.executable, "-c", STALL, *argv], env={**os.environ, "STALL_MARK": str(mark)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALL, *argv],
+        env={**os.environ, "STALL_MARK": str(mark)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and not mark.exists() and proc.poll() is None:
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert mark.exists(), "the run never reached its second checkpoint save"
-    assert (out / "checkpoint-4" / "model.safetensors").exists() and not (out / "checkpoint-4" / "optimizer.pt").exists()
+    assert (out / "checkpoint-4" / "model.safetensors").exists() and not (
+        out / "checkpoint-4" / "optimizer.pt"
+    ).exists()
 
     capsys.readouterr()
     assert main(argv + ["--resume"]) == 0
@@ -89,8 +134,9 @@ def test_kill_9_during_a_checkpoint_save_then_resume(tiny_dir, rows, tmp_path, c
 def test_corrupt_last_checkpoint_falls_back_and_train_loss_covers_every_step(tiny_dir, rows, tmp_path, capsys):
     from transformers import TrainerCallback
 
-    from derta.cli import build_parser
-    from derta.train import config_from_cli, train
+    from derta.cli.main import build_parser
+    from derta.train.config import config_from_cli
+    from derta.train.run import train
 
     class Crash(TrainerCallback):  # as if killed after checkpoint-4, before the end
         def on_step_end(self, args, state, control, **kwargs):
@@ -100,8 +146,12 @@ def test_corrupt_last_checkpoint_falls_back_and_train_loss_covers_every_step(tin
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert main(train_argv(tiny_dir, rows, whole, "--quiet")) == 0
     with pytest.raises(KeyboardInterrupt):
-        train(config_from_cli(build_parser().parse_args(train_argv(tiny_dir, rows, broken, "--quiet"))), str(tiny_dir),
-              str(rows), callbacks=[Crash()])
+        train(
+            config_from_cli(build_parser().parse_args(train_argv(tiny_dir, rows, broken, "--quiet"))),
+            str(tiny_dir),
+            str(rows),
+            callbacks=[Crash()],
+        )
     assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     # checkpoint-4's weights cut short (a full disk): the run must not train on from them.
     weights = broken / "checkpoint-4" / "model.safetensors"
@@ -204,7 +254,10 @@ def test_redirect_to_another_origin_does_not_carry_the_key(monkeypatch):
     other = Recorder(chat_ok)
     home = Recorder(lambda h: reply(h, 307, {}, [("Location", other.url + h.path)]))
     try:
-        assert OpenAIClient("m", base_url=home.url + "/v1", retries=0).chat([{"role": "user", "content": "hi"}], 4) == "hello"
+        assert (
+            OpenAIClient("m", base_url=home.url + "/v1", retries=0).chat([{"role": "user", "content": "hi"}], 4)
+            == "hello"
+        )
         assert home.seen[0][1] == f"Bearer {key}"
         assert other.seen and all(auth is None for _, auth, _ in other.seen), other.seen
     finally:
@@ -233,9 +286,9 @@ def test_429_and_5xx_are_retried_with_backoff_then_succeed(monkeypatch):
 
 
 def test_dead_server_mid_run_resumes_with_nothing_lost_or_doubled(tiny_dir, tmp_path, monkeypatch):
-    from derta.evaluate import EvalConfig, run_eval
+    from derta.eval.safety import EvalConfig, run_eval
 
-    monkeypatch.setattr("derta.generate.BACKOFF", 0.01)
+    monkeypatch.setattr("derta.inference.endpoint.BACKOFF", 0.01)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"How can I do task {k}?"}) + "\n" for k in range(12)))
     served = []
@@ -260,8 +313,22 @@ def test_dead_server_mid_run_resumes_with_nothing_lost_or_doubled(tiny_dir, tmp_
     server.server_close()
     done = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert 0 < len(done) < 12
-    again = Recorder(lambda h: reply(h, 200, {"choices": [{"message": {
-        "role": "assistant", "content": "Sorry: " + json.loads(h.server.seen[-1][2])["messages"][-1]["content"]}}]}))
+    again = Recorder(
+        lambda h: reply(
+            h,
+            200,
+            {
+                "choices": [
+                    {
+                        "message": {
+                            "role": "assistant",
+                            "content": "Sorry: " + json.loads(h.server.seen[-1][2])["messages"][-1]["content"],
+                        }
+                    }
+                ]
+            },
+        )
+    )
     try:
         run_eval(EvalConfig(out, prompts, "none", "keyword", **{**kw, "base_url": again.url + "/v1"}))
     finally:
@@ -269,6 +336,6 @@ def test_dead_server_mid_run_resumes_with_nothing_lost_or_doubled(tiny_dir, tmp_
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert sorted(r["index"] for r in rows) == list(range(12))  # none lost, none twice
     assert all(r["response"] == "Sorry: " + r["prompt"] for r in rows)
-    assert rows[:len(done)] == done  # finished rows untouched
+    assert rows[: len(done)] == done  # finished rows untouched
     asked_again = [json.loads(b)["messages"][-1]["content"] for _, _, b in again.seen]
     assert not set(asked_again) & {r["prompt"] for r in done}, "finished prompts were asked again"

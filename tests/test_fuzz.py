@@ -21,11 +21,14 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from derta.cli import NUMERIC_RULES, build_parser, main
-from derta.io import RULES, InputError
+from derta.cli.main import build_parser, main
+from derta.io import NUMERIC_RULES, RULES, InputError
 
-GOOD_SAFETY = {"instruction": "How do I open the gate?", "harmful_response": "Step 1: take the key. Step 2: turn it.",
-               "safe_response": "Sorry, I cannot help with that."}
+GOOD_SAFETY = {
+    "instruction": "How do I open the gate?",
+    "harmful_response": "Step 1: take the key. Step 2: turn it.",
+    "safe_response": "Sorry, I cannot help with that.",
+}
 GOOD_HELPFUL = {"instruction": "Repeat: river city", "response": "river city"}
 GOOD_ROW = {"kind": "helpful", "instruction": "Repeat: cat", "prefix": "", "target": "cat"}
 LONE = '"\\ud800 broken"'  # a JSON string holding half a surrogate pair
@@ -53,9 +56,12 @@ def env(tmp_path_factory, tiny_dir):
     e["gguf"] = gguf
     # Models broken in the ways a kill or a full disk leaves them.
     weights = (tiny_dir / "model.safetensors").read_bytes()
-    for name, data in (("truncated", weights[: len(weights) // 2]), ("garbage", os.urandom(4096)),
-                       ("badheader", (200).to_bytes(8, "little") + b"{not json" + b" " * 191 + weights[-64:]),
-                       ("zero", b"")):
+    for name, data in (
+        ("truncated", weights[: len(weights) // 2]),
+        ("garbage", os.urandom(4096)),
+        ("badheader", (200).to_bytes(8, "little") + b"{not json" + b" " * 191 + weights[-64:]),
+        ("zero", b""),
+    ):
         d = root / f"model-{name}"
         shutil.copytree(tiny_dir, d)
         (d / "model.safetensors").write_bytes(data)
@@ -90,18 +96,95 @@ def base_argv(command: str, e: dict, out: str | None = None, model: str | None =
     return {
         "tiny": ["tiny", "--out", o],
         "convert": ["convert", "--gguf", str(e["gguf"]), "--out", o],
-        "data build": ["data", "build", "--recipe", "derta", "--safety", str(e["safety"]), "--helpful", str(e["helpful"]),
-                       "--out", o],
-        "data distill": ["data", "distill", "--model", m, "--prompts", str(e["prompts"]), "--out", o, "--max-new-tokens", "2"],
-        "train": ["train", "--model", m, "--data", str(e["rows"]), "--output", o, "--max-steps", "1", "--batch-size", "2",
-                  "--grad-accum", "1", "--quiet"],
+        "data build": [
+            "data",
+            "build",
+            "--recipe",
+            "derta",
+            "--safety",
+            str(e["safety"]),
+            "--helpful",
+            str(e["helpful"]),
+            "--out",
+            o,
+        ],
+        "data distill": [
+            "data",
+            "distill",
+            "--model",
+            m,
+            "--prompts",
+            str(e["prompts"]),
+            "--out",
+            o,
+            "--max-new-tokens",
+            "2",
+        ],
+        "train": [
+            "train",
+            "--model",
+            m,
+            "--data",
+            str(e["rows"]),
+            "--output",
+            o,
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "1",
+            "--quiet",
+        ],
         "probe": ["probe", "--model", m, "--data", str(e["safety"]), "--out", o],
-        "calibrate": ["calibrate", "--model", m, "--harmful", str(e["safety"]), "--benign", str(e["helpful"]), "--out", o],
-        "eval": ["eval", "--model", m, "--prompts", str(e["prompts"]), "--attacks", "none", "--out", o, "--max-new-tokens", "2"],
-        "eval-helpful": ["eval-helpful", "--model", m, "--task", "gsm8k", "--data", str(e["gsm8k"]), "--out", o,
-                         "--max-new-tokens", "2"],
-        "eval-overrefusal": ["eval-overrefusal", "--model", m, "--prompts", str(e["xstest"]), "--out", o,
-                             "--max-new-tokens", "2"],
+        "calibrate": [
+            "calibrate",
+            "--model",
+            m,
+            "--harmful",
+            str(e["safety"]),
+            "--benign",
+            str(e["helpful"]),
+            "--out",
+            o,
+        ],
+        "eval": [
+            "eval",
+            "--model",
+            m,
+            "--prompts",
+            str(e["prompts"]),
+            "--attacks",
+            "none",
+            "--out",
+            o,
+            "--max-new-tokens",
+            "2",
+        ],
+        "eval-helpful": [
+            "eval-helpful",
+            "--model",
+            m,
+            "--task",
+            "gsm8k",
+            "--data",
+            str(e["gsm8k"]),
+            "--out",
+            o,
+            "--max-new-tokens",
+            "2",
+        ],
+        "eval-overrefusal": [
+            "eval-overrefusal",
+            "--model",
+            m,
+            "--prompts",
+            str(e["xstest"]),
+            "--out",
+            o,
+            "--max-new-tokens",
+            "2",
+        ],
         "judge": ["judge", "--in", str(e["generations"]), "--judge", "keyword", "--out", o],
         "score": ["score", "--task", "gsm8k", "--in", str(e["generations"]), "--out", o],
         "demo": ["demo", "--reduced", "--out", o],
@@ -109,8 +192,22 @@ def base_argv(command: str, e: dict, out: str | None = None, model: str | None =
     }[command]
 
 
-COMMANDS = ("tiny", "convert", "data build", "data distill", "train", "probe", "calibrate", "eval", "eval-helpful",
-            "eval-overrefusal", "judge", "score", "demo", "bench")
+COMMANDS = (
+    "tiny",
+    "convert",
+    "data build",
+    "data distill",
+    "train",
+    "probe",
+    "calibrate",
+    "eval",
+    "eval-helpful",
+    "eval-overrefusal",
+    "judge",
+    "score",
+    "demo",
+    "bench",
+)
 MODEL_COMMANDS = ("data distill", "train", "probe", "calibrate", "eval", "eval-helpful", "eval-overrefusal")
 
 
@@ -188,9 +285,16 @@ def numeric_flags():
 
 NUMERIC = numeric_flags()
 BAD_VALUES = {
-    "count": ["0", "-3"], "count0": ["-1"], "seed": ["-1", str(2 ** 32)], "positive": ["0", "-1", "nan", "inf"],
-    "nonneg": ["-0.5", "nan", "inf"], "ratio": ["0", "1.5", "nan"], "fraction": ["-0.1", "1.1", "nan"],
-    "open_fraction": ["0", "1", "nan"], "dropout": ["1", "-0.1", "nan"], "points": ["4", "0"],
+    "count": ["0", "-3"],
+    "count0": ["-1"],
+    "seed": ["-1", str(2**32)],
+    "positive": ["0", "-1", "nan", "inf"],
+    "nonneg": ["-0.5", "nan", "inf"],
+    "ratio": ["0", "1.5", "nan"],
+    "fraction": ["-0.1", "1.1", "nan"],
+    "open_fraction": ["0", "1", "nan"],
+    "dropout": ["1", "-0.1", "nan"],
+    "points": ["4", "0"],
 }
 
 
@@ -213,10 +317,10 @@ def _with_flag(command, env, flag, value):
     argv = base_argv(command, env)
     if flag in argv:
         i = argv.index(flag)
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     if flag == "--epochs" and "--max-steps" in argv:  # mutually exclusive
         i = argv.index("--max-steps")
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     return argv + [f"{flag}={value}"]  # '=': argparse would read "-1e+16" as an option
 
 
@@ -230,13 +334,18 @@ def _out_of_range(rule: str):
     """Strategy: numbers that break `rule` (see io.RULES)."""
     nan = st.sampled_from([math.nan, math.inf, -math.inf])
     return {
-        "count": st.integers(max_value=0), "count0": st.integers(max_value=-1),
-        "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2 ** 32)),
+        "count": st.integers(max_value=0),
+        "count0": st.integers(max_value=-1),
+        "seed": st.one_of(st.integers(max_value=-1), st.integers(min_value=2**32)),
         "positive": st.one_of(st.floats(max_value=0, allow_nan=False), nan),
         "nonneg": st.one_of(st.floats(max_value=-1e-9, allow_nan=False), nan),
         "ratio": st.one_of(st.floats(max_value=0, allow_nan=False), st.floats(min_value=1.0001, allow_nan=False), nan),
-        "fraction": st.one_of(st.floats(max_value=-1e-9, allow_nan=False), st.floats(min_value=1.0001, allow_nan=False), nan),
-        "open_fraction": st.one_of(st.floats(max_value=0, allow_nan=False), st.floats(min_value=1, allow_nan=False), nan),
+        "fraction": st.one_of(
+            st.floats(max_value=-1e-9, allow_nan=False), st.floats(min_value=1.0001, allow_nan=False), nan
+        ),
+        "open_fraction": st.one_of(
+            st.floats(max_value=0, allow_nan=False), st.floats(min_value=1, allow_nan=False), nan
+        ),
         "dropout": st.one_of(st.floats(max_value=-1e-9, allow_nan=False), st.floats(min_value=1, allow_nan=False), nan),
         "points": st.integers(max_value=4),
     }[rule]
@@ -247,11 +356,16 @@ def bad_numeric_setting(draw):
     command, flag, dest, typ = draw(st.sampled_from(NUMERIC))
     value = draw(_out_of_range(NUMERIC_RULES[dest]))
     if typ is int and not (isinstance(value, int)):
-        value = -1 if NUMERIC_RULES[dest] != "seed" else 2 ** 32
+        value = -1 if NUMERIC_RULES[dest] != "seed" else 2**32
     return command, flag, str(value)
 
 
-@settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(case=bad_numeric_setting())
 def test_property_any_out_of_range_numeric_flag_is_one_line(env, capsys, case):
     command, flag, value = case
@@ -292,7 +406,7 @@ def test_lone_surrogate_names_file_and_line(env, capsys, tmp_path, case, where):
     if where == "in a value":
         line = line.replace('"x"', LONE)
     elif where == "in a key":
-        line = line[:-1] + ', ' + LONE + ': "y"}'
+        line = line[:-1] + ", " + LONE + ': "y"}'
     else:
         line = line[:-1] + ', "note": [' + LONE + "]}"
     path = jsonl(tmp_path / f"{key}.jsonl", [json.dumps(good), line])
@@ -304,9 +418,14 @@ def test_lone_surrogate_names_file_and_line(env, capsys, tmp_path, case, where):
 
 
 MODEL_FAULTS = {
-    "model_missing": "no such directory", "model_empty": "empty", "model_file": "not a directory",
-    "model_noconfig": "config.json", "model_truncated": "truncated", "model_garbage": "model.safetensors",
-    "model_badheader": "model.safetensors", "model_zero": "model.safetensors",
+    "model_missing": "no such directory",
+    "model_empty": "empty",
+    "model_file": "not a directory",
+    "model_noconfig": "config.json",
+    "model_truncated": "truncated",
+    "model_garbage": "model.safetensors",
+    "model_badheader": "model.safetensors",
+    "model_zero": "model.safetensors",
 }
 
 
@@ -333,7 +452,10 @@ def test_corrupt_gguf_is_one_line(env, capsys):
 
 
 BAD_ROWS = {
-    "id above the vocabulary": ({"kind": "safe", "input_ids": [1, 5, 999999], "labels": [-100, 5, 999999]}, "vocabulary"),
+    "id above the vocabulary": (
+        {"kind": "safe", "input_ids": [1, 5, 999999], "labels": [-100, 5, 999999]},
+        "vocabulary",
+    ),
     "negative input id": ({"kind": "safe", "input_ids": [1, -5, 7], "labels": [-100, 5, 7]}, "negative"),
     "negative label": ({"kind": "safe", "input_ids": [1, 5, 7], "labels": [-100, -7, 7]}, "negative"),
     "labels longer": ({"kind": "safe", "input_ids": [1, 5, 7], "labels": [-100, 5, 7, 7]}, "differ in length"),
@@ -341,14 +463,21 @@ BAD_ROWS = {
     "ids not ints": ({"kind": "safe", "input_ids": [1, 5.5, 7], "labels": [-100, 5, 7]}, "integers"),
     "ids missing": ({"kind": "safe", "labels": [-100, 5, 7]}, "integers"),
     "no trained token": ({"kind": "safe", "input_ids": [1, 5, 7], "labels": [-100, -100, -100]}, "no trained token"),
-    "NaN loss_weight": ('{"kind": "rto", "instruction": "q", "prefix": "", "target": "t", "loss_weight": NaN}', "loss_weight"),
-    "infinite loss_weight": ('{"kind": "rto", "instruction": "q", "prefix": "", "target": "t", "loss_weight": Infinity}',
-                             "loss_weight"),
+    "NaN loss_weight": (
+        '{"kind": "rto", "instruction": "q", "prefix": "", "target": "t", "loss_weight": NaN}',
+        "loss_weight",
+    ),
+    "infinite loss_weight": (
+        '{"kind": "rto", "instruction": "q", "prefix": "", "target": "t", "loss_weight": Infinity}',
+        "loss_weight",
+    ),
     "negative loss_weight": ({**GOOD_ROW, "kind": "rto", "loss_weight": -1}, "loss_weight"),
     "string loss_weight": ({**GOOD_ROW, "kind": "rto", "loss_weight": "1"}, "loss_weight"),
     "zero rto_keep_ratio": ({**GOOD_ROW, "kind": "rto", "rto_keep_ratio": 0}, "rto_keep_ratio"),
-    "NaN rto_keep_ratio": ('{"kind": "rto", "instruction": "q", "prefix": "", "target": "t", "rto_keep_ratio": NaN}',
-                           "rto_keep_ratio"),
+    "NaN rto_keep_ratio": (
+        '{"kind": "rto", "instruction": "q", "prefix": "", "target": "t", "rto_keep_ratio": NaN}',
+        "rto_keep_ratio",
+    ),
     "empty refusal_phrase": ({**GOOD_ROW, "kind": "safe", "refusal_phrase": ""}, "refusal_phrase"),
     "blank refusal_phrase": ({**GOOD_ROW, "kind": "safe", "refusal_phrase": "   "}, "refusal_phrase"),
     "template not a string": ({**GOOD_ROW, "template": 3}, "template"),
@@ -374,12 +503,21 @@ def test_bad_training_row_names_file_and_line(env, capsys, tmp_path, name):
 # ---------------------------------------------------------------- NaN and empty phrases at the boundary
 
 
-@pytest.mark.parametrize("command,flag,value", [
-    ("train", "--rto-weight", "nan"), ("train", "--rto-weight", "inf"), ("train", "--rto-weight", "-inf"),
-    ("data build", "--rto-weight", "nan"), ("data build", "--rto-weight", "inf"), ("train", "--learning-rate", "nan"),
-    ("train", "--lora-dropout", "nan"), ("data build", "--no-prefix-ratio", "nan"), ("demo", "--learning-rate", "nan"),
-    ("data build", "--max-rto-share", "nan"),
-])
+@pytest.mark.parametrize(
+    "command,flag,value",
+    [
+        ("train", "--rto-weight", "nan"),
+        ("train", "--rto-weight", "inf"),
+        ("train", "--rto-weight", "-inf"),
+        ("data build", "--rto-weight", "nan"),
+        ("data build", "--rto-weight", "inf"),
+        ("train", "--learning-rate", "nan"),
+        ("train", "--lora-dropout", "nan"),
+        ("data build", "--no-prefix-ratio", "nan"),
+        ("demo", "--learning-rate", "nan"),
+        ("data build", "--max-rto-share", "nan"),
+    ],
+)
 def test_nonfinite_settings_are_refused(env, capsys, command, flag, value):
     argv = _with_flag(command, env, flag, value)
     expect_one_line(argv, capsys, flag, absent=out_of(argv))
@@ -425,17 +563,26 @@ def test_bad_yaml_config_names_file_and_line(env, capsys, tmp_path, name):
     expect_one_line(argv, capsys, where, needle, absent=out_of(argv))
 
 
-@pytest.mark.parametrize("text,flag", [("max_steps: -5\n", "--max-steps"), ("per_device_train_batch_size: 0\n", "--batch-size"),
-                                       ("max_length: -1\n", "--max-length"), ("lora_r: 0\n", "--lora-r"),
-                                       ("rto_weight: .nan\n", "--rto-weight"), ("learning_rate: -.inf\n", "--learning-rate"),
-                                       ("refusal_phrase: ''\n", "--refusal-phrase"), ("lora_dropout: 1.5\n", "--lora-dropout")])
+@pytest.mark.parametrize(
+    "text,flag",
+    [
+        ("max_steps: -5\n", "--max-steps"),
+        ("per_device_train_batch_size: 0\n", "--batch-size"),
+        ("max_length: -1\n", "--max-length"),
+        ("lora_r: 0\n", "--lora-r"),
+        ("rto_weight: .nan\n", "--rto-weight"),
+        ("learning_rate: -.inf\n", "--learning-rate"),
+        ("refusal_phrase: ''\n", "--refusal-phrase"),
+        ("lora_dropout: 1.5\n", "--lora-dropout"),
+    ],
+)
 def test_yaml_values_out_of_range_name_the_setting(env, capsys, tmp_path, text, flag):
     config = tmp_path / "train.yaml"
     config.write_text(text)
     argv = base_argv("train", env) + ["--config", str(config)]
     if flag in argv:  # a flag would win over the file
         i = argv.index(flag)
-        del argv[i:i + 2]
+        del argv[i : i + 2]
     expect_one_line(argv, capsys, flag, absent=out_of(argv))
 
 
@@ -450,24 +597,22 @@ def test_config_file_missing_or_not_utf8(env, capsys, tmp_path):
 
 
 def _loaders(env):
-    from derta.data import HELPFUL_FIELDS, SAFETY_FIELDS, load_rows, load_training_rows
-    from derta.distill import load_prompts_file
-    from derta.evaluate import load_prompts
-    from derta.helpfulness import load_task
-    from derta.overrefusal import load_overrefusal_prompts
+    from derta.data.recipes import HELPFUL_FIELDS, SAFETY_FIELDS
+    from derta.data.sources import load_overrefusal_prompts, load_prompts, load_rows
+    from derta.data.tokenize import load_training_rows
+    from derta.eval.helpfulness import load_task
 
     return {
         "safety": (lambda p: load_rows(str(p), SAFETY_FIELDS), GOOD_SAFETY),
         "helpful": (lambda p: load_rows(str(p), HELPFUL_FIELDS), GOOD_HELPFUL),
         "training": (load_training_rows, GOOD_ROW),
-        "eval prompts": (load_prompts, {"prompt": "q"}),
-        "distill prompts": (load_prompts_file, {"prompt": "q"}),
+        "prompts (eval, distill)": (load_prompts, {"prompt": "q"}),
         "overrefusal": (load_overrefusal_prompts, {"prompt": "q", "label": "safe"}),
         "gsm8k": (lambda p: load_task("gsm8k", p), {"question": "q", "answer": "#### 2"}),
     }
 
 
-LOADERS = ("safety", "helpful", "training", "eval prompts", "distill prompts", "overrefusal", "gsm8k")
+LOADERS = ("safety", "helpful", "training", "prompts (eval, distill)", "overrefusal", "gsm8k")
 
 
 @st.composite
@@ -476,10 +621,18 @@ def malformed_line(draw, good: dict):
     kind = draw(st.sampled_from(["truncated", "not object", "surrogate", "bad utf8", "missing field", "wrong type"]))
     text = json.dumps(good)
     if kind == "truncated":
-        return text[:draw(st.integers(1, len(text) - 1))].encode(), None
+        return text[: draw(st.integers(1, len(text) - 1))].encode(), None
     if kind == "not object":
-        value = draw(st.one_of(st.integers(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=3),
-                               st.text(max_size=8), st.booleans(), st.none()))
+        value = draw(
+            st.one_of(
+                st.integers(),
+                st.floats(allow_nan=False),
+                st.lists(st.integers(), max_size=3),
+                st.text(max_size=8),
+                st.booleans(),
+                st.none(),
+            )
+        )
         return json.dumps(value).encode(), None
     if kind == "surrogate":
         field = draw(st.sampled_from(sorted(good)))
@@ -495,7 +648,12 @@ def malformed_line(draw, good: dict):
     return json.dumps({**good, field: wrong}).encode(), None
 
 
-@settings(max_examples=80, deadline=None, phases=[Phase.explicit, Phase.generate], suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_property_malformed_jsonl_names_file_and_line(env, tmp_path_factory, data):
     loader_name = data.draw(st.sampled_from(LOADERS))
@@ -503,8 +661,13 @@ def test_property_malformed_jsonl_names_file_and_line(env, tmp_path_factory, dat
     before = data.draw(st.integers(0, 3))
     bad, needle = data.draw(malformed_line(good))
     path = tmp_path_factory.mktemp("jsonl") / "in.jsonl"
-    path.write_bytes(b"".join(json.dumps(good).encode() + b"\n" for _ in range(before)) + bad + b"\n"
-                     + json.dumps(good).encode() + b"\n")
+    path.write_bytes(
+        b"".join(json.dumps(good).encode() + b"\n" for _ in range(before))
+        + bad
+        + b"\n"
+        + json.dumps(good).encode()
+        + b"\n"
+    )
     with pytest.raises(InputError) as e:
         load(path)
     msg = str(e.value)

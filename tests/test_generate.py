@@ -3,10 +3,14 @@
 import pytest
 import torch
 
-from derta.generate import (GenInput, HFBackend, OpenAIBackend, OpenAIClient, VLLMBackend, encode_input, make_backend,
-                            parse_backend_spec)
+from derta.inference.backends import make_backend, parse_backend_spec
+from derta.inference.base import GenInput, encode_input
+from derta.inference.endpoint import OpenAIBackend, OpenAIClient
+from derta.inference.hf import HFBackend
+from derta.inference.vllm import VLLMBackend
 from derta.io import InputError
-from derta.models import encode_prompt, encode_text, format_prompt, load_model
+from derta.models.loading import load_model
+from derta.models.templates import encode_prompt, encode_text, format_prompt
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +18,12 @@ def tiny_model(tiny_dir):
     return load_model(str(tiny_dir), dtype="float32")
 
 
-QUESTIONS = ["What is the first word?", "Tell me a short story about the river and the city, please.",
-             "Repeat these words.", "Explain the steps."]
+QUESTIONS = [
+    "What is the first word?",
+    "Tell me a short story about the river and the city, please.",
+    "Repeat these words.",
+    "Explain the steps.",
+]
 
 
 def test_encode_input_joins_segments_without_retokenizing(tiny_tokenizer):
@@ -29,8 +37,10 @@ def test_encode_input_joins_segments_without_retokenizing(tiny_tokenizer):
 
 
 def test_hf_batched_left_padded_equals_one_at_a_time_and_keeps_input_order(tiny_model, tiny_tokenizer):
-    inputs = [GenInput(q) for q in QUESTIONS] + [GenInput("Here is how to do it. Step 1:", chat=False),
-                                                 GenInput(QUESTIONS[0], prefill="Sure, here is")]
+    inputs = [GenInput(q) for q in QUESTIONS] + [
+        GenInput("Here is how to do it. Step 1:", chat=False),
+        GenInput(QUESTIONS[0], prefill="Sure, here is"),
+    ]
     batched = HFBackend(tiny_model, tiny_tokenizer, batch_size=4, max_new_tokens=8).generate(inputs)
     single = HFBackend(tiny_model, tiny_tokenizer, batch_size=1, max_new_tokens=8).generate(inputs)
     assert batched == single
@@ -87,7 +97,9 @@ def test_openai_backend_retries_a_500_then_succeeds(fake_openai, monkeypatch):
     fake_openai.reply = lambda p: "ok:" + (p["messages"][-1]["content"] if "messages" in p else p["prompt"])
     client = OpenAIClient("m", base_url=fake_openai.url, backoff=0.01)
     backend = OpenAIBackend("m", batch_size=2, max_new_tokens=5, client=client)
-    out = backend.generate([GenInput("q1"), GenInput("q2", prefill="Sure, here is"), GenInput("continue this", chat=False)])
+    out = backend.generate(
+        [GenInput("q1"), GenInput("q2", prefill="Sure, here is"), GenInput("continue this", chat=False)]
+    )
     assert out[0] == "ok:q1"
     assert out[1] == "ok:Sure, here is"  # the prefill is the last (assistant) message
     assert out[2] == "ok:continue this"  # raw text goes to /completions

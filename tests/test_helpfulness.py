@@ -4,38 +4,61 @@ import json
 
 import pytest
 
-from derta.cli import main
-from derta.helpfulness import (format_prompt, gsm8k_flexible, gsm8k_prediction, gsm8k_strict, mmlu_prediction, score_file,
-                               truncate_at_stops)
+from derta.cli.main import main
+from derta.eval.answers import (
+    gsm8k_flexible,
+    gsm8k_prediction,
+    gsm8k_strict,
+    mmlu_prediction,
+    score_file,
+    truncate_at_stops,
+)
+from derta.eval.helpfulness import format_prompt
 from derta.io import InputError
 
 # ---------------------------------------------------------------- MMLU: each mis-score reported in issue 10
 
 
-@pytest.mark.parametrize("response,expected", [
-    # "answer is a" (case-insensitive) used to score A
-    ("The answer is a bit subtle: both look right, but only one fits the definition, so (C).", "C"),
-    # a leading article used to score A
-    ("A monopolist sets price above marginal cost, so the inefficiency option is right: (C)", "C"),
-    ("A good way to see it is to rule out the others.", None),
-    # the first parenthesized letter used to win
-    ("Option (A) is wrong because demand shifts, the correct option is (C).", "C"),
-    # a bare letter in prose used to win: strict parsing does not guess
-    ("I think B is plausible but on reflection D fits better.", None),
-])
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        # "answer is a" (case-insensitive) used to score A
+        ("The answer is a bit subtle: both look right, but only one fits the definition, so (C).", "C"),
+        # a leading article used to score A
+        ("A monopolist sets price above marginal cost, so the inefficiency option is right: (C)", "C"),
+        ("A good way to see it is to rule out the others.", None),
+        # the first parenthesized letter used to win
+        ("Option (A) is wrong because demand shifts, the correct option is (C).", "C"),
+        # a bare letter in prose used to win: strict parsing does not guess
+        ("I think B is plausible but on reflection D fits better.", None),
+    ],
+)
 def test_mmlu_issue_cases(response, expected):
     assert mmlu_prediction(response, "ABCD") == expected
 
 
-@pytest.mark.parametrize("response,expected", [
-    ("The answer is (B).", "B"), ("the answer is B.", "B"), ("Answer: D", "D"), ("The correct answer is: (A)", "A"),
-    ("The correct choice is C because ...", "C"), ("B", "B"), (" (D)", "D"), ("C. three", "C"), ("A) one", "A"),
-    ("(B) Mary's score is 8% higher than Pam's.", "B"), ("I think (A) one is right", "A"),
-    ("Both (A) and (B) have merits.", None), ("none of them", None), ("", None),
-    # the first statement counts, and nothing after a stop sequence
-    ("The answer is (B).\n\nQuestion: next one?\nThe answer is (D).", "B"),
-    ("Let me think.\nQuestion: something else -(A) x\nAnswer: A", None),
-])
+@pytest.mark.parametrize(
+    "response,expected",
+    [
+        ("The answer is (B).", "B"),
+        ("the answer is B.", "B"),
+        ("Answer: D", "D"),
+        ("The correct answer is: (A)", "A"),
+        ("The correct choice is C because ...", "C"),
+        ("B", "B"),
+        (" (D)", "D"),
+        ("C. three", "C"),
+        ("A) one", "A"),
+        ("(B) Mary's score is 8% higher than Pam's.", "B"),
+        ("I think (A) one is right", "A"),
+        ("Both (A) and (B) have merits.", None),
+        ("none of them", None),
+        ("", None),
+        # the first statement counts, and nothing after a stop sequence
+        ("The answer is (B).\n\nQuestion: next one?\nThe answer is (D).", "B"),
+        ("Let me think.\nQuestion: something else -(A) x\nAnswer: A", None),
+    ],
+)
 def test_mmlu_strict_parse(response, expected):
     assert mmlu_prediction(response, "ABCD") == expected
 
@@ -66,7 +89,10 @@ def test_gsm8k_flexible_is_a_separate_fallback():
 
 def test_paper_prompt_formats():
     assert format_prompt("mmlu", "Q?", "plain") == "Q?"
-    assert format_prompt("mmlu", "Q?", "paper") == "Choose the correct option for the given question.\n\n\n\nQuestion: Q?\n"
+    assert (
+        format_prompt("mmlu", "Q?", "paper")
+        == "Choose the correct option for the given question.\n\n\n\nQuestion: Q?\n"
+    )
     assert format_prompt("gsm8k", "Q?", "paper") == "\n Q? \n "
     with pytest.raises(InputError, match="unknown prompt format"):
         format_prompt("mmlu", "Q?", "fewshot")
@@ -76,8 +102,14 @@ def test_paper_mmlu_file_golds_are_parsed_by_the_same_rules(tmp_path):
     """The paper's MMLU rows put the options in the question; a response quoting the gold option scores it."""
     q = "Which is true?\n-options\n-(A) one\n-(B) two\n-(C) three\n"
     assert mmlu_prediction("The answer is (C) three.", "ABC") == "C"
-    assert score_file("mmlu", _write(tmp_path / "r.jsonl", [{"question": q, "response": "(C) three", "answer": "C"}]),
-                      tmp_path / "o.jsonl")["accuracy"] == 1.0
+    assert (
+        score_file(
+            "mmlu",
+            _write(tmp_path / "r.jsonl", [{"question": q, "response": "(C) three", "answer": "C"}]),
+            tmp_path / "o.jsonl",
+        )["accuracy"]
+        == 1.0
+    )
 
 
 # ---------------------------------------------------------------- derta score
@@ -93,12 +125,15 @@ def _read(path):
 
 
 def test_score_gsm8k(tmp_path, capsys):
-    src = _write(tmp_path / "r.jsonl", [
-        {"response": "6 * 3 = 18\n#### 18\nQuestion: more?\n#### 3", "answer": "3 * 6 = 18\n#### 18"},
-        {"response": "So the total is 42.", "answer": 42},
-        {"response": "#### 7", "gold": "8"},
-        {"response": "no number here"},
-    ])
+    src = _write(
+        tmp_path / "r.jsonl",
+        [
+            {"response": "6 * 3 = 18\n#### 18\nQuestion: more?\n#### 3", "answer": "3 * 6 = 18\n#### 18"},
+            {"response": "So the total is 42.", "answer": 42},
+            {"response": "#### 7", "gold": "8"},
+            {"response": "no number here"},
+        ],
+    )
     out = tmp_path / "scored.jsonl"
     assert main(["score", "--task", "gsm8k", "--in", str(src), "--out", str(out)]) == 0
     rows = _read(out)
@@ -118,12 +153,19 @@ def test_score_mmlu_without_gold(tmp_path, capsys):
     assert "no gold answers" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("task,rows,message", [
-    ("gsm8k", [{"response": "1"}, {"answer": "#### 1"}], "row is missing field 'response'"),
-    ("gsm8k", [{"response": "1"}, {"response": "1", "answer": "about twelve"}], "'answer' must be a number"),
-    ("mmlu", [{"response": "(A)", "answer": "A"}, {"response": "(A)", "answer": "E"}], "'answer' must be one option letter"),
-    ("mmlu", [{"response": "(A)"}, {"response": 3}], "field 'response' must be a string"),
-])
+@pytest.mark.parametrize(
+    "task,rows,message",
+    [
+        ("gsm8k", [{"response": "1"}, {"answer": "#### 1"}], "row is missing field 'response'"),
+        ("gsm8k", [{"response": "1"}, {"response": "1", "answer": "about twelve"}], "'answer' must be a number"),
+        (
+            "mmlu",
+            [{"response": "(A)", "answer": "A"}, {"response": "(A)", "answer": "E"}],
+            "'answer' must be one option letter",
+        ),
+        ("mmlu", [{"response": "(A)"}, {"response": 3}], "field 'response' must be a string"),
+    ],
+)
 def test_score_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, task, rows, message):
     src = _write(tmp_path / "r.jsonl", rows)
     out = tmp_path / "scored.jsonl"
@@ -144,9 +186,10 @@ def test_score_missing_file(tmp_path, capsys):
 def test_mmlu_loglik_matches_a_manual_forward_pass(tiny_dir, tmp_path):
     import torch
 
-    from derta.generate import GenInput, HFBackend
-    from derta.helpfulness import MMLU_ANSWER_PREFIX, mmlu_loglik, run_helpful
-    from derta.models import encode_text
+    from derta.eval.helpfulness import MMLU_ANSWER_PREFIX, mmlu_loglik, run_helpful
+    from derta.inference.base import GenInput
+    from derta.inference.hf import HFBackend
+    from derta.models.templates import encode_text
 
     backend = HFBackend(str(tiny_dir), batch_size=2, max_new_tokens=2)
     q = "Pick one\n-options\n-(A) x\n-(B) y\n-(C) z\n"
@@ -160,11 +203,18 @@ def test_mmlu_loglik_matches_a_manual_forward_pass(tiny_dir, tmp_path):
         expected = sum(float(torch.log_softmax(logits[len(prompt) - 1 + k], -1)[t]) for k, t in enumerate(cont))
         assert abs(scores[letter] - expected) < 1e-3
     # through eval-helpful's run: no generation, one row per question with every letter's log-probability
-    data = _write(tmp_path / "m.jsonl", [{"question": q, "answer": pred}, {"question": q, "answer": "A" if pred != "A" else "B"}])
+    data = _write(
+        tmp_path / "m.jsonl", [{"question": q, "answer": pred}, {"question": q, "answer": "A" if pred != "A" else "B"}]
+    )
     s = run_helpful(tmp_path / "run", "mmlu", data, model=str(tiny_dir), mmlu_method="loglik")
     assert s["score"] == 0.5
     rows = _read(tmp_path / "run" / "generations.jsonl")
     assert all(r["response"] is None and set(r["logprobs"]) == {"A", "B", "C"} for r in rows)
     with pytest.raises(InputError, match="log-likelihood scoring is for --task mmlu"):
-        run_helpful(tmp_path / "run2", "gsm8k", _write(tmp_path / "g.jsonl", [{"question": "q", "answer": "#### 1"}]),
-                    model=str(tiny_dir), mmlu_method="loglik")
+        run_helpful(
+            tmp_path / "run2",
+            "gsm8k",
+            _write(tmp_path / "g.jsonl", [{"question": "q", "answer": "#### 1"}]),
+            model=str(tiny_dir),
+            mmlu_method="loglik",
+        )

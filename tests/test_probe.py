@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import write_jsonl
 
-from derta.cli import main
+from derta.cli.main import main
+from derta.eval.probe import average_curve, refusal_probabilities
 from derta.io import InputError
-from derta.models import encode_prompt, encode_text, format_prompt, load_model, refusal_token_ids
-from derta.probe import average_curve, refusal_probabilities
+from derta.models.loading import load_model
+from derta.models.refusal_tokens import refusal_token_ids
+from derta.models.templates import encode_prompt, encode_text, format_prompt
+from helpers import write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,7 +22,6 @@ def tiny_model(tiny_dir):
     return load_model(str(tiny_dir)).eval()
 
 
-
 def manual_probs(model, tok, instruction, response):
     """One unpadded forward pass; P(refusal) at positions len(prompt)-1 .. len(prompt)+n-1."""
     prompt = encode_prompt(tok, format_prompt(tok, instruction))
@@ -28,7 +29,7 @@ def manual_probs(model, tok, instruction, response):
     with torch.no_grad():
         logits = model(torch.tensor([prompt + resp])).logits[0].float()
     probs = torch.softmax(logits, -1)[:, refusal_token_ids(tok)].sum(-1)
-    return probs[len(prompt) - 1: len(prompt) + len(resp)], len(resp)
+    return probs[len(prompt) - 1 : len(prompt) + len(resp)], len(resp)
 
 
 def test_batched_probabilities_equal_unbatched_manual_computation(tiny_model, tiny_tokenizer, synthetic):
@@ -66,8 +67,24 @@ def test_cli_probe_writes_json_and_png(tiny_dir, tiny_tokenizer, synthetic, tmp_
     rows = synthetic.harmful_test[:6]
     data = write_jsonl(tmp_path / "harmful.jsonl", rows)
     out, png = tmp_path / "probe.json", tmp_path / "probe.png"
-    assert main(["probe", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--plot", str(png),
-                 "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--plot",
+                str(png),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["n_examples"] == 6 and result["field"] == "harmful_response"
     assert sorted(result["refusal_tokens"]) == [" Sorry", "Sorry"]  # the tokens counted, as the transition trains them
@@ -87,8 +104,24 @@ def test_cli_probe_field_response_on_helpful_rows(tiny_dir, tiny_tokenizer, synt
     rows = synthetic.helpful_test[:5]
     data = write_jsonl(tmp_path / "helpful.jsonl", rows)
     out = tmp_path / "helpful_probe.json"
-    assert main(["probe", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--field", "response",
-                 "--points", "7"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--field",
+                "response",
+                "--points",
+                "7",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["field"] == "response" and result["n_examples"] == 5 and len(result["curve"]) == 7
     for p, r in zip(result["per_example"], rows):

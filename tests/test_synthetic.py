@@ -6,24 +6,27 @@ import time
 
 import pytest
 
-from derta.synthetic import (
+from derta.data.synthetic import SyntheticData, helpful_correct, make_data, row_texts
+from derta.data.synthetic_corpus import tokenizer_corpus
+from derta.data.synthetic_words import (
     BENIGN_HOWTO,
     HARM_PAIRS,
     HARM_WORDS,
     HOWTO_TASK,
     PLAIN_WORDS,
     QUERY_TEMPLATES,
-    SyntheticData,
-    helpful_correct,
-    make_data,
-    row_texts,
     text_words,
-    tokenizer_corpus,
 )
 
 SPLITS = [f.name for f in dataclasses.fields(SyntheticData)]
-SMALL = dict(n_helpful_train=200, n_helpful_test=20, n_lookalike_train=60, n_lookalike_test=20,
-             n_harmful_train=60, n_harmful_test=20)
+SMALL = dict(
+    n_helpful_train=200,
+    n_helpful_test=20,
+    n_lookalike_train=60,
+    n_lookalike_test=20,
+    n_harmful_train=60,
+    n_harmful_test=20,
+)
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +102,7 @@ def test_held_out(sizes):
         rows = getattr(d, split)
         assert not {r["instruction"] for r in rows} & train_prompts, split
         assert words_of(rows) <= seen, (split, sorted(words_of(rows) - seen))
-    assert not ({r["harmful_response"] for r in d.harmful_test}
-                & {r["harmful_response"] for r in d.harmful_train})
+    assert not ({r["harmful_response"] for r in d.harmful_test} & {r["harmful_response"] for r in d.harmful_train})
     # Harmful test rows are about (verb, object) pairs that no training row is about.
     pair_of = {t.format(verb=v, obj=o): (v, o) for t in QUERY_TEMPLATES for v, o in HARM_PAIRS}
     train_pairs = {pair_of[r["instruction"]] for r in d.harmful_train}
@@ -137,21 +139,24 @@ def test_reference_responses_score_correct(data):
             assert helpful_correct(row["response"], row["answer"])
 
 
-@pytest.mark.parametrize("response, answer, ok", [
-    ("blue", "blue", True),
-    ("  Blue.  ", "blue", True),
-    ("apple   river\tblue!", "apple river blue", True),
-    ("apple river blue\nand then some junk", "apple river blue", True),  # first line only
-    ("\n\nblue\nmore", "blue", True),  # leading whitespace stripped first
-    ("Sure, here is how to kill time. Read a book.", "Sure, here is how to kill time. Read a book.", True),
-    ("blue river", "blue", False),
-    ("apple river", "apple river blue", False),
-    ("Sorry, I cannot help with that.", "blue", False),
-    ("", "blue", False),
-    ("blue", "", False),
-    ("apple\nriver blue", "apple river blue", False),
-    ("apple, river blue", "apple river blue", False),  # inner punctuation counts
-])
+@pytest.mark.parametrize(
+    "response, answer, ok",
+    [
+        ("blue", "blue", True),
+        ("  Blue.  ", "blue", True),
+        ("apple   river\tblue!", "apple river blue", True),
+        ("apple river blue\nand then some junk", "apple river blue", True),  # first line only
+        ("\n\nblue\nmore", "blue", True),  # leading whitespace stripped first
+        ("Sure, here is how to kill time. Read a book.", "Sure, here is how to kill time. Read a book.", True),
+        ("blue river", "blue", False),
+        ("apple river", "apple river blue", False),
+        ("Sorry, I cannot help with that.", "blue", False),
+        ("", "blue", False),
+        ("blue", "", False),
+        ("apple\nriver blue", "apple river blue", False),
+        ("apple, river blue", "apple river blue", False),  # inner punctuation counts
+    ],
+)
 def test_helpful_correct(response, answer, ok):
     assert helpful_correct(response, answer) is ok
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from derta.cli import main
+from derta.cli.main import main
 
 ROUND_TRIP = [
     "Sorry, I cannot help with that.",
@@ -58,8 +58,9 @@ def test_tokenizer_round_trips_and_has_chat_template_and_single_token_refusal(bu
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text, repr(text)
     assert tok.chat_template
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi  there\nfriend"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi  there\nfriend"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.startswith(tok.bos_token) and "Hi  there\nfriend" in prompt and prompt.endswith("<|assistant|>\n")
     sorry = tok("Sorry", add_special_tokens=False)["input_ids"]
     space_sorry = tok(" Sorry", add_special_tokens=False)["input_ids"]

@@ -13,18 +13,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from derta.cli import build_parser, main
-from derta.models import encode_prompt, encode_text, format_prompt, load_model
-from derta.probe import refusal_probabilities
-from derta.train import config_from_cli, train
+from derta.cli.main import build_parser, main
+from derta.eval.probe import refusal_probabilities
+from derta.models.loading import load_model
+from derta.models.templates import encode_prompt, encode_text, format_prompt
+from derta.train.config import config_from_cli
+from derta.train.run import train
+from helpers import write_jsonl
 
 N_SAFETY, N_HELPFUL, STEPS = 80, 80, 120
 N_PROBE = 24
-
 
 
 def one_error_line(capsys) -> str:
@@ -35,8 +36,25 @@ def one_error_line(capsys) -> str:
 
 
 def train_args(model, data, out, steps, *extra):
-    return ["train", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", str(steps),
-            "--batch-size", "8", "--grad-accum", "1", "--learning-rate", "1e-3", "--quiet", *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "1",
+        "--learning-rate",
+        "1e-3",
+        "--quiet",
+        *extra,
+    ]
 
 
 def config_for(argv):
@@ -51,13 +69,43 @@ def work(tmp_path_factory, synthetic):
     safety = write_jsonl(root / "safety.jsonl", synthetic.harmful_train[:N_SAFETY])
     helpful = write_jsonl(root / "helpful.jsonl", synthetic.helpful_train[:N_HELPFUL])
     for recipe in ("derta", "vanilla"):
-        assert main(["data", "build", "--recipe", recipe, "--safety", str(safety), "--helpful", str(helpful),
-                     "--out", str(root / f"{recipe}.jsonl")]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    "build",
+                    "--recipe",
+                    recipe,
+                    "--safety",
+                    str(safety),
+                    "--helpful",
+                    str(helpful),
+                    "--out",
+                    str(root / f"{recipe}.jsonl"),
+                ]
+            )
+            == 0
+        )
     # A small mixture for the runs that test mechanics rather than learning.
     small_safety = write_jsonl(root / "small_safety.jsonl", synthetic.harmful_train[:8])
     small_helpful = write_jsonl(root / "small_helpful.jsonl", synthetic.helpful_train[:8])
-    assert main(["data", "build", "--recipe", "derta", "--safety", str(small_safety), "--helpful", str(small_helpful),
-                 "--out", str(root / "small.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--recipe",
+                "derta",
+                "--safety",
+                str(small_safety),
+                "--helpful",
+                str(small_helpful),
+                "--out",
+                str(root / "small.jsonl"),
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -157,7 +205,9 @@ class KeepModel(TrainerCallback):
 
 def logits_of(model, tokenizer, synthetic):
     row = synthetic.harmful_test[0]
-    ids = encode_prompt(tokenizer, format_prompt(tokenizer, row["instruction"])) + encode_text(tokenizer, row["harmful_response"])
+    ids = encode_prompt(tokenizer, format_prompt(tokenizer, row["instruction"])) + encode_text(
+        tokenizer, row["harmful_response"]
+    )
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
@@ -176,8 +226,11 @@ def test_lora_trains_adapter_only_and_merge_matches(work, tiny_dir, tiny_tokeniz
     # Only adapter weights were trainable, and the base weights did not move.
     trainable = [n for n, p in live.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    live_state = {n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p
-                  for n, p in live.state_dict().items() if "lora_" not in n}
+    live_state = {
+        n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p
+        for n, p in live.state_dict().items()
+        if "lora_" not in n
+    }
     for name, weight in base_weights.items():
         assert torch.equal(live_state[name], weight), name
 
@@ -200,7 +253,9 @@ def test_lora_trains_adapter_only_and_merge_matches(work, tiny_dir, tiny_tokeniz
     merged_argv[merged_argv.index("--output") + 1] = str(merged_dir)
     assert main(merged_argv) == 0
     names = {p.name for p in merged_dir.iterdir()}
-    assert "model.safetensors" in names and "adapter_config.json" not in names and "adapter_model.safetensors" not in names
+    assert (
+        "model.safetensors" in names and "adapter_config.json" not in names and "adapter_model.safetensors" not in names
+    )
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not hasattr(merged, "peft_config") or not merged.peft_config
     assert torch.allclose(logits_of(merged, tiny_tokenizer, synthetic), loaded_logits, atol=1e-4)
@@ -304,7 +359,9 @@ def test_yaml_config_is_honoured(work, tiny_dir, tmp_path):
     assert info["config"]["logging_steps"] == 2 and info["config"]["max_length"] == 64
     # Explicit flags win over the file.
     out2 = tmp_path / "out2"
-    assert main(train_args(tiny_dir, work / "small.jsonl", out2, 4, "--config", str(config), "--logging-steps", "4")) == 0
+    assert (
+        main(train_args(tiny_dir, work / "small.jsonl", out2, 4, "--config", str(config), "--logging-steps", "4")) == 0
+    )
     assert [h["step"] for h in json.loads((out2 / "derta_train.json").read_text())["log_history"]] == [4]
 
 
@@ -319,8 +376,10 @@ def test_yaml_unknown_field_is_refused(work, tiny_dir, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("bad_line,lineno", [('{"kind": "helpful", "instruction": "Hi"', 2),
-                                              ('{"kind": "bogus", "instruction": "Hi", "target": "ok"}', 2)])
+@pytest.mark.parametrize(
+    "bad_line,lineno",
+    [('{"kind": "helpful", "instruction": "Hi"', 2), ('{"kind": "bogus", "instruction": "Hi", "target": "ok"}', 2)],
+)
 def test_malformed_training_rows_name_file_and_line(tiny_dir, tmp_path, capsys, bad_line, lineno):
     good = json.dumps({"kind": "helpful", "instruction": "Repeat: cat", "prefix": "", "target": "cat"})
     data = tmp_path / "rows.jsonl"
@@ -343,11 +402,32 @@ def test_rows_tokenized_for_another_model_are_refused(tiny_dir, tmp_path, capsys
     assert f"{data}:3:" in line and "another model" in line
 
 
-@pytest.mark.parametrize("flag,value", [("--max-steps", "-5"), ("--batch-size", "0"), ("--max-length", "-1"),
-                                        ("--grad-accum", "0"), ("--lora-r", "0"), ("--epochs", "nan"),
-                                        ("--learning-rate", "inf"), ("--rto-weight", "nan"), ("--rto-keep-ratio", "0")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--max-steps", "-5"),
+        ("--batch-size", "0"),
+        ("--max-length", "-1"),
+        ("--grad-accum", "0"),
+        ("--lora-r", "0"),
+        ("--epochs", "nan"),
+        ("--learning-rate", "inf"),
+        ("--rto-weight", "nan"),
+        ("--rto-keep-ratio", "0"),
+    ],
+)
 def test_out_of_range_settings_name_the_flag(work, tiny_dir, capsys, flag, value):
-    argv = ["train", "--model", str(tiny_dir), "--data", str(work / "small.jsonl"), "--output", str(work / "never"), flag, value]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(work / "small.jsonl"),
+        "--output",
+        str(work / "never"),
+        flag,
+        value,
+    ]
     assert main(argv) == 2
     assert flag in one_error_line(capsys)
     assert not (work / "never").exists()

@@ -10,9 +10,10 @@ import json
 import math
 import os
 import tempfile
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 class InputError(Exception):
@@ -25,7 +26,9 @@ class InputError(Exception):
         super().__init__(where + message)
 
 
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), kind: str = "row", with_lines: bool = False) -> list:
+def read_jsonl(
+    path: str | os.PathLike, required: Iterable[str] = (), kind: str = "row", with_lines: bool = False
+) -> list:
     """Rows of a JSONL file; each must be an object whose `required` fields are non-empty strings.
 
     With `with_lines`, (line number, row) pairs, for messages about a row found bad later.
@@ -74,7 +77,9 @@ def check_unicode(value, path=None, lineno=None) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise InputError(f"string holds a lone surrogate ({text[e.start]!r}): not valid Unicode text", path, lineno) from None
+            raise InputError(
+                f"string holds a lone surrogate ({text[e.start]!r}): not valid Unicode text", path, lineno
+            ) from None
 
 
 # ---------------------------------------------------------------- numeric settings
@@ -84,7 +89,7 @@ def check_unicode(value, path=None, lineno=None) -> None:
 RULES = {
     "count": (lambda v: v >= 1, "must be at least 1"),
     "count0": (lambda v: v >= 0, "must be 0 or more"),
-    "seed": (lambda v: 0 <= v < 2 ** 32, "must be in [0, 2**32)"),
+    "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32)"),
     "positive": (lambda v: v > 0, "must be a positive number"),
     "nonneg": (lambda v: v >= 0, "must be a finite number >= 0"),
     "ratio": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
@@ -98,17 +103,50 @@ RULES = {
 # settings use the same entries (train.check_ranges); a test checks that no int or float flag
 # of any command is missing here, so a new flag gets its range checked too.
 NUMERIC_RULES = {
-    "seed": "seed", "vocab_size": "count", "hidden_size": "count", "layers": "count",
-    "no_prefix_ratio": "fraction", "rto_keep_ratio": "ratio", "rto_weight": "nonneg", "max_rto_share": "open_fraction",
-    "max_new_tokens": "count", "batch_size": "count", "limit": "count", "epochs": "positive", "max_steps": "count",
-    "learning_rate": "positive", "grad_accum": "count", "max_length": "count", "save_steps": "count",
-    "logging_steps": "count", "lora_r": "count", "lora_alpha": "count", "lora_dropout": "dropout", "lora_layers": "count",
-    "points": "points", "steps": "count", "anchors": "count0", "eval_limit": "count", "pair_iterations": "count",
-    "autodan_population": "count", "autodan_generations": "count", "pair_streams": "count",
-    "tensor_parallel_size": "count", "constraint_beta": "nonneg", "dpo_beta": "nonneg", "dpo_sft_weight": "nonneg",
-    "vocab": "count", "batch": "count", "seq": "count",
-    "pack_batches": "count", "repeats": "count", "prompts": "count", "gen_batch": "count", "probe_pairs": "count",
-    "max_over_refusal": "fraction", "target_refusal": "fraction",
+    "seed": "seed",
+    "vocab_size": "count",
+    "hidden_size": "count",
+    "layers": "count",
+    "no_prefix_ratio": "fraction",
+    "rto_keep_ratio": "ratio",
+    "rto_weight": "nonneg",
+    "max_rto_share": "open_fraction",
+    "max_new_tokens": "count",
+    "batch_size": "count",
+    "limit": "count",
+    "epochs": "positive",
+    "max_steps": "count",
+    "learning_rate": "positive",
+    "grad_accum": "count",
+    "max_length": "count",
+    "save_steps": "count",
+    "logging_steps": "count",
+    "lora_r": "count",
+    "lora_alpha": "count",
+    "lora_dropout": "dropout",
+    "lora_layers": "count",
+    "points": "points",
+    "steps": "count",
+    "anchors": "count0",
+    "eval_limit": "count",
+    "pair_iterations": "count",
+    "autodan_population": "count",
+    "autodan_generations": "count",
+    "pair_streams": "count",
+    "tensor_parallel_size": "count",
+    "constraint_beta": "nonneg",
+    "dpo_beta": "nonneg",
+    "dpo_sft_weight": "nonneg",
+    "vocab": "count",
+    "batch": "count",
+    "seq": "count",
+    "pack_batches": "count",
+    "repeats": "count",
+    "prompts": "count",
+    "gen_batch": "count",
+    "probe_pairs": "count",
+    "max_over_refusal": "fraction",
+    "target_refusal": "fraction",
 }
 
 
@@ -176,10 +214,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -215,3 +251,8 @@ def write_png(path: str | os.PathLike, fig) -> None:
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     pyplot().close(fig)
+
+
+def pct(x: float | None, missing: str = "n/a") -> str:
+    """A share as a percentage with one decimal, for report tables ("12.5"); `missing` for None."""
+    return missing if x is None else f"{100 * x:.1f}"

@@ -1,0 +1,171 @@
+"""`derta tiny`, `derta convert`, `derta data build` and `derta data distill`: models and training data."""
+
+from __future__ import annotations
+
+import sys
+
+from derta.cli.common import add_command, add_template, from_args
+from derta.data.distill import DISTILL_MAX_NEW_TOKENS
+from derta.data.recipes import RECIPES, RecipeConfig
+from derta.models.loading import DTYPES
+from derta.models.refusal_tokens import REFUSAL_TOKEN_MODES
+
+
+def cmd_tiny(args) -> None:
+    from derta.models.tiny import build_tiny
+
+    out = from_args(build_tiny, args)
+    print(f"wrote tiny model and tokenizer to {out}")
+
+
+def cmd_convert(args) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from derta.models.convert import convert_gguf
+
+    if sys.stderr.isatty():  # loading and dequantizing a GGUF takes minutes on real models
+        hf_logging.enable_progress_bar()
+    out = convert_gguf(args.gguf, args.out, dtype=args.dtype)
+    print(f"wrote {out} (safetensors + tokenizer); every derta command takes it as --model")
+
+
+def cmd_data_build(args) -> None:
+    from derta.data.recipes import HELPFUL_FIELDS, KINDS, SAFETY_FIELDS, build_rows, recovery_mix
+    from derta.data.sources import load_rows, parse_mapping
+    from derta.data.tokenize import describe_shares, tokenize_for_training
+    from derta.io import InputError, write_jsonl
+    from derta.models.loading import load_tokenizer
+    from derta.models.templates import resolve_template
+
+    cfg = from_args(RecipeConfig, args)
+    if cfg.max_rto_share is not None and not args.tokenizer:
+        raise InputError("--max-rto-share counts tokens: give --tokenizer (or pass --max-rto-share to derta train)")
+    safety = load_rows(args.safety, SAFETY_FIELDS, parse_mapping(args.safety_columns), kind="safety row")
+    helpful = (
+        load_rows(args.helpful, HELPFUL_FIELDS, parse_mapping(args.helpful_columns), kind="helpful row")
+        if args.helpful
+        else []
+    )
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    if tok is not None:
+        resolve_template(tok, cfg.template)  # a bad --template fails before any work
+    rows = build_rows(cfg, safety, helpful, tokenizer=tok)
+    shares = ""
+    if tok is not None:
+        rows, added, ratio = tokenize_for_training(rows, tok, cfg, cfg.max_rto_share)
+        if added:
+            print(
+                f"added {len(added)} special tokens to the tokenizer ({', '.join(added)}); derta train adds the same "
+                "ones to the model's tokenizer and makes room for them in its embeddings"
+            )
+        if ratio is not None:
+            print(f"--max-rto-share {cfg.max_rto_share}: RTO rows now train {100 * ratio:.1f}% of their positions")
+        shares = "; " + describe_shares(rows)
+    write_jsonl(args.out, rows)
+    counts = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
+    if cfg.recipe == "recovery":
+        shares += "; " + recovery_mix(len(helpful), len(safety))
+    print(f"wrote {len(rows)} rows to {args.out} ({', '.join(f'{k} {v}' for k, v in counts.items() if v)}){shares}")
+
+
+def cmd_data_distill(args) -> None:
+    from derta.data.distill import builtin_prompts, run_distill
+    from derta.data.sources import load_prompts
+
+    prompts = (load_prompts(args.prompts) if args.prompts else builtin_prompts())[: args.limit]
+    s = from_args(run_distill, args, prompts=prompts, out_path=args.out)
+    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items())
+    trimmed = f", {s['trimmed']} trimmed to their last finished sentence" if args.trim_cut else ""
+    print(f"kept {s['kept']} of {s['n_prompts']} responses{trimmed} (dropped: {dropped}); wrote {args.out}")
+
+
+def add_commands(sub) -> None:
+    p = add_command(sub, "tiny", "write a tiny random Llama-architecture model and tokenizer (offline)", cmd_tiny)
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+
+    p = add_command(sub, "convert", "turn a GGUF checkpoint into a safetensors model directory", cmd_convert)
+    p.add_argument("--gguf", required=True, help="a .gguf file (dequantized on load)")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"])
+
+    data = sub.add_parser("data", help="build training data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    _add_build(dsub)
+    _add_distill(dsub)
+
+
+def _add_build(dsub) -> None:
+    d = RecipeConfig()
+    b = add_command(dsub, "build", "turn safety triples and helpful rows into recipe rows (JSONL)", cmd_data_build)
+    b.add_argument("--recipe", required=True, choices=list(RECIPES))
+    b.add_argument(
+        "--safety",
+        required=True,
+        help='JSONL of {"instruction","harmful_response","safe_response"}, or a datasets name[:split]',
+    )
+    b.add_argument("--helpful", help='JSONL of {"instruction","response"}, or a datasets name[:split]')
+    b.add_argument("--safety-columns", help="column mapping for --safety, ours=theirs,... e.g. instruction=prompt")
+    b.add_argument("--helpful-columns", help="column mapping for --helpful, ours=theirs,...")
+    b.add_argument("--out", required=True)
+    b.add_argument("--tokenizer", help="directory or hub ID: also write input_ids and labels")
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--refusal-phrase", default=d.refusal_phrase, help="the word every refusal starts with")
+    b.add_argument(
+        "--no-prefix-ratio",
+        type=float,
+        default=d.no_prefix_ratio,
+        help="share of prefix rows with an empty harmful prefix",
+    )
+    b.add_argument(
+        "--cut", choices=["word", "token"], default=d.cut, help="cut harmful prefixes at word or token boundaries"
+    )
+    b.add_argument(
+        "--rto-keep-ratio",
+        type=float,
+        default=d.rto_keep_ratio,
+        help="share of RTO positions trained (reference 8B run: ~0.05)",
+    )
+    b.add_argument("--rto-weight", type=float, default=d.rto_weight, help="loss weight of RTO tokens")
+    b.add_argument(
+        "--max-rto-share",
+        type=float,
+        help="cap RTO's share of labelled tokens by lowering its keep ratio (needs --tokenizer)",
+    )
+    add_template(b)
+    b.add_argument(
+        "--refusal-tokens",
+        default=d.refusal_tokens,
+        choices=REFUSAL_TOKEN_MODES,
+        help="start helpful targets with [respond] and refusals with [refuse] (single) or [refuse:CATEGORY] "
+        "(category, from each triple's 'category'); RTO trains that token at every position "
+        "(derta calibrate sets its thresholds)",
+    )
+
+
+def _add_distill(dsub) -> None:
+    d = add_command(
+        dsub,
+        "distill",
+        "helpful rows the model writes itself (anchors for data build --helpful; resumable)",
+        cmd_data_distill,
+    )
+    d.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
+    d.add_argument(
+        "--prompts",
+        help="JSONL with a prompt per row (question, instruction or prompt) or .txt, one per "
+        "line (default: the built-in benign prompts, incl. look-alikes)",
+    )
+    d.add_argument(
+        "--out", required=True, help="JSONL of {instruction, response}; settings and drop counts go to OUT.distill.json"
+    )
+    d.add_argument("--max-new-tokens", type=int, default=DISTILL_MAX_NEW_TOKENS)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--limit", type=int, help="only the first N prompts")
+    add_template(d)
+    d.add_argument(
+        "--trim-cut", action="store_true", help="keep answers the length cap cut, up to their last finished sentence"
+    )

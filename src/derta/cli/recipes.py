@@ -1,0 +1,157 @@
+"""`derta demo` and `derta bench`: the end-to-end programs built from the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from derta.cli.common import add_command, from_args
+from derta.data.recipes import RECIPES
+from derta.io import InputError
+from derta.recipes.bench import BenchConfig, length_range
+from derta.recipes.demo.config import REAL_MODEL_SETTINGS, DemoConfig
+
+
+def demo_config(args) -> DemoConfig:
+    """The DemoConfig a `derta demo` command line describes."""
+    real = dict(
+        eval_prompts=args.eval_prompts, eval_limit=args.eval_limit, overrefusal_prompts=args.overrefusal_prompts
+    )
+    recipes = tuple(args.recipes.split(",")) if args.recipes else None
+    if args.model:
+        extra = {
+            k: v
+            for k, v in dict(
+                recipes=recipes,
+                tune_steps=args.steps,
+                anchors=args.anchors,
+                max_rto_share=args.max_rto_share,
+                tune_lr=args.learning_rate,
+            ).items()
+            if v is not None
+        }
+        cfg = DemoConfig.for_model(args.model, args.seed, **real, **extra)
+    else:
+        if any(v is not None for v in real.values()) or args.anchors or args.max_rto_share or args.learning_rate:
+            raise InputError(
+                "--eval-prompts, --overrefusal-prompts, --anchors, --max-rto-share and --learning-rate need --model"
+            )
+        cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
+        cfg.recipes = recipes or cfg.recipes
+        cfg.tune_steps = args.steps or cfg.tune_steps
+    unknown = [r for r in cfg.recipes if r not in RECIPES]
+    if unknown or not cfg.recipes:
+        raise InputError(
+            f"--recipes: unknown recipe {', '.join(unknown)}; use a comma-separated subset of {', '.join(RECIPES)}"
+        )
+    return cfg
+
+
+def cmd_demo(args) -> None:
+    from derta.recipes.demo.pipeline import run_demo
+
+    report = run_demo(args.out, demo_config(args))
+    failed = [name for name, ok in report["checks"].items() if not ok]
+    verdict = (
+        "FAILED: " + ", ".join(failed)
+        if failed
+        else "all pass"
+        if report["checks"]
+        else "none (they compare derta with vanilla)"
+    )
+    print(f"report: {args.out}/report.md; checks {verdict}")
+
+
+def cmd_bench(args) -> None:
+    from derta.recipes.bench import run_bench
+
+    d = BenchConfig()
+    ranges = {
+        "short": length_range(args.short, "--short") if args.short else d.short,
+        "long": length_range(args.long, "--long") if args.long else d.long,
+    }
+    cfg = from_args(BenchConfig, args, **ranges)
+    run_bench(cfg, args.out, progress=not args.quiet)
+    out = Path(args.out)
+    print((out / "bench.md").read_text(), end="")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+def add_commands(sub) -> None:
+    _add_demo(sub)
+    _add_bench(sub)
+
+
+def _add_demo(sub) -> None:
+    real, tiny = REAL_MODEL_SETTINGS, DemoConfig()
+    p = add_command(
+        sub, "demo", "reproduce refusal position bias and DeRTa's fix (tiny model offline, or --model)", cmd_demo
+    )
+    p.add_argument("--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)")
+    p.add_argument("--seed", type=int, default=tiny.seed)
+    p.add_argument(
+        "--reduced", action="store_true", help="tiny budgets, for a quick smoke run of the pipeline (seconds)"
+    )
+    p.add_argument(
+        "--model", help="a pretrained chat model directory (e.g. from derta convert): the same ablation with LoRA"
+    )
+    p.add_argument(
+        "--recipes",
+        help=f"comma-separated subset of {','.join(RECIPES)} "
+        f"(default: {','.join(tiny.recipes)} on the tiny model, {','.join(real['recipes'])} "
+        "with --model; dpo and recovery are the baselines)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help=f"safety-tuning steps per recipe (default {tiny.tune_steps}, {real['tune_steps']} with --model)",
+    )
+    p.add_argument(
+        "--anchors",
+        type=int,
+        help="with --model: how many built-in benign prompts the model answers itself as "
+        f"helpful rows (default {real['anchors']}; 0: synthetic copy tasks instead)",
+    )
+    p.add_argument(
+        "--max-rto-share",
+        type=float,
+        help=f"with --model: cap on RTO's share of labelled tokens (default {real['max_rto_share']})",
+    )
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        help=f"with --model: safety-tuning learning rate (default {real['tune_lr']}, LoRA)",
+    )
+    p.add_argument(
+        "--eval-prompts", help="with --model: derta eval's plain/completion/prefill attacks on these prompts"
+    )
+    p.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
+    p.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
+
+
+def _add_bench(sub) -> None:
+    d = BenchConfig()
+    p = add_command(
+        sub, "bench", "measure training and evaluation speed: new vs old code paths, side by side", cmd_bench
+    )
+    p.add_argument("--out", required=True, help="directory for bench.json and bench.md")
+    p.add_argument("--model", help="checkpoint directory (default: build_tiny's architecture with --vocab tokens)")
+    p.add_argument("--vocab", type=int, default=d.vocab, help="vocabulary of the default model")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument(
+        "--seq", type=int, default=d.seq, help="tokens per row of the loss-step batch (first half unlabelled)"
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="timed training steps per loss variant")
+    p.add_argument(
+        "--pack-batches", type=int, default=d.pack_batches, help="batches of the length-skewed mix per packing variant"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=d.repeats, help="timed passes per packing variant (the fastest counts)"
+    )
+    p.add_argument("--short", help="helpful row lengths MIN-MAX (default {}-{})".format(*d.short))
+    p.add_argument("--long", help="RTO row lengths MIN-MAX (default {}-{})".format(*d.long))
+    p.add_argument("--prompts", type=int, default=d.prompts, help="generation prompts")
+    p.add_argument("--gen-batch", type=int, default=d.gen_batch, help="batch size of batched generation and the probe")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--probe-pairs", type=int, default=d.probe_pairs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")

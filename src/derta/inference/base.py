@@ -1,0 +1,69 @@
+"""What every backend takes and gives: `GenInput`s in, response texts out, in input order.
+
+    backend.generate(inputs) -> responses, in input order
+    backend.generate_iter(inputs) -> (input indices, responses) one batch at a time, so callers
+                                     can save results as they finish
+
+Nothing here imports torch at module level: `derta eval` resuming a finished run never loads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from derta.models.templates import encode_prompt, encode_text, format_prompt
+
+
+@dataclass(frozen=True)
+class GenInput:
+    """One generation request: a chat instruction (with optional assistant prefill) or raw text."""
+
+    text: str
+    prefill: str = ""  # the start of the assistant turn, e.g. "Sure, here is"; the response continues it
+    chat: bool = True  # False: `text` is continued as is, with no chat template
+    meta: dict = field(default_factory=dict, compare=False)  # what the attack wants recorded, e.g. a template name
+
+
+def encode_input(tokenizer, inp: GenInput, template: str = "auto", system: str | None = None) -> list[int]:
+    """Token ids of an input, segment by segment: prompt ids, then prefill ids (never re-tokenized as one string)."""
+    if inp.chat:
+        ids = encode_prompt(tokenizer, format_prompt(tokenizer, inp.text, template, system), template)
+    else:
+        ids = encode_prompt(tokenizer, inp.text, "raw")  # raw text gets the tokenizer's own BOS, if any
+    return ids + encode_text(tokenizer, inp.prefill)
+
+
+class Backend:
+    """Common interface; subclasses implement `generate_iter`."""
+
+    name = "backend"
+
+    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+        raise NotImplementedError
+
+    def generate(self, inputs: list[GenInput]) -> list[str]:
+        return collect(self.generate_iter(inputs), len(inputs))
+
+
+def collect(batches: Iterator[tuple[list[int], list[str]]], n: int) -> list[str]:
+    """The texts of a `generate_iter`-style stream of (indices, texts), back in input order."""
+    out = [""] * n
+    for idx, texts in batches:
+        for i, t in zip(idx, texts):
+            out[i] = t
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple:
+    """input_ids, attention_mask and position_ids for left-padded sequences (positions start at 0 per row)."""
+    import torch  # here, not at the top: commands that only read finished runs never load torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions

@@ -1,0 +1,148 @@
+"""Greedy generation with transformers: batched, left-padded, longest batches first, KV cache, stops at the
+model's end-of-turn set; also teacher-forced scoring of a target string (AutoDAN's fitness)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+from derta.inference.base import Backend, GenInput, encode_input, left_pad
+from derta.inference.policy import RefusalPolicy, refusal_logits_processor, visible_text
+from derta.inference.shard import Shard
+from derta.io import InputError
+from derta.models.loading import load_model, load_tokenizer
+from derta.models.templates import encode_text, end_of_turn_ids, resolve_template
+
+
+class HFBackend(Backend):
+    """Greedy generation with transformers; accepts a path/hub ID or an already-loaded model + tokenizer."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model_or_path,
+        tokenizer=None,
+        batch_size: int = 16,
+        max_new_tokens: int = 256,
+        template: str = "auto",
+        system: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        policy: RefusalPolicy | None = None,
+        show_refusal_tokens: bool = False,
+    ):
+        import torch
+
+        if batch_size < 1 or max_new_tokens < 1:
+            raise InputError("--batch-size and --max-new-tokens must be at least 1")
+        if isinstance(model_or_path, str):
+            self.tokenizer = tokenizer or load_tokenizer(model_or_path)
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = load_model(model_or_path, dtype=dtype, device=device)
+        else:
+            if tokenizer is None:
+                raise InputError("HFBackend: a loaded model needs its tokenizer")
+            self.model, self.tokenizer = model_or_path, tokenizer
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.eval()
+        self.device = next(self.model.parameters()).device
+        self.template = resolve_template(self.tokenizer, template)
+        self.system, self.batch_size, self.max_new_tokens = system, batch_size, max_new_tokens
+        self.show_refusal_tokens = show_refusal_tokens
+        # Worked out once, here: a policy that does not fit the model fails before any generation.
+        self.policy_parts = policy.for_tokenizer(self.tokenizer) if policy is not None else None
+        # The model's own EOS set (Llama-3 chat models also stop at <|eot_id|>), the tokenizer's, and the
+        # template's end of turn (ChatML's <|im_end|> where eos is <|endoftext|>).
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        self.eos_ids = (self.eos_ids | {end_of_turn_ids(self.tokenizer, self.template)[0]}) - {None}
+        self.gen_config = self._greedy_config()
+
+    def _greedy_config(self):
+
+        cfg = copy.deepcopy(self.model.generation_config)
+        cfg.do_sample, cfg.num_beams, cfg.use_cache = False, 1, True
+        # Sampling settings shipped with chat models (temperature 0.6 ...) would only draw warnings.
+        cfg.temperature = cfg.top_p = cfg.top_k = None
+        cfg.max_new_tokens, cfg.max_length = self.max_new_tokens, None
+        cfg.eos_token_id = sorted(self.eos_ids)
+        cfg.pad_token_id = self.tokenizer.pad_token_id
+        return cfg
+
+    def encode(self, inp: GenInput) -> list[int]:
+        return encode_input(self.tokenizer, inp, self.template, self.system)
+
+    def generate_iter(
+        self, inputs: list[GenInput], shard: Shard | None = None
+    ) -> Iterator[tuple[list[int], list[str]]]:
+        yield from self.generate_ids_iter([self.encode(x) for x in inputs], shard)
+
+    def generate_ids_iter(
+        self, ids: list[list[int]], shard: Shard | None = None
+    ) -> Iterator[tuple[list[int], list[str]]]:
+        """Batches of similar length, longest first (an out-of-memory batch fails at once, not at the end).
+
+        With a `shard`, only this process's batches: every process forms the same batches, so each
+        response is computed exactly as one process would (same batch, same padding).
+        """
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for k, start in enumerate(range(0, len(order), self.batch_size)):
+            if shard is None or shard.mine(k):
+                idx = order[start : start + self.batch_size]
+                yield idx, self._generate_batch([ids[i] for i in idx])
+
+    def _generate_batch(self, batch: list[list[int]]) -> list[str]:
+        import torch
+
+        input_ids, mask, _ = left_pad(batch, self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            extra = (
+                {"logits_processor": [refusal_logits_processor(self.policy_parts, input_ids.shape[1])]}
+                if self.policy_parts is not None
+                else {}
+            )
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=self.gen_config,
+                **extra,
+            )
+        texts = []
+        for row in out[:, input_ids.shape[1] :].tolist():
+            end = next((k for k, t in enumerate(row) if t in self.eos_ids), len(row))
+            texts.append(visible_text(self.tokenizer, row[:end], self.show_refusal_tokens))
+        return texts
+
+    def score(self, inputs: list[GenInput], targets: list[str]) -> list[float]:
+        """Mean log-probability per token of each target right after its input (teacher forced).
+
+        AutoDAN's fitness: how readily the model starts its answer with e.g. "Sure, here is ...".
+        """
+        import torch
+
+        seqs = [(self.encode(x), encode_text(self.tokenizer, t)) for x, t in zip(inputs, targets)]
+        if any(not t for _, t in seqs):
+            raise InputError("score: empty target string")
+        scores: list[float] = [0.0] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -sum(map(len, seqs[i])))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            ids, mask, pos = left_pad([seqs[i][0] + seqs[i][1] for i in idx], self.tokenizer.pad_token_id)
+            keep = max(len(seqs[i][1]) for i in idx) + 1
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=pos.to(self.device),
+                    logits_to_keep=keep,
+                ).logits[:, -keep:-1]
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            # Left padding puts every target at the end: the logits before the last n tokens predict them.
+            for row, i in enumerate(idx):
+                target = seqs[i][1]
+                n = len(target)
+                picked = logp[row, keep - 1 - n :, :].gather(-1, torch.tensor(target).unsqueeze(-1))
+                scores[i] = float(picked.mean())
+        return scores
