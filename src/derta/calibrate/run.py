@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from derta.calibrate.sweep import calibrate_table, check_settings
-from derta.data.sources import PROMPT_FIELDS, load_overrefusal_prompts
+from derta.data.sources import load_overrefusal_prompts, prompt_of
 from derta.eval.probe import token_probabilities
 from derta.io import InputError, pyplot, read_jsonl, write_json, write_jsonl, write_png, write_text
 from derta.models.loading import check_model_files, load_model, load_tokenizer
@@ -44,9 +44,7 @@ def load_examples(path: str | Path, kind: str) -> list[dict]:
         return rows
     rows = []
     for lineno, r in read_jsonl(path, with_lines=True):
-        name = next((f for f in PROMPT_FIELDS if f in r), None)
-        if name is None or not isinstance(r[name], str) or not r[name].strip():
-            raise InputError(f"row needs a non-empty string field, one of {', '.join(PROMPT_FIELDS)}", path, lineno)
+        prompt = prompt_of(r, path, lineno)
         field = next((f for f in RESPONSE_FIELDS[kind] if f in r), None)
         if field is not None and not isinstance(r[field], str):
             raise InputError(f"field '{field}' must be a string", path, lineno)
@@ -55,7 +53,7 @@ def load_examples(path: str | Path, kind: str) -> list[dict]:
         rows.append(
             {
                 "kind": kind,
-                "prompt": r[name],
+                "prompt": prompt,
                 "response": r[field] if field else "",
                 "category": category_name(r.get("category")),
             }

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from derta.data.sources import prompt_of
 from derta.inference.base import left_pad
 from derta.inference.shard import Shard
 from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, read_jsonl, write_json, write_png
@@ -119,16 +120,16 @@ def average_curve(per_example: list[list[float]], points: int = PROBE_POINTS) ->
 
 
 def probe_rows(path: str, field: str | None = None, limit: int | None = None) -> tuple[list[tuple[str, str]], str]:
-    """(instruction, response) pairs from a JSONL file; the response field defaults to harmful_response, else response."""
+    """(prompt, response) pairs from a JSONL file (the prompt by `data.sources.prompt_of`); the response field
+    defaults to harmful_response, else response."""
     rows = read_jsonl(path, with_lines=True)
     if field is None:
         field = "harmful_response" if "harmful_response" in rows[0][1] else "response"
     pairs = []
     for lineno, row in rows[:limit] if limit else rows:
-        for name in ("instruction", field):
-            if not isinstance(row.get(name), str):
-                raise InputError(f"row needs a string field '{name}'", path, lineno)
-        pairs.append((row["instruction"], row[field]))
+        if not isinstance(row.get(field), str):
+            raise InputError(f"row needs a string field '{field}'", path, lineno)
+        pairs.append((prompt_of(row, path, lineno), row[field]))
     return pairs, field
 
 

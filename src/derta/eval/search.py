@@ -31,7 +31,7 @@ from derta.eval.attacks import (
 from derta.eval.judges import Judge, Verdict
 from derta.eval.refusal import is_refusal
 from derta.inference.base import Backend, GenInput
-from derta.io import InputError
+from derta.io import NUMERIC_RULES, InputError, check_number
 
 
 @dataclass
@@ -85,8 +85,9 @@ class PAIR:
         judge: Judge | None = None,
         retries: int = PAIR_ATTACKER_RETRIES,
     ):
-        if iterations < 1 or streams < 1 or retries < 0:
-            raise InputError("--pair-iterations and --pair-streams must be at least 1")
+        for flag, value in (("pair_iterations", iterations), ("pair_streams", streams)):
+            check_number(value, "--" + flag.replace("_", "-"), NUMERIC_RULES[flag])
+        check_number(retries, "PAIR's attacker retries", "count0")
         self.attacker, self.iterations, self.streams, self.judge, self.retries = (
             attacker,
             iterations,
@@ -258,8 +259,9 @@ class AutoDAN:
         mutation: float = 0.1,
         prototypes: dict[str, str] | None = None,
     ):
-        if population < 2 or generations < 1:
-            raise InputError("--autodan-population must be at least 2 and --autodan-generations at least 1")
+        check_number(generations, "--autodan-generations", NUMERIC_RULES["autodan_generations"])
+        if population < 2:  # crossover needs two parents
+            raise InputError(f"--autodan-population must be at least 2, not {population}")
         self.population, self.generations, self.seed = population, generations, seed
         self.elite, self.crossover, self.mutation = max(1, round(elite * population)), crossover, mutation
         self.prototypes = list((prototypes or JAILBREAK_TEMPLATES).values())

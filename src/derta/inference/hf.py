@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from derta.inference.base import Backend, GenInput, encode_input, left_pad
 from derta.inference.policy import RefusalPolicy, refusal_logits_processor, visible_text
 from derta.inference.shard import Shard
-from derta.io import InputError
+from derta.io import NUMERIC_RULES, InputError, check_number
 from derta.models.loading import load_model, load_tokenizer
 from derta.models.templates import encode_text, end_of_turn_ids, resolve_template
 
@@ -34,8 +34,8 @@ class HFBackend(Backend):
     ):
         import torch
 
-        if batch_size < 1 or max_new_tokens < 1:
-            raise InputError("--batch-size and --max-new-tokens must be at least 1")
+        for flag, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+            check_number(value, "--" + flag.replace("_", "-"), NUMERIC_RULES[flag])
         if isinstance(model_or_path, str):
             self.tokenizer = tokenizer or load_tokenizer(model_or_path)
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
