@@ -147,6 +147,10 @@ NUMERIC_RULES = {
     "probe_pairs": "count",
     "max_over_refusal": "fraction",
     "target_refusal": "fraction",
+    "tries": "count",
+    "temperature": "positive",
+    "top_p": "ratio",
+    "test_share": "open_fraction",
 }
 
 

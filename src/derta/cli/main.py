@@ -27,6 +27,7 @@ DIRECTORY_OUTPUTS = {
     "eval-overrefusal",
     "demo",
     "bench",
+    "data donotanswer",
 }
 
 
@@ -62,7 +63,7 @@ def check_args(args) -> None:
     for dest, value in vars(args).items():
         if dest in NUMERIC_RULES and isinstance(value, (int, float)):
             check_number(value, "--" + dest.replace("_", "-"), NUMERIC_RULES[dest])
-    command = args.command if args.command != "data" else None
+    command = args.command if args.command != "data" else f"data {args.data_command}"
     for dest in ("out", "output", "plot"):
         if getattr(args, dest, None):
             check_writable(getattr(args, dest), f"--{dest}", directory=dest != "plot" and command in DIRECTORY_OUTPUTS)

