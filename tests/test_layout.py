@@ -96,6 +96,9 @@ def test_each_table_and_decision_has_one_home():
         "prompt_of": "derta.data.sources",
         "REFUSAL_PHRASE": "derta.models.refusal_tokens",
         "RECIPES": "derta.data.recipes",
+        "verb_phrase": "derta.data.rephrase",  # the attacks and the training rephrasings read a request one way
+        "REPHRASINGS": "derta.data.rephrase",
+        "NEAR_DUPLICATE_JACCARD": "derta.data.exclude",
         "__version__": "derta",
         "NUMERIC_RULES": "derta.io",
         "is_refusal": "derta.eval.refusal",

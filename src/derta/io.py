@@ -111,6 +111,7 @@ NUMERIC_RULES = {
     "rto_keep_ratio": "ratio",
     "rto_weight": "nonneg",
     "max_rto_share": "open_fraction",
+    "rephrase_share": "fraction",
     "max_new_tokens": "count",
     "batch_size": "count",
     "limit": "count",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from derta.cli.common import add_command, add_template, from_args
 from derta.data.distill import DISTILL_MAX_NEW_TOKENS
+from derta.data.exclude import NEAR_DUPLICATE_JACCARD
 from derta.data.recipes import RECIPES, RecipeConfig
+from derta.data.rephrase import REPHRASE_KINDS, REPHRASE_SHARE
 from derta.data.triples import TriplesConfig
 from derta.models.loading import DTYPES
 from derta.models.refusal_tokens import REFUSAL_TOKEN_MODES
@@ -30,23 +33,45 @@ def cmd_convert(args) -> None:
     print(f"wrote {out} (safetensors + tokenizer); every derta command takes it as --model")
 
 
-def cmd_data_build(args) -> None:
-    from derta.data.recipes import HELPFUL_FIELDS, KINDS, SAFETY_FIELDS, build_rows, recovery_mix
+def _build_inputs(args) -> tuple[list[dict], list[dict], list, dict]:
+    """data build's safety triples and helpful rows, evaluation prompts dropped and rephrasings added
+    (`data.augment`), the evaluation prompts, and augment's report."""
+    from derta.data.augment import augment
+    from derta.data.exclude import load_eval_prompts
+    from derta.data.recipes import HELPFUL_FIELDS, SAFETY_FIELDS
     from derta.data.sources import load_rows, parse_mapping
+
+    evals = load_eval_prompts(args.exclude or [])
+    safety = load_rows(args.safety, SAFETY_FIELDS, parse_mapping(args.safety_columns), "safety row", with_lines=True)
+    helpful = (
+        load_rows(args.helpful, HELPFUL_FIELDS, parse_mapping(args.helpful_columns), "helpful row", with_lines=True)
+        if args.helpful
+        else []
+    )
+    safety, helpful, report = from_args(
+        augment,
+        args,
+        safety=[r for _, r in safety],
+        helpful=[r for _, r in helpful],
+        evals=evals,
+        safety_lines=[line for line, _ in safety],
+        helpful_lines=[line for line, _ in helpful],
+    )
+    return safety, helpful, evals, report
+
+
+def cmd_data_build(args) -> None:
+    from derta.data.augment import describe
+    from derta.data.recipes import KINDS, build_rows, recovery_mix
     from derta.data.tokenize import describe_shares, tokenize_for_training
-    from derta.io import InputError, write_jsonl
+    from derta.io import InputError, write_json, write_jsonl
     from derta.models.loading import load_tokenizer
     from derta.models.templates import resolve_template
 
     cfg = from_args(RecipeConfig, args)
     if cfg.max_rto_share is not None and not args.tokenizer:
         raise InputError("--max-rto-share counts tokens: give --tokenizer (or pass --max-rto-share to derta train)")
-    safety = load_rows(args.safety, SAFETY_FIELDS, parse_mapping(args.safety_columns), kind="safety row")
-    helpful = (
-        load_rows(args.helpful, HELPFUL_FIELDS, parse_mapping(args.helpful_columns), kind="helpful row")
-        if args.helpful
-        else []
-    )
+    safety, helpful, evals, report = _build_inputs(args)
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if tok is not None:
         resolve_template(tok, cfg.template)  # a bad --template fails before any work
@@ -63,6 +88,12 @@ def cmd_data_build(args) -> None:
             print(f"--max-rto-share {cfg.max_rto_share}: RTO rows now train {100 * ratio:.1f}% of their positions")
         shares = "; " + describe_shares(rows)
     write_jsonl(args.out, rows)
+    for line in describe(report):
+        print(line)
+    if evals:
+        sidecar = Path(args.out).with_name(Path(args.out).name.removesuffix(".jsonl") + ".exclude.json")
+        write_json(sidecar, report)
+        print(f"lines of the dropped prompts and of the evaluation prompts they matched: {sidecar}")
     counts = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
     if cfg.recipe == "recovery":
         shares += "; " + recovery_mix(len(helpful), len(safety))
@@ -168,6 +199,31 @@ def _add_build(dsub) -> None:
         help="start helpful targets with [respond] and refusals with [refuse] (single) or [refuse:CATEGORY] "
         "(category, from each triple's 'category'); RTO trains that token at every position "
         "(derta calibrate sets its thresholds)",
+    )
+    _add_augment(b)
+
+
+def _add_augment(b) -> None:
+    """The flags of what data build does to its inputs first (`data.augment`)."""
+    b.add_argument(
+        "--exclude",
+        nargs="+",
+        action="extend",
+        metavar="FILE",
+        help="evaluation prompt files (JSONL, CSV such as XSTest's, .txt): training prompts equal to one after "
+        f"normalisation or near-duplicates (word-set Jaccard >= {NEAR_DUPLICATE_JACCARD}) are dropped; "
+        "the lines are listed in OUT.exclude.json",
+    )
+    b.add_argument(
+        "--rephrase",
+        help=f"add rephrased copies of safety triples, kinds drawn from a comma-separated subset of "
+        f"{','.join(REPHRASE_KINDS)} (rules, not a model)",
+    )
+    b.add_argument(
+        "--rephrase-share",
+        type=float,
+        default=REPHRASE_SHARE,
+        help="share of safety triples that get one rephrased copy (with --rephrase)",
     )
 
 

@@ -28,11 +28,16 @@ def parse_mapping(spec: str | None) -> dict[str, str]:
 
 
 def load_rows(
-    source: str, required: tuple[str, ...], mapping: dict[str, str] | None = None, kind: str = "row"
-) -> list[dict]:
+    source: str,
+    required: tuple[str, ...],
+    mapping: dict[str, str] | None = None,
+    kind: str = "row",
+    with_lines: bool = False,
+) -> list:
     """Rows from a JSONL file, or from a `datasets` name/path (`NAME` or `NAME:SPLIT`).
 
-    `mapping` renames source columns to ours (ours=theirs), e.g. instruction=prompt.
+    `mapping` renames source columns to ours (ours=theirs), e.g. instruction=prompt. With `with_lines`,
+    (line, row) pairs: the file's own line numbers, or a dataset's row numbers from 1.
     """
     mapping = mapping or {}
     path = Path(source)
@@ -48,7 +53,7 @@ def load_rows(
                 raise InputError(f"{kind} has no column '{theirs}' (mapped to '{ours}')", source, lineno)
             row[ours] = row.pop(theirs)
         check_fields(row, required, source, lineno, kind)
-        rows.append(row)
+        rows.append((lineno, row) if with_lines else row)
     if not rows:
         raise InputError("dataset has no rows", source)
     return rows
@@ -112,9 +117,13 @@ def prompt_of(row: dict, path=None, lineno: int | None = None, required: bool = 
     return row[name]
 
 
-def load_prompts(path: str | os.PathLike) -> list[str]:
-    """The prompts of a JSONL, CSV or .txt file (`read_records`), one per row (`prompt_of`)."""
-    return [prompt_of(row, path, lineno) for lineno, row in read_records(path)]
+def load_prompts(path: str | os.PathLike, with_lines: bool = False) -> list:
+    """The prompts of a JSONL, CSV or .txt file (`read_records`), one per row (`prompt_of`); with `with_lines`,
+    (line, prompt) pairs."""
+    return [
+        (lineno, prompt_of(row, path, lineno)) if with_lines else prompt_of(row, path, lineno)
+        for lineno, row in read_records(path)
+    ]
 
 
 def load_overrefusal_prompts(path: str | os.PathLike) -> list[dict]:
