@@ -1,6 +1,8 @@
 """Data: what training and evaluation read.
 
-sources.py          reading users' rows (JSONL, CSV, .txt, `datasets`) and the one prompt-field rule
+sources.py          reading users' rows (JSONL, JSON arrays, CSV, .txt, `datasets`) and the one prompt-field rule
+shapes.py           the data shapes read without a column mapping (PKU-SafeRLHF, BeaverTails, AdvBench, HarmBench, chat,
+                    Alpaca), and the errors that name the fix
 recipes.py          the recipe table and text rows for each (vanilla, prefix, RTO, DeRTa, baselines)
 tokenize.py         text rows to input_ids / labels, labelled-token shares, reading built rows back
 distill.py          `derta data distill`: helpful anchors the model writes itself
