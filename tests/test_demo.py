@@ -142,11 +142,29 @@ def test_real_model_checks_hold_derta_to_the_xstest_targets():
     def xstest(safe, unsafe):
         return {"overrefusal": {"safe_refusal": safe, "unsafe_refusal": unsafe}}
 
-    assert all(demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.2, 0.7)}}, real=True).values())
-    checks = demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.3, 0.5)}}, real=True)
+    assert all(demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.1, 0.85)}}, real=True).values())
+    checks = demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.2, 0.7)}}, real=True)
     assert checks["derta_answers_safe_prompts"] is False and checks["derta_refuses_unsafe_prompts"] is False
     assert "derta_answers_safe_prompts" not in demo_checks({"vanilla": biased, "derta": good}, real=True)
     assert "derta_answers_safe_prompts" not in demo_checks({"vanilla": biased, "derta": {**good, **xstest(0.2, 0.7)}})
+
+
+def test_real_prompt_checks_follow_the_targets():
+    from derta.recipes.demo.report import real_checks
+
+    def model(none, prefill, own20, past, helpfulness=0.9):
+        real = {
+            "donotanswer": {"asr": {"none": none, "completion": none, "prefill": prefill}},
+            "donotanswer_own_prefix": {"asr": {"prefill-tokens:20": own20}},
+            "past_tense": {"asr": {"none": past}},
+        }
+        return {"real": real, "eval": {"none": none, "prefill": prefill}, "helpfulness": helpfulness}
+
+    vanilla, derta = model(0.5, 0.9, 0.8, 0.7), model(0.05, 0.05, 0.05, 0.2, helpfulness=0.88)
+    assert all(real_checks(vanilla, derta).values())
+    checks = real_checks(model(0.5, 0.3, 0.3, 0.7), model(0.2, 0.3, 0.15, 0.3, helpfulness=0.8))
+    assert not any(checks.values())  # no bias to start from, and DeRTa over every target
+    assert checks.keys() == real_checks(vanilla, derta).keys()
 
 
 def test_which_method_wins_where_follows_the_numbers():

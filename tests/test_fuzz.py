@@ -11,6 +11,8 @@ CLI (read from the parser itself, so a new flag is covered) and malformed JSONL 
 Commands run in-process through derta.cli.main (a subprocess would cost seconds of imports each).
 """
 
+import csv
+import io
 import json
 import math
 import os
@@ -712,3 +714,49 @@ def test_property_malformed_jsonl_names_file_and_line(env, tmp_path_factory, dat
     assert "\n" not in msg
     if needle:
         assert needle in msg, msg
+
+
+# ---------------------------------------------------------------- the CSV reader under generated files
+
+CSV_TEXT = st.text(alphabet=st.sampled_from(list("ab ,\"'\n<>") + ["é", "\t"]), max_size=12)
+
+
+def csv_line(fields) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(fields)
+    return buf.getvalue()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(st.tuples(CSV_TEXT, CSV_TEXT), min_size=1, max_size=5),
+    bom=st.booleans(),
+    fault=st.sampled_from([None, "extra field", "missing field", "stray quote", "unclosed quote"]),
+    at=st.integers(0, 4),
+)
+def test_property_csv_rows_keep_values_and_the_line_they_start_on(tmp_path_factory, rows, bom, fault, at):
+    """Quoted commas, quotes and newlines read back as written, each row with the line it starts on; a malformed
+    row is one line naming the line it starts on."""
+    from derta.data.sources import load_prompts, read_records
+
+    values = [{"prompt": "p" + p, "note": note} for p, note in rows]
+    lines = [csv_line(["prompt", "note"])] + [csv_line([v["prompt"], v["note"]]) for v in values]
+    bad = at % len(values) if fault != "unclosed quote" else len(values) - 1  # an open quote runs to the end
+    if fault:
+        lines[bad + 1] = {
+            "extra field": csv_line([values[bad]["prompt"], "x", "y"]),
+            "missing field": csv_line([values[bad]["prompt"]]),
+            "stray quote": '"p"x,y\n',
+            "unclosed quote": '"p,y\n',
+        }[fault]
+    starts = [1 + "".join(lines[: i + 1]).count("\n") for i in range(len(values))]
+    path = tmp_path_factory.mktemp("csv") / "in.csv"
+    path.write_text(("\ufeff" if bom else "") + "".join(lines), encoding="utf-8")
+    if fault is None:
+        assert read_records(path) == list(zip(starts, values))
+        assert load_prompts(path) == [v["prompt"] for v in values]
+        return
+    with pytest.raises(InputError) as e:
+        read_records(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:{starts[bad]}: ") and "\n" not in msg, (lines, msg)

@@ -42,9 +42,23 @@ def _build_inputs(args) -> tuple[list[dict], list[dict], list, dict]:
     from derta.data.sources import load_rows, parse_mapping
 
     evals = load_eval_prompts(args.exclude or [])
-    safety = load_rows(args.safety, SAFETY_FIELDS, parse_mapping(args.safety_columns), "safety row", with_lines=True)
+    safety = load_rows(
+        args.safety,
+        SAFETY_FIELDS,
+        parse_mapping(args.safety_columns),
+        "safety row",
+        "--safety-columns",
+        with_lines=True,
+    )
     helpful = (
-        load_rows(args.helpful, HELPFUL_FIELDS, parse_mapping(args.helpful_columns), "helpful row", with_lines=True)
+        load_rows(
+            args.helpful,
+            HELPFUL_FIELDS,
+            parse_mapping(args.helpful_columns),
+            "helpful row",
+            "--helpful-columns",
+            with_lines=True,
+        )
         if args.helpful
         else []
     )
@@ -161,9 +175,13 @@ def _add_build(dsub) -> None:
     b.add_argument(
         "--safety",
         required=True,
-        help='JSONL of {"instruction","harmful_response","safe_response"}, or a datasets name[:split]',
+        help='JSONL, JSON array or CSV of {"instruction","harmful_response","safe_response"} (or PKU-SafeRLHF '
+        "rows), or a datasets name[:split]",
     )
-    b.add_argument("--helpful", help='JSONL of {"instruction","response"}, or a datasets name[:split]')
+    b.add_argument(
+        "--helpful",
+        help='JSONL, JSON array or CSV of {"instruction","response"} (or Alpaca or chat rows), or a datasets name[:split]',
+    )
     b.add_argument("--safety-columns", help="column mapping for --safety, ours=theirs,... e.g. instruction=prompt")
     b.add_argument("--helpful-columns", help="column mapping for --helpful, ours=theirs,...")
     b.add_argument("--out", required=True)
@@ -237,8 +255,9 @@ def _add_distill(dsub) -> None:
     d.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
     d.add_argument(
         "--prompts",
-        help="JSONL with a prompt per row (question, instruction or prompt) or .txt, one per "
-        "line (default: the built-in benign prompts, incl. look-alikes)",
+        help="what derta eval --prompts takes: JSONL, JSON array or CSV with a prompt per row (question, instruction "
+        "or prompt; AdvBench, HarmBench, chat and Alpaca rows too), or .txt, one per line (default: the built-in "
+        "benign prompts, incl. look-alikes)",
     )
     d.add_argument(
         "--out", required=True, help="JSONL of {instruction, response}; settings and drop counts go to OUT.distill.json"

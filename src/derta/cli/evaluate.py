@@ -252,8 +252,8 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--prompts",
         required=True,
-        help='JSONL with "question", "instruction" or "prompt" per row, CSV with a '
-        '"prompt" column, or .txt (one per line)',
+        help='JSONL, JSON array or CSV with "question", "instruction" or "prompt" per row (AdvBench, HarmBench, '
+        "chat and Alpaca rows too), or .txt (one per line)",
     )
     p.add_argument(
         "--attacks",

@@ -1,17 +1,22 @@
-"""Reading what users give: training rows (JSONL or a `datasets` name) and prompts (JSONL, CSV or .txt).
+"""Reading what users give: rows from JSONL, JSON arrays, CSV, .txt or a `datasets` name, and the one prompt rule.
 
-Every command reads a prompt from a row the same way (`prompt_of`: the first of PROMPT_FIELDS the row has),
-so the same file gives the same prompts to `derta eval`, `derta judge`, `derta calibrate` and the rest.
+Every command reads a prompt from a row the same way (`prompt_of`: the first of PROMPT_FIELDS the row has, after
+`data.shapes.normalize_row` has read a known shape such as HarmBench's CSV or chat messages), so the same file gives
+the same prompts to `derta eval`, `derta judge`, `derta calibrate` and the rest. Training rows (`load_rows`) go
+through the same shapes. A row's line is the line of its file where it starts, for one-line errors about it.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import re
 from pathlib import Path
 
-from derta.io import InputError, check_fields, read_jsonl, read_text
+from derta.data.shapes import columns, guess_columns, missing_field, normalize_row
+from derta.io import InputError, check_fields, check_unicode, read_jsonl, read_text
 
 
 def parse_mapping(spec: str | None) -> dict[str, str]:
@@ -32,31 +37,50 @@ def load_rows(
     required: tuple[str, ...],
     mapping: dict[str, str] | None = None,
     kind: str = "row",
+    flag: str = "a column mapping",
     with_lines: bool = False,
 ) -> list:
-    """Rows from a JSONL file, or from a `datasets` name/path (`NAME` or `NAME:SPLIT`).
+    """Rows from a file (`read_records`: JSONL, a JSON array, CSV) or a `datasets` name/path (`NAME[:SPLIT]`).
 
-    `mapping` renames source columns to ours (ours=theirs), e.g. instruction=prompt. With `with_lines`,
-    (line, row) pairs: the file's own line numbers, or a dataset's row numbers from 1.
+    `mapping` renames source columns to ours (ours=theirs), e.g. instruction=prompt; then a known shape is read
+    (`data.shapes.normalize_row`) and a row with no `instruction` takes its prompt field (question, then prompt).
+    A row lacking one of `required` is one line naming the fix (`flag`: the command's mapping flag). With
+    `with_lines`, (line, row) pairs: the file's own line numbers, or a dataset's row numbers from 1.
     """
-    mapping = mapping or {}
     path = Path(source)
-    if path.suffix in (".jsonl", ".json") or path.is_file():
-        records = read_jsonl(path, kind=kind, with_lines=True)
+    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".txt") or path.is_file():
+        records = read_records(path)
     else:
-        records = [(i, r) for i, r in enumerate(_load_hf(source), 1)]
+        records = list(enumerate(_load_hf(source), 1))
     rows = []
     for lineno, r in records:
-        row = dict(r)
-        for ours, theirs in mapping.items():
-            if theirs not in row:
-                raise InputError(f"{kind} has no column '{theirs}' (mapped to '{ours}')", source, lineno)
-            row[ours] = row.pop(theirs)
+        given = _mapped(r, mapping or {}, source, lineno, kind)
+        row = normalize_row(given, source, lineno)
+        if "instruction" in required and "instruction" not in row:
+            name = next((f for f in PROMPT_FIELDS if f in row), None)
+            if name is not None:
+                check_fields(row, [name], source, lineno, kind)
+                row = {**row, "instruction": row[name]}
+                del row[name]
+        message = missing_field(given, row, required, kind, flag)
+        if message:
+            raise InputError(message, source, lineno)
         check_fields(row, required, source, lineno, kind)
         rows.append((lineno, row) if with_lines else row)
     if not rows:
         raise InputError("dataset has no rows", source)
     return rows
+
+
+def _mapped(row: dict, mapping: dict[str, str], source, lineno, kind) -> dict:
+    row = dict(row)
+    for ours, theirs in mapping.items():
+        if theirs not in row:
+            raise InputError(
+                f"{kind} has no column '{theirs}' (mapped to '{ours}'; it has {columns(row)})", source, lineno
+            )
+        row[ours] = row.pop(theirs)
+    return row
 
 
 def _load_hf(source: str) -> list[dict]:
@@ -82,33 +106,88 @@ LABELS = ("safe", "unsafe")  # over-refusal prompts: answer the safe ones, refus
 
 
 def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line, row) pairs of a JSONL file, a CSV file with a header row (XSTest's format), or a .txt file (a row
-    {"prompt": line} per non-empty line). Lines are the file's own, for one-line errors about a row."""
+    """(line, row) pairs of a JSONL file, a .json file holding an array of row objects (or JSON Lines), a CSV file
+    with a header row (XSTest's, AdvBench's and HarmBench's format), or a .txt file (a row {"prompt": line} per
+    non-empty line). Lines are the file's own, for one-line errors about a row."""
     path = Path(path)
     if not path.is_file():
         raise InputError("no such file", path)
-    if path.suffix == ".txt":
-        rows = [(k, {"prompt": line.strip()}) for k, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
-    elif path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-        rows, end = [], 1
-        for row in reader:  # a quoted field may span lines: a row starts after the previous one ended
-            rows.append((end + 1, row))
-            end = reader.line_num
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".csv", ".json"):
+        return read_jsonl(path, with_lines=True)
+    text = read_text(path).removeprefix("\ufeff")  # Excel and Notepad start UTF-8 files with a byte-order mark
+    if suffix == ".txt":
+        rows = [(k, {"prompt": line.strip()}) for k, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif suffix == ".csv":
+        rows = _read_csv(path, text)
+    elif text.lstrip().startswith("["):
+        rows = _read_json_array(path, text)
     else:
         return read_jsonl(path, with_lines=True)
     if not rows:
-        raise InputError("file is empty", path)
+        raise InputError("file has no rows", path)
+    return rows
+
+
+def _read_csv(path: Path, text: str) -> list[tuple[int, dict]]:
+    """Rows of a CSV file under its header, each with the line it starts on (a quoted field may span lines)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, rows, end = None, [], 0
+    try:
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if not any(f.strip() for f in fields):
+                continue  # blank lines, and the rows of empty cells spreadsheets leave below the data
+            if header is None:
+                header = [" ".join(f.split()) for f in fields]
+                twice = next((n for i, n in enumerate(header) if n and n in header[:i]), None)
+                if twice:
+                    raise InputError(f"the header names column '{twice}' twice", path, start)
+            elif len(fields) != len(header):
+                raise InputError(f"row has {len(fields)} fields, the header has {len(header)}", path, start)
+            else:
+                rows.append((start, dict(zip(header, fields))))
+    except csv.Error as e:  # strict: a stray or unclosed quote, which a lenient reader would glue into a field
+        raise InputError(f"malformed CSV ({e})", path, end + 1) from None
+    return rows
+
+
+_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _read_json_array(path: Path, text: str) -> list[tuple[int, dict]]:
+    """The objects of a JSON array, each with the line it starts on."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", path, e.lineno) from None
+    decoder, rows = json.JSONDecoder(), []
+    pos = text.index("[") + 1
+    line, counted = 1, 0
+    for item in items:  # the text is valid JSON, so each item starts after whitespace and ends before a ',' or ']'
+        pos = _SPACE.match(text, pos).end()
+        line, counted = line + text.count("\n", counted, pos), pos
+        if not isinstance(item, dict):
+            raise InputError(f"expected an array of JSON objects, got {type(item).__name__}", path, line)
+        check_unicode(item, path, line)
+        rows.append((line, item))
+        pos = _SPACE.match(text, decoder.raw_decode(text, pos)[1]).end() + 1
     return rows
 
 
 def prompt_of(row: dict, path=None, lineno: int | None = None, required: bool = True) -> str:
     """A row's prompt: its first field of PROMPT_FIELDS, which must be a non-empty string ("" when the row has none
-    and `required` is False). The one rule every command reads prompts by."""
+    and `required` is False), after a known shape is read (`data.shapes.normalize_row`). The one rule every
+    command reads prompts by."""
+    given, row = row, normalize_row(row, path, lineno)
     name = next((f for f in PROMPT_FIELDS if f in row), None)
     if name is None:
         if required:
-            raise InputError(f"row has none of the fields {', '.join(PROMPT_FIELDS)}", path, lineno)
+            guess = guess_columns(given, ["instruction"]).get("instruction")
+            fix = f"rename '{guess}' to 'prompt'" if guess else "name its prompt column 'prompt'"
+            raise InputError(
+                f"row has none of the fields {', '.join(PROMPT_FIELDS)} (it has {columns(given)}): {fix}", path, lineno
+            )
         return ""
     if required:
         check_fields(row, [name], path, lineno, "prompt row")

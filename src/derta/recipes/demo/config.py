@@ -87,6 +87,10 @@ class DemoConfig:
     triples_tries: int = 3
     triples_max_new_tokens: int = 96
     real_eval_limit: int | None = 100
+    # Real triples also get rephrased copies (`data build --rephrase`): refusals trained on present-tense requests
+    # miss the same requests in the past tense. Every evaluation set is kept out of training (`--exclude`).
+    rephrase: tuple[str, ...] = ("past", "future", "hypothetical", "indirect")
+    rephrase_share: float = 0.5
 
     @classmethod
     def for_model(cls, model: str, seed: int = 0, **overrides) -> DemoConfig:

@@ -250,7 +250,8 @@ def evaluate_extras(
             limit=cfg.eval_limit,
             calibration=calibration,
         )
-        extras["eval"] = run_eval(run, model=model, tokenizer=tokenizer, progress=progress)["asr"]
+        summary = run_eval(run, model=model, tokenizer=tokenizer, progress=progress)
+        extras["eval"], extras["eval_n"] = summary["asr"], summary["n"]
     if cfg.overrefusal_prompts:
         settings = {
             "max_new_tokens": cfg.max_new_tokens,

