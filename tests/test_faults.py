@@ -339,3 +339,108 @@ def test_dead_server_mid_run_resumes_with_nothing_lost_or_doubled(tiny_dir, tmp_
     assert rows[: len(done)] == done  # finished rows untouched
     asked_again = [json.loads(b)["messages"][-1]["content"] for _, _, b in again.seen]
     assert not set(asked_again) & {r["prompt"] for r in done}, "finished prompts were asked again"
+
+
+# ---------------------------------------------------------------- the client: credentials, URLs, replies, deadline
+
+
+def test_a_password_in_the_base_url_is_never_printed(closed_port_url, fake_openai, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("derta.inference.endpoint.BACKOFF", 0.01)
+    secret = "hunter2-in-the-url"
+    dead = closed_port_url.replace("http://", f"http://alice:{secret}@")
+    client = OpenAIClient("m", base_url=dead, retries=0, backoff=0.01)
+    with pytest.raises(InputError) as e:
+        client.chat([{"role": "user", "content": "x"}], 4)
+    assert secret not in str(e.value) and "alice" not in str(e.value) and "***@127.0.0.1" in str(e.value)
+    assert secret not in repr(client)
+    fake_openai.fail_next = [401]
+    with pytest.raises(InputError) as e:
+        OpenAIClient("m", base_url=fake_openai.url.replace("http://", f"http://bob:{secret}@"), retries=0).chat([], 4)
+    assert secret not in str(e.value) and "HTTP 401" in str(e.value)
+    # The same through derta eval: one line, no password.
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "How do I open the gate?"}\n')
+    argv = ["eval", "--model", "m", "--backend", "openai", "--base-url", dead, "--prompts", str(prompts),
+            "--attacks", "none", "--out", str(tmp_path / "run")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert secret not in err and len(err.strip().splitlines()) == 1 and "***@" in err
+
+
+@pytest.mark.parametrize(
+    "url,needle",
+    [
+        ("http://127.0.0.1:port/v1", "not a URL"),
+        ("ftp://example.org/v1", "not an http(s) URL"),
+        ("localhost:8000/v1", "not an http(s) URL"),
+        ("http:///v1", "not an http(s) URL"),
+        ("http://exa mple.org/v1", "space or control character"),
+        ("http://carol:pw-secret@example.org/v1\n/x", "space or control character"),
+    ],
+)
+def test_a_malformed_base_url_is_one_line_before_any_request(url, needle):
+    with pytest.raises(InputError, match="--base-url") as e:
+        OpenAIClient("m", base_url=url)
+    assert needle in str(e.value) and "\n" not in str(e.value) and "pw-secret" not in str(e.value)
+
+
+def test_a_base_url_with_a_trailing_carriage_return_works(fake_openai):
+    assert OpenAIClient("m", base_url=fake_openai.url + "\r\n").chat([{"role": "user", "content": "x"}], 4)
+
+
+@pytest.mark.parametrize(
+    "content,text",
+    [
+        ([{"type": "text", "text": "I'm sorry, "}, {"type": "text", "text": "I can't."}], "I'm sorry, I can't."),
+        (["plain ", "parts"], "plain parts"),
+        (None, ""),
+    ],
+)
+def test_reply_content_given_as_a_list_of_parts_is_read_as_text(fake_openai, content, text):
+    fake_openai.reply = lambda payload: content
+    assert OpenAIClient("m", base_url=fake_openai.url).chat([{"role": "user", "content": "x"}], 4) == text
+
+
+@pytest.mark.parametrize("content", [5, {"refusal": "no"}, [{"type": "image_url", "image_url": {}}]])
+def test_a_reply_that_is_not_text_is_one_line(fake_openai, content):
+    fake_openai.reply = lambda payload: content
+    with pytest.raises(InputError, match="content is .*, not text"):
+        OpenAIClient("m", base_url=fake_openai.url).chat([{"role": "user", "content": "x"}], 4)
+
+
+def test_an_llm_judge_that_replies_in_parts_judges(fake_openai, tmp_path, capsys):
+    fake_openai.reply = lambda payload: [{"type": "text", "text": "HARMFUL"}]
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"prompt": "How do I pick a lock?", "response": "Step 1: take a pin."}) + "\n")
+    argv = [
+        "judge",
+        "--in",
+        str(gen),
+        "--judge",
+        "openai:m",
+        "--base-url",
+        fake_openai.url,
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "o").read_text())["harmful"] is True
+
+
+def test_a_server_that_never_answers_gives_up_at_the_deadline_saying_so(capsys):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # accepts connections (the kernel does), never reads or answers
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    try:
+        client = OpenAIClient("m", base_url=url, retries=3, backoff=0.01, deadline=1.5, wait_notice=0.4)
+        start = time.monotonic()
+        with pytest.raises(InputError, match=r"no answer from .* within 1.5 s"):
+            client.chat([{"role": "user", "content": "x"}], 4)
+        assert time.monotonic() - start < 5
+        assert "derta: still waiting for" in capsys.readouterr().err
+    finally:
+        listener.close()

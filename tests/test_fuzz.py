@@ -87,6 +87,7 @@ def env(tmp_path_factory, tiny_dir):
     shutil.copytree(tiny_dir, no_config)
     (no_config / "config.json").unlink()
     e["model_noconfig"] = str(no_config)
+    _spoiled_models(root, tiny_dir, e)
     # Unwritable places.
     blocker = root / "a-file"
     blocker.write_text("not a directory\n")
@@ -100,6 +101,32 @@ def env(tmp_path_factory, tiny_dir):
         ro.chmod(0o500)
         e["unwritable"] = str(ro / "out")
     return e
+
+
+def _spoiled_models(root: Path, tiny_dir: Path, e: dict) -> None:
+    """Model directories that load but must not be used: NaN weights, a config.json that disagrees with the
+    weights (layer count, shapes), a chat template that does not compile or that raises."""
+    from safetensors.torch import load_file, save_file
+
+    def copy(name: str) -> Path:
+        d = root / f"model-{name}"
+        shutil.copytree(tiny_dir, d)
+        e[f"model_{name}"] = str(d)
+        return d
+
+    d = copy("nan")
+    weights = load_file(str(d / "model.safetensors"))
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+    for name, key, value in (("layers", "num_hidden_layers", 6), ("fewer-layers", "num_hidden_layers", 2)):
+        d = copy(name)
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, key: value}))
+    d = copy("shapes")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "intermediate_size": 200}))
+    copy("template").joinpath("chat_template.jinja").write_text("{% if %}{{ messages }}")
+    copy("template-raises").joinpath("chat_template.jinja").write_text("{{ raise_exception('no chats here') }}")
 
 
 def base_argv(command: str, e: dict, out: str | None = None, model: str | None = None) -> list[str]:
@@ -475,6 +502,31 @@ def test_broken_model_directory_is_one_line(env, capsys, command, fault):
     expect_one_line(argv, capsys, env[fault], MODEL_FAULTS[fault], absent=out_of(argv))
 
 
+UNUSABLE_MODELS = {
+    "model_nan": "NaN or infinite",
+    "model_layers": "config.json says 6 layers",
+    "model_fewer-layers": "config.json says 2 layers",
+    "model_shapes": "do not fit config.json",
+    "model_template": "chat template",
+    "model_template-raises": "no chats here",
+}
+
+
+# calibrate stops earlier on the tiny model (it has no refusal tokens); it loads models the same way.
+@pytest.mark.parametrize("fault", list(UNUSABLE_MODELS))
+@pytest.mark.parametrize("command", [c for c in MODEL_COMMANDS if c != "calibrate"])
+def test_a_model_that_loads_but_cannot_be_trusted_is_one_line(env, capsys, command, fault):
+    argv = base_argv(command, env, model=env[fault])
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # derta train reads (and describes) its rows before it loads the model: one error line among them.
+    errors = [x for x in err.splitlines() if x.startswith("derta: error: ")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert env[fault] in errors[0] and UNUSABLE_MODELS[fault] in errors[0], errors
+    assert not any(Path(p).exists() for p in out_of(argv))
+
+
 def test_a_local_looking_typo_is_not_a_hub_error(env, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     for typo in ("./modle", "models/tiny/modle", "~/no-such-derta-model"):
@@ -589,6 +641,12 @@ YAML_CASES = {
     "tab indentation": ("logging_steps: 2\nfoo:\n\tbar: 1\n", 3, "YAML"),
     "unclosed quote": ('template: "chat\nlogging_steps: 2\n', None, "YAML"),
     "duplicate colon": ("logging_steps: 2: 3\n", 1, "YAML"),
+    "alias": ("warmup_steps: &w 0\nlogging_steps: *w\n", 2, "aliases"),
+    "billion laughs": ("a: &a [x, x, x]\nb: &b [*a, *a, *a]\nc: [*b, *b, *b]\n", 2, "aliases"),
+    "key given twice": ("logging_steps: 1\nwarmup_steps: 0\nlogging_steps: 2\n", 3, "given twice"),
+    "nested key given twice": ("deepspeed:\n  zero_optimization:\n    stage: 3\n    stage: 2\n", 4, "given twice"),
+    "huge integer": ("max_steps: " + "9" * 5000 + "\n", None, "YAML"),
+    "deep nesting": ("deepspeed: " + "[" * 3000 + "]" * 3000 + "\n", None, "YAML"),
 }
 
 
@@ -760,3 +818,131 @@ def test_property_csv_rows_keep_values_and_the_line_they_start_on(tmp_path_facto
         read_records(path)
     msg = str(e.value)
     assert msg.startswith(f"{path}:{starts[bad]}: ") and "\n" not in msg, (lines, msg)
+
+
+# ---------------------------------------------------------------- every command under generated arguments and files
+#
+# Each example takes a command line that works and spoils one part of it with generated data: an input file's
+# contents (bytes, JSON of any shape, duplicate keys, numbers too large, nesting, CSV, YAML, a directory, a pipe),
+# a flag's value, a file of the model directory, or an output that is an input. Whatever happens, derta may end
+# only in success (0) or one line naming the cause (2): never a traceback, never the last line of defence (1).
+
+FUZZ_EXAMPLES = int(os.environ.get("DERTA_FUZZ_EXAMPLES", "40"))
+INPUT_KEYS = ("safety", "helpful", "rows", "prompts", "xstest", "gsm8k", "generations", "garak", "gguf")
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+ODD_VALUES = ["0", "-1", "nan", "1e999", "", " ", "\x00", "\udcff", "a:b", "hf:", "openai:m", "9" * 30, "{}", "[]"]
+
+
+@st.composite
+def file_bytes(draw, good: dict | None):
+    """Contents for an input file: mostly almost right (a good row with one field changed), sometimes garbage."""
+    kind = draw(
+        st.sampled_from(["row", "row", "jsonl", "array", "csv", "bytes", "deep", "huge", "dup", "empty", "yaml"])
+    )
+    if kind == "row" and good:
+        key = draw(st.sampled_from(sorted(good) + ["extra"]))
+        rows = [good, {**good, key: draw(JSON_VALUES)}]
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+    if kind in ("row", "jsonl"):
+        return "".join(json.dumps(v) + "\n" for v in draw(st.lists(JSON_VALUES, max_size=3))).encode()
+    if kind == "array":
+        return json.dumps(draw(st.lists(JSON_VALUES, max_size=3))).encode()
+    if kind == "csv":
+        cells = st.text(alphabet=st.sampled_from(list('ab,"\n ') + ["é"]), max_size=8)
+        return "\n".join(",".join(draw(st.lists(cells, min_size=1, max_size=3))) for _ in range(3)).encode()
+    if kind == "deep":
+        n = draw(st.sampled_from([63, 65, 5000]))
+        return ('{"prompt": "a", "instruction": "b", "x": ' + "[" * n + "]" * n + "}\n").encode()
+    if kind == "huge":
+        return (
+            '{"prompt": "a", "instruction": "b", "n": ' + draw(st.sampled_from(["9" * 30, "9" * 5000, "1e999"])) + "}\n"
+        ).encode()
+    if kind == "dup":
+        return b'{"prompt": "a", "prompt": "b", "instruction": "c"}\n'
+    if kind == "yaml":
+        return draw(st.sampled_from([b"a: &x [1]\nb: *x\n", b"k: 1\nk: 2\n", b"- [\n", b"key: value\n"]))
+    return b"" if kind == "empty" else draw(st.binary(max_size=64))
+
+
+def _good_row(path: str, env: dict) -> dict | None:
+    for key in INPUT_KEYS[:7]:
+        if path == str(env[key]):
+            return json.loads(env[key].read_text().splitlines()[0])
+    return None
+
+
+@st.composite
+def spoiled_command(draw, env: dict, root: Path):
+    """(argv, what was spoiled) for one command."""
+    command = draw(st.sampled_from(COMMANDS))
+    argv = base_argv(command, env, out=str(root / "out"))
+    kind = draw(st.sampled_from(["file", "file", "value", "model", "out is an input"]))
+    if command in ("demo", "bench"):
+        kind = "value"  # a working demo or bench takes minutes: spoil a flag, which must fail fast
+    inputs = [i for i, a in enumerate(argv) if any(a == str(env[k]) for k in INPUT_KEYS)]
+    if kind == "file" and inputs:
+        i = draw(st.sampled_from(inputs))
+        suffix = draw(st.sampled_from([Path(argv[i]).suffix, ".jsonl", ".json", ".csv", ".txt"]))
+        path = root / f"input{suffix}"
+        special = draw(st.sampled_from([None, None, None, None, "directory", "pipe"]))
+        if special == "directory":
+            path.mkdir()
+        elif special == "pipe":
+            os.mkfifo(path)
+        else:
+            path.write_bytes(draw(file_bytes(_good_row(argv[i], env))))
+        kind = f"{argv[i - 1]} {special or path.read_bytes()[:300]!r}"
+        argv[i] = str(path)
+    elif kind == "model" and "--model" in argv:
+        model = root / "model"
+        shutil.copytree(env["model"], model)
+        name = draw(
+            st.sampled_from(["config.json", "tokenizer_config.json", "tokenizer.json", "generation_config.json"])
+        )
+        config = json.loads((model / name).read_text())
+        key = draw(st.sampled_from(sorted(config)))
+        config[key] = draw(st.one_of(st.none(), st.text(max_size=6), st.lists(st.integers(), max_size=2)))
+        (model / name).write_text(json.dumps(config))
+        kind = f"{name}: {key}={config[key]!r}"
+        argv[argv.index("--model") + 1] = str(model)
+    elif kind == "out is an input" and inputs:
+        flag = "--output" if "--output" in argv else "--out"
+        argv[argv.index(flag) + 1] = argv[draw(st.sampled_from(inputs))]
+    else:
+        flags = [i for i, a in enumerate(argv[:-1]) if a.startswith("--") and not argv[i + 1].startswith("--")]
+        i = draw(st.sampled_from(flags))
+        argv[i + 1] = draw(st.sampled_from(ODD_VALUES) | st.text(max_size=10))
+        if argv[i] in ("--out", "--output", "--plot"):
+            argv[i + 1] = str(root / (argv[i + 1].replace("/", "_").replace("\x00", "_") or "x"))
+    return argv, kind
+
+
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_property_no_command_ever_prints_a_traceback(env, capsys, monkeypatch, tmp_path_factory, data):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a junk --model is not looked up on the network
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nor is a junk openai: judge
+    monkeypatch.setattr("derta.inference.endpoint.BACKOFF", 0.001)
+    root = tmp_path_factory.mktemp("spoiled")
+    originals = {k: env[k].read_bytes() for k in INPUT_KEYS}
+    argv, kind = data.draw(spoiled_command(env, root))
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse: a usage line and its error, exit 2
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, (err, argv, kind)
+    assert code in (0, 2), (err[-2000:], code, kind, argv)
+    if code == 2 and not err.startswith("usage:"):
+        assert [x for x in err.splitlines() if x.startswith("derta: error: ")], (argv, err)
+    assert originals == {k: env[k].read_bytes() for k in INPUT_KEYS}, f"an input was written over: {argv}"

@@ -21,6 +21,7 @@ from pathlib import Path
 from derta.calibrate.sweep import calibrate_table, check_settings
 from derta.data.sources import load_overrefusal_prompts, prompt_of
 from derta.eval.probe import token_probabilities
+from derta.files import fingerprints, lock_dir
 from derta.io import InputError, pyplot, read_jsonl, write_json, write_jsonl, write_png, write_text
 from derta.models.loading import check_model_files, load_model, load_tokenizer
 from derta.models.refusal_tokens import REFUSAL_PHRASE, category_name, refusal_tokens
@@ -281,13 +282,16 @@ def run_calibrate(
             )
         table = score_examples(load_model(model), tokenizer, examples, tokens, template, batch_size, progress)
         source = {"model": str(model), "harmful": str(harmful), "benign": str(benign)}
-    # The phrase travels with the thresholds: generation holds a fired token's next token to its transition.
+    # The phrase travels with the thresholds: generation holds a fired token's next token to its transition; the
+    # inputs' fingerprints let `derta eval --calibration` refuse the file for another model.
     result = {
         **source,
         **calibrate_table(table, max_over_refusal, target_refusal, positions),
         "refusal_phrase": refusal_phrase,
+        "inputs": fingerprints({"--model": model, "--harmful": harmful, "--benign": benign, "--scores": scores}),
     }
     out = Path(out)
+    lock_dir(out)
     if not scores:
         write_jsonl(out / "scores.jsonl", table)
     write_json(out / "calibration.json", result)

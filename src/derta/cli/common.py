@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import os
 
 from derta.inference.backends import BACKENDS
-from derta.io import InputError
+from derta.io import InputError, loads
 from derta.models.loading import DTYPES
 from derta.models.templates import TEMPLATES
 
@@ -55,9 +54,9 @@ def json_arg(text: str | None, flag: str) -> dict | None:
     if not text:
         return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{flag}: not JSON ({e.msg})") from None
+        value = loads(text)
+    except InputError as e:
+        raise InputError(f"{flag}: {e}") from None
     if not isinstance(value, dict):
         raise InputError(f"{flag}: expected a JSON object")
     return value
@@ -83,3 +82,20 @@ def add_generation(p, max_new_tokens: int, batch_size: int = 16, backends: bool 
             "--base-url",
             help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL); key from $OPENAI_API_KEY",
         )
+
+
+def add_restart(p, what: str = "--out") -> None:
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help=f"discard what an earlier run left in {what} and start over (instead of resuming it)",
+    )
+
+
+def restart_runs(args, *dirs) -> None:
+    """`--restart`: the run directories a command resumes from are emptied of their run files first."""
+    from derta.eval.runner import discard_run
+
+    if args.restart:
+        for d in dirs:
+            discard_run(d)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from derta.cli.common import add_command, add_template, from_args
+from derta.cli.common import add_command, add_restart, add_template, from_args, restart_runs
 from derta.data.distill import DISTILL_MAX_NEW_TOKENS
 from derta.data.exclude import NEAR_DUPLICATE_JACCARD
 from derta.data.recipes import RECIPES, RecipeConfig
@@ -119,6 +119,7 @@ def cmd_data_distill(args) -> None:
     from derta.data.sources import load_prompts
 
     prompts = (load_prompts(args.prompts) if args.prompts else builtin_prompts())[: args.limit]
+    restart_runs(args, f"{args.out}.parts")
     s = from_args(run_distill, args, prompts=prompts, out_path=args.out)
     dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items())
     trimmed = f", {s['trimmed']} trimmed to their last finished sentence" if args.trim_cut else ""
@@ -139,6 +140,7 @@ def cmd_data_donotanswer(args) -> None:
 def cmd_data_triples(args) -> None:
     from derta.data.triples import run_triples
 
+    restart_runs(args, f"{args.out}.parts/harmful", f"{args.out}.parts/refusals")
     s = run_triples(args.model, args.prompts, args.out, from_args(TriplesConfig, args), limit=args.limit)
     print(
         f"kept {s['kept']} of {s['n_prompts']} prompts (harmful response sampled {s['harmful_source']['sampled']}, "
@@ -269,6 +271,7 @@ def _add_distill(dsub) -> None:
     d.add_argument(
         "--trim-cut", action="store_true", help="keep answers the length cap cut, up to their last finished sentence"
     )
+    add_restart(d, "OUT.parts")
 
 
 def _add_donotanswer(dsub) -> None:
@@ -317,3 +320,4 @@ def _add_triples(dsub) -> None:
     t.add_argument("--batch-size", type=int, default=c.batch_size)
     add_template(t)
     t.add_argument("--limit", type=int, help="only the first N prompts")
+    add_restart(t, "OUT.parts")

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 from derta.calibrate.sweep import DEFAULT_MAX_OVER_REFUSAL, POSITIONS
-from derta.cli.common import add_command, add_generation, add_template, from_args, json_arg, main_process
+from derta.cli.common import (
+    add_command,
+    add_generation,
+    add_restart,
+    add_template,
+    from_args,
+    json_arg,
+    main_process,
+    restart_runs,
+)
 from derta.eval.answers import SCORED_TASKS
 from derta.eval.attacks import ATTACKS, display_name
 from derta.eval.helpfulness import HELPFUL_MAX_NEW_TOKENS, TASKS
@@ -54,8 +65,18 @@ def eval_config(args) -> EvalConfig:
 def cmd_eval(args) -> None:
     from derta.eval.safety import run_eval
 
-    s = run_eval(eval_config(args))
+    cfg = eval_config(args)
+    restart_runs(args, args.out)
+    s = run_eval(cfg)
     asr = ", ".join(f"{a} {pct(x)}%" for a, x in s["asr"].items())
+    if s.get("not_scored") and len(s["not_scored"]) == len(s["asr"]):
+        raise InputError(
+            f"every response of {args.model} is empty, so nothing is scored (summary.json says so); "
+            "check the model and its chat template",
+            args.out,
+        )
+    if s.get("not_scored") and main_process():
+        print(f"derta: warning: not scored, every response empty: {', '.join(s['not_scored'])}", file=sys.stderr)
     if main_process():
         print(
             f"{sum(s['n'].values())} rows judged by {s['judge']}: ASR {asr}; wrote {args.out}/summary.json and report.md"
@@ -65,6 +86,7 @@ def cmd_eval(args) -> None:
 def cmd_eval_helpful(args) -> None:
     from derta.eval.helpfulness import run_helpful
 
+    restart_runs(args, args.out)
     s = from_args(run_helpful, args)
     score = "generation only (no judge)" if s["score"] is None else f"{s['metric']} {pct(s['score'])}%"
     print(f"{args.task}: {score} over {s['n']} questions; wrote {args.out}/summary.json and report.md")
@@ -91,7 +113,8 @@ def cmd_eval_overrefusal(args) -> None:
     from derta.inference.policy import RefusalPolicy
 
     load_overrefusal_prompts(args.prompts)  # bad rows fail before the model loads
-    policy = RefusalPolicy.from_file(args.calibration) if args.calibration else None
+    restart_runs(args, args.out)
+    policy = RefusalPolicy.from_file(args.calibration, args.model) if args.calibration else None
 
     def backend():
         return make_backend(
@@ -115,6 +138,10 @@ def cmd_eval_overrefusal(args) -> None:
         "calibration_sha256": file_sha256(args.calibration) if args.calibration else None,
     }
     s = run_overrefusal(args.out, args.prompts, backend, args.model, limit=args.limit, settings=settings)
+    if s.get("not_scored"):
+        raise InputError(
+            f"every response of {args.model} is empty, so nothing is scored (summary.json says so)", args.out
+        )
     print(
         f"refused {pct(s['safe_refusal'])}% of {s['n_safe']} safe and {pct(s['unsafe_refusal'])}% of {s['n_unsafe']} "
         f"unsafe prompts; wrote {args.out}/summary.json and report.md"
@@ -266,6 +293,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--judge", default=d.judge, help=" | ".join(JUDGES))
     _add_rubric(p)
     p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
+    add_restart(p)
     add_generation(p, d.max_new_tokens, d.batch_size)
     p.add_argument(
         "--openai-extra",
@@ -335,6 +363,7 @@ def _add_eval_helpful(sub) -> None:
     )
     add_generation(p, HELPFUL_MAX_NEW_TOKENS)
     p.add_argument("--limit", type=int, help="only the first N questions")
+    add_restart(p)
 
 
 def _add_score(sub) -> None:
@@ -374,6 +403,7 @@ def _add_eval_overrefusal(sub) -> None:
     )
     add_generation(p, OVERREFUSAL_MAX_NEW_TOKENS)
     p.add_argument("--limit", type=int, help="only the first N prompts")
+    add_restart(p)
     p.add_argument("--calibration", help="models trained with refusal tokens: derta calibrate's calibration.json")
 
 

@@ -11,7 +11,9 @@ def cmd_train(args) -> None:
     from derta.train.config import config_from_cli
     from derta.train.run import train
 
-    out = train(config_from_cli(args), args.model, args.data, resume=args.resume, dtype=args.dtype)
+    out = train(
+        config_from_cli(args), args.model, args.data, resume=args.resume, dtype=args.dtype, restart=args.restart
+    )
     if main_process():
         print(f"saved model to {out}")
 
@@ -82,7 +84,15 @@ def _add_lora(p) -> None:
 
 
 def _add_resume_and_objectives(p) -> None:
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint in --output (with the settings and inputs it started with)",
+    )
+    g.add_argument(
+        "--restart", action="store_true", help="remove an interrupted run's checkpoints from --output and start over"
+    )
     p.add_argument(
         "--quiet", action="store_true", help="no progress bar or log lines (the log is kept in OUTPUT/derta_train.json)"
     )

@@ -23,7 +23,6 @@ a rerun continues from there, so nothing is lost or done twice.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -34,7 +33,7 @@ from derta.eval.refusal import degenerate, is_refusal
 from derta.eval.runner import RunDir, ordered_rows, run_task, text_sha256
 from derta.inference.base import GenInput
 from derta.inference.hf import HFBackend
-from derta.io import InputError, write_json, write_jsonl
+from derta.io import InputError, loads, read_text, write_json, write_jsonl
 from derta.models.templates import encode_text
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
@@ -91,11 +90,11 @@ def run_distill(
         raise InputError("no prompts to distil")
     out_path = Path(out_path)
     sidecar = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".distill.json")
-    settings = _settings(model, prompts, max_new_tokens, template)
+    run = RunDir(out_path.with_name(out_path.name + ".parts"), _settings(model, prompts, max_new_tokens, template))
+    settings = run.manifest  # with the model's fingerprint: a finished run of another model's is not reused
+    run.check()
     if (previous := _finished(out_path, sidecar, {**settings, "trim_cut": trim_cut})) is not None:
         return previous
-    run = RunDir(out_path.with_name(out_path.name + ".parts"), settings)
-    run.check()
     resumed_from = len(run.read_rows(lambda r: r["index"]))
     started = time.time()
 
@@ -143,7 +142,9 @@ def _finished(out_path: Path, sidecar: Path, settings: dict) -> dict | None:
     """The sidecar of a run that already finished with these settings, else None."""
     if not (out_path.is_file() and sidecar.is_file()):
         return None
-    previous = json.loads(sidecar.read_text(encoding="utf-8"))
+    previous = loads(read_text(sidecar), sidecar)
+    if not isinstance(previous, dict):
+        raise InputError("not a data distill summary (a JSON object)", sidecar)
     return previous if {k: previous.get(k) for k in settings} == settings else None
 
 

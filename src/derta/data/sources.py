@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 from pathlib import Path
 
 from derta.data.shapes import columns, guess_columns, missing_field, normalize_row
-from derta.io import InputError, check_fields, check_unicode, read_jsonl, read_text
+from derta.io import InputError, check_fields, check_input_file, check_unicode, parse_json, read_jsonl, read_text
 
 
 def parse_mapping(spec: str | None) -> dict[str, str]:
@@ -48,7 +47,7 @@ def load_rows(
     `with_lines`, (line, row) pairs: the file's own line numbers, or a dataset's row numbers from 1.
     """
     path = Path(source)
-    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".txt") or path.is_file():
+    if path.suffix.lower() in (".jsonl", ".json", ".csv", ".txt") or path.exists() and not path.is_dir():
         records = read_records(path)
     else:
         records = list(enumerate(_load_hf(source), 1))
@@ -109,9 +108,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line, row) pairs of a JSONL file, a .json file holding an array of row objects (or JSON Lines), a CSV file
     with a header row (XSTest's, AdvBench's and HarmBench's format), or a .txt file (a row {"prompt": line} per
     non-empty line). Lines are the file's own, for one-line errors about a row."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file", path)
+    path = check_input_file(path)
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".csv", ".json"):
         return read_jsonl(path, with_lines=True)
@@ -156,22 +153,28 @@ _SPACE = re.compile(r"[ \t\r\n]*")
 
 
 def _read_json_array(path: Path, text: str) -> list[tuple[int, dict]]:
-    """The objects of a JSON array, each with the line it starts on."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", path, e.lineno) from None
-    decoder, rows = json.JSONDecoder(), []
-    pos = text.index("[") + 1
-    line, counted = 1, 0
-    for item in items:  # the text is valid JSON, so each item starts after whitespace and ends before a ',' or ']'
-        pos = _SPACE.match(text, pos).end()
-        line, counted = line + text.count("\n", counted, pos), pos
+    """The objects of a JSON array, each with the line it starts on, read item by item (`io.parse_json`: strict),
+    so an error names the line of the item it is in."""
+    rows, pos = [], text.index("[") + 1
+
+    def line_at(at: int) -> int:
+        return text.count("\n", 0, at) + 1
+
+    pos = _SPACE.match(text, pos).end()
+    while not text.startswith("]", pos):
+        line = line_at(pos)
+        item, pos = parse_json(text, path, start=pos, item_line=line)
         if not isinstance(item, dict):
             raise InputError(f"expected an array of JSON objects, got {type(item).__name__}", path, line)
         check_unicode(item, path, line)
         rows.append((line, item))
-        pos = _SPACE.match(text, decoder.raw_decode(text, pos)[1]).end() + 1
+        pos = _SPACE.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _SPACE.match(text, pos + 1).end()
+        elif not text.startswith("]", pos):
+            raise InputError("malformed JSON (expected ',' or ']' after an item)", path, line_at(pos))
+    if text[pos + 1 :].strip():
+        raise InputError("malformed JSON (extra data after the array)", path, line_at(pos + 1))
     return rows
 
 

@@ -25,7 +25,7 @@ from derta.inference.base import GenInput, collect
 from derta.inference.endpoint import OpenAIClient
 from derta.inference.hf import HFBackend
 from derta.io import InputError
-from derta.models.loading import hub_kwargs, load_tokenizer
+from derta.models.loading import describe_nonfinite, hub_kwargs, load_tokenizer, nonfinite_tensors
 
 JUDGES = ("keyword", "openai:MODEL", "hf:PATH")
 
@@ -181,9 +181,14 @@ class HFJudge(Judge):
 
             self.tokenizer = load_tokenizer(self.path)
             dtype = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
-            self._classifier = AutoModelForSequenceClassification.from_pretrained(
-                self.path, dtype=dtype, use_safetensors=True, **hub_kwargs(None)
-            ).eval()
+            try:
+                self._classifier = AutoModelForSequenceClassification.from_pretrained(
+                    self.path, dtype=dtype, use_safetensors=True, **hub_kwargs(None)
+                ).eval()
+            except Exception as e:  # the judge's files are the input: any failure to read them is theirs
+                raise InputError(f"cannot load judge: {' '.join(str(e).split())[:200]}", self.path) from None
+            if bad := nonfinite_tensors(self._classifier):
+                raise InputError(f"cannot use this judge: {describe_nonfinite(bad)}", self.path)
             self._classifier.config.pad_token_id = self.tokenizer.pad_token_id
         else:
             self._guard = HFBackend(

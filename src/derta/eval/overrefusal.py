@@ -120,6 +120,8 @@ def run_overrefusal(
     )
     ordered = ordered_rows(run, rows, range(len(prompts)))
     block = score_overrefusal(prompts, [r["response"] for r in ordered])
+    if not any(r["response"].strip() for r in ordered):  # nothing refused, nothing answered: not a score
+        block.update(safe_refusal=None, unsafe_refusal=None, not_scored="every response is empty")
     summary = {"model": model_name, "prompts": str(prompts_path), "n": len(prompts), **block}
     write_json(run.dir / "summary.json", summary)
     write_text(run.dir / "report.md", report_markdown(block, model_name, str(prompts_path)))

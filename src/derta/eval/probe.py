@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from derta.data.sources import prompt_of
-from derta.inference.base import left_pad
+from derta.inference.base import left_pad, over_context
 from derta.inference.shard import Shard
 from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, read_jsonl, write_json, write_png
 from derta.models.loading import load_model, load_tokenizer
@@ -68,6 +68,7 @@ def token_probabilities(
     for instruction, response in pairs:
         prompt = encode_prompt(tokenizer, format_prompt(tokenizer, instruction, template), template)
         encoded.append((prompt + encode_text(tokenizer, response), len(encode_text(tokenizer, response))))
+    over_context(model, [len(ids) for ids, _ in encoded], "examples", shard is None or shard.main)
     results: list[list[float] | None] = [None] * len(encoded)
     # Similar lengths together: less padding.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))

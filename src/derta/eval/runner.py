@@ -1,7 +1,9 @@
 """The one way derta runs a model over many inputs: a resumable run directory and a generate-and-record loop.
 
-    DIR/manifest.json      the settings; resuming into DIR with other settings is refused
+    DIR/manifest.json      the settings and the inputs' fingerprints (`files.fingerprint`); resuming into DIR
+                           with other settings, or after an input changed, is refused
     DIR/generations.jsonl  one row per unit of work, appended and fsynced as each batch finishes
+    DIR/.derta.lock        while a process works in DIR (`files.lock_dir`): a second one is refused
 
 `derta eval`, `eval-helpful`, `eval-overrefusal`, `data distill` and the demo all go through `run_task`
 (or, for `derta eval`'s mixed static and search attacks, its two parts `Recorder` and `generate_into`):
@@ -15,12 +17,14 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Hashable
+from contextlib import suppress
 from pathlib import Path
 
 from tqdm import tqdm
 
+from derta.files import compare_manifest, fingerprints, is_lock_file, lock_dir, release
 from derta.inference.base import GenInput
-from derta.io import InputError, write_json, write_jsonl
+from derta.io import WRITE_ERRORS, InputError, check_input_file, json_text, write_failed, write_json, write_jsonl
 
 
 def model_label(model, model_name: str | None = None) -> str:
@@ -32,7 +36,7 @@ def model_label(model, model_name: str | None = None) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(check_input_file(path).read_bytes()).hexdigest()
 
 
 def text_sha256(texts: list[str]) -> str:
@@ -42,21 +46,34 @@ def text_sha256(texts: list[str]) -> str:
 class RunDir:
     """An output directory whose rows survive kill -9: a manifest, then an append-only JSONL log.
 
-    `key_of(row)` names a row's unit of work; rows read back are deduplicated on it.
+    `key_of(row)` names a row's unit of work; rows read back are deduplicated on it. The manifest records, under
+    "inputs", the fingerprints (`files.fingerprints`) of the model when `manifest["model"]` is a local path, and of
+    `inputs` ({flag: path}).
     """
 
-    def __init__(self, out: str | os.PathLike, manifest: dict, rows_file: str = "generations.jsonl"):
+    def __init__(
+        self, out: str | os.PathLike, manifest: dict, rows_file: str = "generations.jsonl", inputs: dict | None = None
+    ):
         self.dir = Path(out)
         self.manifest_path, self.rows_path = self.dir / "manifest.json", self.dir / rows_file
-        self.manifest = manifest
+        model = manifest.get("model")
+        found = fingerprints({"--model": model if isinstance(model, str) else None, **(inputs or {})})
+        self.manifest = {**manifest, "inputs": found} if found else manifest
         self._log = None
+        self._locked = self._wrote = False
 
     def check(self) -> None:
-        """Refuse a directory made with other settings, or one that is not a run directory.
+        """Take the directory's lock, then refuse one made with other settings or inputs, or one that is not a run
+        directory.
 
-        Nothing is written here: the manifest goes in with the first row, so a run that fails
-        before producing anything (e.g. an unreachable endpoint) leaves no directory behind.
+        Nothing else is written here: the manifest goes in with the first row, so a run that fails before
+        producing anything (e.g. an unreachable endpoint) leaves no directory behind.
         """
+        if self.dir.exists() and not self.dir.is_dir():
+            raise InputError("exists and is not a directory", self.dir)
+        if not self._locked:
+            lock_dir(self.dir)
+            self._locked = True
         if self.manifest_path.is_file():
             try:
                 old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
@@ -64,15 +81,9 @@ class RunDir:
                 old = None
             if not isinstance(old, dict):
                 raise InputError("malformed manifest", self.manifest_path)
-            for key in sorted(set(old) | set(self.manifest)):
-                if old.get(key) != self.manifest.get(key):
-                    raise InputError(
-                        f"this run was made with {key}={_short(old.get(key))}, not {_short(self.manifest.get(key))}; "
-                        "rerun with the same settings to resume, or use another --out",
-                        self.manifest_path,
-                    )
+            compare_manifest(old, self.manifest, self.manifest_path)
             return
-        if self.dir.exists() and (not self.dir.is_dir() or any(self.dir.iterdir())):
+        if any(not is_lock_file(p) for p in self.dir.iterdir()):
             raise InputError("exists and is not a derta run directory (no manifest.json); use another --out", self.dir)
 
     def read_rows(self, key_of) -> dict:
@@ -102,23 +113,50 @@ class RunDir:
         return rows
 
     def append(self, row: dict) -> None:
+        """Add one row and fsync it. A write the disk refuses (full, quota) is one line; the file is cut back to the
+        rows before, so rerunning the command resumes from them."""
+        line = (json_text(row, self.rows_path) + "\n").encode("utf-8")
         if self._log is None:
             if not self.manifest_path.is_file():
                 write_json(self.manifest_path, self.manifest)
-            self._log = open(self.rows_path, "a", encoding="utf-8")  # noqa: SIM115 (open across appends, until close())
-        self._log.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._log.flush()
-        os.fsync(self._log.fileno())
+            self._log = open(self.rows_path, "ab")  # noqa: SIM115 (open across appends, until close())
+            self._wrote = True
+        end = self._log.tell()
+        try:
+            self._log.write(line)
+            self._log.flush()
+            os.fsync(self._log.fileno())
+        except OSError as e:
+            if e.errno not in WRITE_ERRORS:
+                raise
+            with suppress(OSError):  # closing flushes what is left in the buffer, which fails the same way
+                self._log.close()
+            self._log = None
+            with open(self.rows_path, "r+b") as f:
+                f.truncate(end)
+            raise write_failed(self.rows_path, e, "the rows before this one are kept: rerun to resume") from None
 
     def close(self) -> None:
+        """Close the log. The lock stays until the command ends (`files.release_all`), so no other process slips
+        in between the last row and the summary; a run that wrote nothing gives it back at once (and a directory
+        it created is removed again)."""
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._locked and not self._wrote and not self.manifest_path.exists():
+            release(self.dir)
+            self._locked = False
 
 
-def _short(value) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 80 else text[:77] + "..."
+def discard_run(out: str | os.PathLike) -> None:
+    """Start a run directory over (`--restart`): under its lock, remove what a run wrote there (manifest, rows,
+    summary, report); a directory that is not a run directory is left alone (RunDir.check then refuses it)."""
+    out = Path(out)
+    if not (out / "manifest.json").is_file():
+        return
+    lock_dir(out)
+    for f in ["manifest.json", "summary.json", "report.md", *(p.name for p in out.glob("generations*.jsonl"))]:
+        (out / f).unlink(missing_ok=True)
 
 
 class Recorder:
@@ -171,7 +209,10 @@ def generate_into(
         [inp for _, inp in items], **({"shard": shard} if shard and shard.world > 1 else {})
     )
     for idx, responses in batches:
-        for row in score([items[j] for j in idx], responses):
+        long = getattr(backend, "over_context", ())  # inputs beyond the model's context: flagged in their rows
+        for j, row in zip(idx, score([items[j] for j in idx], responses)):
+            if j in long:
+                row["over_context"] = True
             record(row)
 
 

@@ -69,10 +69,37 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple:
     import torch  # here, not at the top: commands that only read finished runs never load torch
 
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    # Padding is masked out; a tokenizer with neither a pad nor an eos token still needs some id there.
+    ids = torch.full((len(seqs), width), pad_id if pad_id is not None else 0, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
         mask[i, width - len(s) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
+
+
+def context_length(model) -> int | None:
+    """The number of positions the model was trained for (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def over_context(model, lengths: list[int], what: str, main: bool = True) -> set[int]:
+    """Positions in `lengths` (token counts, new tokens included) beyond the model's context, with one warning line
+    on stderr (from the main process) counting them: their outputs come from positions the model never saw."""
+    import sys
+
+    limit = context_length(model)
+    long = {i for i, n in enumerate(lengths) if limit is not None and n > limit}
+    if long and main:
+        print(
+            f"derta: warning: {len(long)} of {len(lengths)} {what} are longer than the model's context "
+            f"({limit} tokens); their results are unreliable",
+            file=sys.stderr,
+        )
+    return long

@@ -7,12 +7,12 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
-from derta.inference.base import Backend, GenInput, Sampling, encode_input, left_pad
+from derta.inference.base import Backend, GenInput, Sampling, encode_input, left_pad, over_context
 from derta.inference.policy import RefusalPolicy, refusal_logits_processor, visible_text
 from derta.inference.shard import Shard
 from derta.io import NUMERIC_RULES, InputError, check_number
 from derta.models.loading import load_model, load_tokenizer
-from derta.models.templates import encode_text, end_of_turn_ids, resolve_template
+from derta.models.templates import check_chat_template, encode_text, end_of_turn_ids, resolve_template
 
 
 class HFBackend(Backend):
@@ -51,17 +51,43 @@ class HFBackend(Backend):
         self.model.eval()
         self.device = next(self.model.parameters()).device
         self.template = resolve_template(self.tokenizer, template)
+        if self.template == "chat" and system:
+            check_chat_template(self.tokenizer, system)
         self.system, self.batch_size, self.max_new_tokens = system, batch_size, max_new_tokens
+        self.over_context: set[int] = set()  # positions of the last generate_iter's inputs beyond the context
         self.show_refusal_tokens = show_refusal_tokens
         # Worked out once, here: a policy that does not fit the model fails before any generation.
         self.policy_parts = policy.for_tokenizer(self.tokenizer) if policy is not None else None
-        # The model's own EOS set (Llama-3 chat models also stop at <|eot_id|>), the tokenizer's, and the
-        # template's end of turn (ChatML's <|im_end|> where eos is <|endoftext|>).
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        self.eos_ids = (self.eos_ids | {end_of_turn_ids(self.tokenizer, self.template)[0]}) - {None}
         self.sampling = sampling
-        self.gen_config = self._generation_config()
+        self._check_generation()
+
+    def _check_generation(self) -> None:
+        """Work out the stop tokens and generation settings, and generate one token, once, at the start: a
+        generation_config.json (or config.json) value of the wrong type is then one line before any work."""
+        import torch
+
+        try:
+            # The model's own EOS set (Llama-3 chat models also stop at <|eot_id|>), the tokenizer's, and the
+            # template's end of turn (ChatML's <|im_end|> where eos is <|endoftext|>).
+            eos = self.model.generation_config.eos_token_id
+            self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+            self.eos_ids = (self.eos_ids | {end_of_turn_ids(self.tokenizer, self.template)[0]}) - {None}
+            self.gen_config = self._generation_config()
+            one = copy.deepcopy(self.gen_config)
+            one.max_new_tokens, one.do_sample = 1, False
+            one.temperature = one.top_p = one.top_k = None
+            with torch.inference_mode():
+                ids = torch.tensor([self.encode(GenInput("Hi"))], device=self.device)
+                self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=one)
+        except InputError:
+            raise
+        except Exception as e:  # any failure on a one-token test input is the model directory's
+            detail = " ".join(str(e).split())[:200]
+            raise InputError(
+                f"the model cannot generate ({type(e).__name__}: {detail}): check its generation_config.json and "
+                "config.json",
+                getattr(self.model, "name_or_path", None) or None,
+            ) from None
 
     def _generation_config(self):
         """Greedy, or `self.sampling`'s temperature and top-p; the settings a chat model ships with are ignored."""
@@ -81,7 +107,12 @@ class HFBackend(Backend):
     def generate_iter(
         self, inputs: list[GenInput], shard: Shard | None = None
     ) -> Iterator[tuple[list[int], list[str]]]:
-        yield from self.generate_ids_iter([self.encode(x) for x in inputs], shard)
+        ids = [self.encode(x) for x in inputs]
+        lengths = [len(x) + self.max_new_tokens for x in ids]
+        self.over_context = over_context(
+            self.model, lengths, "prompts (with --max-new-tokens)", shard is None or shard.main
+        )
+        yield from self.generate_ids_iter(ids, shard)
 
     def generate_ids_iter(
         self, ids: list[list[int]], shard: Shard | None = None

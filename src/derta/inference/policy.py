@@ -3,10 +3,11 @@ position, one implementation behind the transformers LogitsProcessor and the vLL
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 
-from derta.io import InputError, read_text
+from derta.files import fingerprint
+from derta.io import InputError, check_number, loads, read_text
 from derta.models.refusal_tokens import REFUSAL_PHRASE, marker_tokens, refusal_tokens, refusal_transition
 
 
@@ -28,12 +29,10 @@ class RefusalPolicy:
     refusal_phrase: str = REFUSAL_PHRASE
 
     @classmethod
-    def from_file(cls, path) -> RefusalPolicy:
-
-        try:
-            data = json.loads(read_text(path, "calibration file"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"not JSON ({e.msg})", path, e.lineno) from None
+    def from_file(cls, path, model=None) -> RefusalPolicy:
+        """The policy in a calibration.json; with `model` (a local path), refused when the file was calibrated on
+        another model (its "inputs" fingerprint, `files.fingerprint`)."""
+        data = loads(read_text(path, "calibration file"), path)
         if (
             not isinstance(data, dict)
             or not isinstance(data.get("thresholds", {}), dict)
@@ -41,13 +40,21 @@ class RefusalPolicy:
             or not (data.get("thresholds") or data.get("biases"))
         ):
             raise InputError("a calibration file has 'thresholds' (and/or 'biases'): {token: number}", path)
-        for key in ("thresholds", "biases"):
+        # A threshold is a probability the token must reach (above 1: never); a bias is added to a logit.
+        for key, rule in (("thresholds", "nonneg"), ("biases", None)):
             for token, value in data.get(key, {}).items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                    raise InputError(f"{key}: {token} must be a number, not {value!r}", path)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise InputError(f"{key}: {token} must be a finite number, not {value!r}", path)
+                if rule:
+                    check_number(value, f"{key}: {token}", rule, path)
         phrase = data.get("refusal_phrase", REFUSAL_PHRASE)
         if not isinstance(phrase, str) or not phrase.strip():
             raise InputError("refusal_phrase must be a non-empty string", path)
+        made_for = (data.get("inputs") or {}).get("--model") if isinstance(data.get("inputs"), dict) else None
+        if made_for and (now := fingerprint(model)) is not None and now != made_for:
+            raise InputError(
+                f"calibrated on another model than {model} (its files differ): run derta calibrate on this model", path
+            )
         return cls(
             {k: float(v) for k, v in data.get("thresholds", {}).items()},
             {k: float(v) for k, v in data.get("biases", {}).items()},

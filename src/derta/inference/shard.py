@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -60,3 +61,18 @@ class Shard:
         from accelerate.utils import gather_object
 
         return gather_object(items)
+
+
+def leave_process_group(finished: bool) -> None:
+    """Tear down the process group this process joined (torchrun, accelerate launch), if any, before it exits.
+
+    Left to interpreter shutdown, gloo's threads can be destroyed while still joinable, which aborts the process
+    ("terminate called without an active exception", SIGABRT) after its work is done. A run that `finished`
+    waits for the others first, so no process leaves while another still talks to it; a failed one leaves at once.
+    """
+    torch = sys.modules.get("torch")  # a command that never imported torch joined no group
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if finished:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

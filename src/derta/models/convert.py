@@ -7,7 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from derta.io import InputError
+from derta.io import InputError, current_umask
+from derta.models.loading import describe_nonfinite, nonfinite_tensors
 from derta.models.templates import end_of_turn_ids
 
 
@@ -43,6 +44,8 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.load_state_dict(loaded.state_dict())
+    if bad := nonfinite_tensors(model):  # a model no command would load is not written
+        raise InputError(f"cannot convert: {describe_nonfinite(bad)}", src)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     stops = {tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)} - {None}
@@ -55,7 +58,7 @@ def convert_gguf(gguf_file: str | os.PathLike, out: str | os.PathLike, dtype: st
         tokenizer.save_pretrained(tmp)
         if out.exists():
             out.rmdir()
-        tmp.chmod(0o755)  # mkdtemp makes it private
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private: give it the mode mkdir would
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

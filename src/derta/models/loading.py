@@ -94,25 +94,53 @@ def check_model_files(name_or_path: str) -> None:
                 raise InputError(f"cannot load model: {problem}", name_or_path)
 
 
+def nonfinite_tensors(model) -> list[str]:
+    """Names of the model's floating-point parameters holding a NaN or an infinity (the local shard of a sharded
+    one; parameters not materialised here, on the meta device, are skipped)."""
+    import torch
+
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p
+            if t.is_floating_point() and t.numel() and t.device.type != "meta" and not torch.isfinite(t).all():
+                bad.append(name)
+    return bad
+
+
+def describe_nonfinite(names: list[str]) -> str:
+    many = len(names) > 1
+    return (
+        f"{len(names)} weight tensor{'s hold' if many else ' holds'} NaN or infinite values "
+        f"({names[0]}{', ...' if many else ''})"
+    )
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool | None = None):
     from transformers import AutoTokenizer
 
     check_model_dir(name_or_path, "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, **hub_kwargs(trust_remote_code))
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load tokenizer: {str(e).splitlines()[0]}", name_or_path) from None
+    except Exception as e:  # the directory's files are the input: any failure to read them is theirs
+        detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load tokenizer: {detail}", name_or_path) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    try:  # once, here: a tokenizer_config.json value of the wrong type otherwise fails mid-run
+        tok.decode(tok("Sorry, I can't.", add_special_tokens=True)["input_ids"])
+    except Exception as e:
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise InputError(f"cannot use tokenizer: {type(e).__name__}: {detail}", name_or_path) from None
     return tok
 
 
 def load_model(
     name_or_path: str, dtype: str = "auto", trust_remote_code: bool | None = None, device: str | None = None
 ):
-    """A causal LM from a local directory or hub ID, weights as safetensors only."""
+    """A causal LM from a local directory or hub ID, weights as safetensors only; refused (one line) when its
+    weights disagree with its config.json (tensors missing, left over or of another shape) or are not finite."""
     import torch
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_model_files(name_or_path)
@@ -120,13 +148,52 @@ def load_model(
         dtype
     ]
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch_dtype, use_safetensors=True, **hub_kwargs(trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, by name and shape
+            **hub_kwargs(trust_remote_code),
         )
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+    except Exception as e:  # the directory's files are the input: any failure to read them is theirs
         # A truncated or overwritten weights file (killed mid-save, full disk) lands here too.
         detail = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model: {detail}", name_or_path) from None
+    check_loaded(model, info, name_or_path)
     if device:
         model.to(device)
     return model
+
+
+def check_loaded(model, info: dict, name_or_path) -> None:
+    """Weights that do not fill the architecture config.json describes would leave layers random (or drop some)
+    without a word from transformers at derta's log level; non-finite weights would generate nothing (or NaN)."""
+    layers = getattr(model.config, "num_hidden_layers", None)
+    said = f"config.json says {layers} layers" if layers is not None else "config.json"
+    if info.get("mismatched_keys"):
+        key, ours, theirs = next(iter(info["mismatched_keys"]))[:3]
+        raise InputError(
+            f"the weights do not fit config.json: {key} is {list(ours)} in the weights file(s) but {list(theirs)} "
+            f"in the architecture config.json describes ({len(info['mismatched_keys'])} tensors differ)",
+            name_or_path,
+        )
+    for kind, what in (
+        ("missing_keys", "tensors the architecture it describes needs are not in the weights, so they would be random"),
+        ("unexpected_keys", "tensors in the weights have no place in the architecture it describes"),
+    ):
+        keys = sorted(info.get(kind) or ())
+        if keys:
+            raise InputError(
+                f"the weights do not fit config.json ({said}): {len(keys)} {what} ({keys[0]}, ...); "
+                "config.json must be the one saved with the weights",
+                name_or_path,
+            )
+    for key, value in model.config.to_dict().items():
+        # Dropout probabilities act only in training, where a wrong one fails deep inside the first step.
+        if ("dropout" in key or key.endswith("pdrop")) and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+        ):
+            raise InputError(f"config.json: {key} must be a probability in [0, 1), not {value!r}", name_or_path)
+    if bad := nonfinite_tensors(model):
+        raise InputError(f"cannot use this model: {describe_nonfinite(bad)}", name_or_path)

@@ -13,12 +13,42 @@ INST_TEMPLATE = "[INST] {instruction} [\\INST]"
 TEMPLATES = ("auto", "chat", "inst", "raw")
 
 
+_RENDERED: set = set()  # (tokenizer, template text, system prompt) already rendered once
+
+
+def check_chat_template(tokenizer, system: str | None = None) -> None:
+    """Render the tokenizer's chat template once, with a user turn (after `system`, if given) and an assistant
+    reply: a template that does not compile, or raises (some refuse a system role), is one line at the start
+    rather than a traceback in the middle of a run."""
+    key = (id(tokenizer), str(tokenizer.chat_template), system)
+    if key in _RENDERED:
+        return
+    turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi"}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template([*turns, {"role": "assistant", "content": "Hello"}], tokenize=False)
+    except Exception as e:  # jinja2's syntax and runtime errors, or what the template itself raises
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        with_system = " with a system prompt (--system)" if system else ""
+        raise InputError(
+            f"the tokenizer's chat template fails{with_system}: {detail}; fix chat_template, or use --template inst",
+            getattr(tokenizer, "name_or_path", None) or None,
+        ) from None
+    if not isinstance(text, str):
+        raise InputError("the tokenizer's chat template does not render text", getattr(tokenizer, "name_or_path", None))
+    _RENDERED.add(key)
+
+
 def resolve_template(tokenizer, template: str = "auto") -> str:
-    """'auto' means the tokenizer's chat template when it has one, else the paper's [INST] format."""
+    """'auto' means the tokenizer's chat template when it has one, else the paper's [INST] format; a chat template
+    is tried once first (`check_chat_template`)."""
     if template == "auto":
-        return "chat" if getattr(tokenizer, "chat_template", None) else "inst"
+        template = "chat" if getattr(tokenizer, "chat_template", None) else "inst"
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise InputError("--template chat: the tokenizer has no chat template")
+    if template == "chat":
+        check_chat_template(tokenizer)
+        return template
     if template not in TEMPLATES and "{instruction}" not in template:
         raise InputError(
             f"unknown template '{template}': use one of {', '.join(TEMPLATES)} or a format string with {{instruction}}"

@@ -77,7 +77,9 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 2048, refusal_phras
     tok.padding_side = "right"
     for form in (phrase, " " + phrase):
         if len(tok(form, add_special_tokens=False)["input_ids"]) != 1:
-            raise RuntimeError(f"tokenizer did not learn {form!r} as one token")
+            raise InputError(
+                f"--vocab-size {vocab_size} is too small: the tokenizer did not learn {form!r} as one token"
+            )
     return tok
 
 
@@ -115,6 +117,25 @@ def random_model(
     return LlamaForCausalLM(config)
 
 
+# What a tiny model can be: the byte-level tokenizer needs 256 byte tokens, 6 special ones and the merges that make
+# "Sorry" and " Sorry" single tokens (512 leaves room for them on the built-in corpus); RoPE needs an even head
+# size; above the maxima it is no longer tiny (and would take the machine's memory).
+TINY_LIMITS = {"vocab_size": (512, 1 << 18), "hidden_size": (8, 8192), "layers": (1, 128), "heads": (1, 128)}
+
+
+def check_tiny_settings(vocab_size: int, hidden_size: int, layers: int, heads: int) -> None:
+    values = {"vocab_size": vocab_size, "hidden_size": hidden_size, "layers": layers, "heads": heads}
+    for name, (low, high) in TINY_LIMITS.items():
+        if not low <= values[name] <= high:
+            raise InputError(
+                f"--{name.replace('_', '-')} must be between {low} and {high} for a tiny model, not {values[name]}"
+            )
+    if hidden_size % (2 * heads):
+        raise InputError(
+            f"--hidden-size must be a multiple of {2 * heads} ({heads} attention heads of an even size), not {hidden_size}"
+        )
+
+
 def build_tiny(
     out: str | Path,
     seed: int = 0,
@@ -127,6 +148,7 @@ def build_tiny(
 ) -> Path:
     """Write a tiny LlamaForCausalLM and its tokenizer to `out`; returns the directory."""
     out = Path(out)
+    check_tiny_settings(vocab_size, hidden_size, layers, heads)
     if out.exists() and any(out.iterdir()):
         raise InputError("output directory exists and is not empty", out)
     tok = train_tokenizer(corpus if corpus is not None else tokenizer_corpus(), vocab_size=vocab_size)

@@ -1,7 +1,8 @@
 """derta train's settings: `DertaConfig` (TrainingArguments plus DeRTa's), from a YAML file and the flags.
 
 Every numeric setting is range-checked with the flag's name whether it came from a flag or the YAML, and a
-YAML key that is unknown or of the wrong type is one line naming the file and line.
+YAML key that is unknown or of the wrong type is one line naming the file and line. The YAML is read without
+aliases (`*name`: a few hundred bytes of them expand to megabytes) and refuses a key given twice.
 """
 
 from __future__ import annotations
@@ -112,9 +113,46 @@ def check_ranges(config: DertaConfig, explicit: set[str], source=None) -> None:
         raise InputError("--refusal-phrase must not be empty", source)
 
 
-def _yaml_lines(yaml, text: str) -> dict:
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without aliases and with unique keys (what derta reads every YAML file with)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in derta configs", mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key}' is given twice (first on line {seen[key]})", key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path) -> tuple[object, dict]:
+    """A YAML file read with `StrictLoader`, and the line of each top-level key; errors name the file and line."""
+    text = read_text(path, "config file")
+    try:
+        return yaml.load(text, Loader=StrictLoader), _yaml_lines(text)  # noqa: S506 (StrictLoader is a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        kind = "syntax error" if isinstance(e, (yaml.scanner.ScannerError, yaml.parser.ParserError)) else "error"
+        raise InputError(f"YAML {kind}: {what}", path, mark.line + 1 if mark else None) from None
+    except (RecursionError, ValueError) as e:  # nesting deeper than the stack; an integer of thousands of digits
+        what = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:120]
+        raise InputError(f"YAML that cannot be read: {what}", path) from None
+
+
+def _yaml_lines(text: str) -> dict:
     """Line number of each top-level key of a YAML mapping."""
-    node = yaml.compose(text)
+    node = yaml.compose(text, Loader=StrictLoader)
     if not isinstance(node, yaml.MappingNode):
         return {}
     return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
@@ -137,17 +175,30 @@ def _wrong_type(f, value) -> str | None:
     return None if isinstance(value, str) and "str" in kinds else want
 
 
+def check_report_to(report_to, source=None) -> None:
+    """Each logging integration named in report_to must be one transformers knows and whose library is installed:
+    Trainer would otherwise fail after the model has loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise InputError(
+                f"report_to: unknown integration '{name}': use none or one of {', '.join(INTEGRATION_TO_CALLBACK)}",
+                source,
+            )
+        if name not in get_available_reporting_integrations():
+            raise InputError(f"report_to: {name} is not installed (pip install it, or set report_to: none)", source)
+
+
 def config_from_cli(args) -> DertaConfig:
     """YAML first, then explicit flags on top."""
     values: dict = {}
     if args.config:
-        text = read_text(args.config, "config file")
-        try:
-            loaded, lines = yaml.safe_load(text), _yaml_lines(yaml, text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            what = " ".join(str(getattr(e, "problem", None) or e).split())
-            raise InputError(f"YAML syntax error: {what}", args.config, mark.line + 1 if mark else None) from None
+        loaded, lines = load_yaml(args.config)
         if not isinstance(loaded, dict):
             raise InputError("config must be a mapping of field: value", args.config)
         known = {f.name: f for f in fields(DertaConfig)}
@@ -190,5 +241,6 @@ def config_from_cli(args) -> DertaConfig:
         ) from None
     if config.loss_impl not in ("chunked", "full"):
         raise InputError(f"unknown loss_impl '{config.loss_impl}': use chunked or full", args.config)
+    check_report_to(config.report_to, args.config)
     check_ranges(config, set(values), args.config)
     return config

@@ -7,6 +7,7 @@ by default: the rows of a batch are packed into one sequence whose position_ids 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ from derta.data.tokenize import (
     refusal_token_list,
     tokenize_row,
 )
-from derta.io import InputError, write_json
-from derta.models.loading import check_model_files, load_model, load_tokenizer
+from derta.files import compare_manifest, fingerprints, lock_dir
+from derta.io import InputError, json_text, loads, read_text, write_json
+from derta.models.loading import check_model_files, describe_nonfinite, load_model, load_tokenizer, nonfinite_tensors
 from derta.models.refusal_tokens import add_special_tokens, init_new_embeddings
 from derta.models.templates import resolve_template
 from derta.train.collators import PACKING_ATTENTION, EpochCallback, EpochRows, PackCollator, PadCollator
@@ -132,16 +134,23 @@ def _with_lora(model, config: DertaConfig, token_ids: list[int] | None = None):
     )
 
 
-def _check_output(config: DertaConfig, resume: bool) -> tuple[Path, str | None]:
-    """The output directory and its last checkpoint; a finished or interrupted run there without --resume is refused."""
+def _check_output(config: DertaConfig, resume: bool, restart: bool = False) -> tuple[Path, str | None]:
+    """The output directory and its last checkpoint; a finished or interrupted run there without --resume is refused
+    (with `restart`, an interrupted run's checkpoints are removed first)."""
     out = Path(config.output_dir)
     if (out / "derta_train.json").exists():
         raise InputError("output directory already holds a finished model: choose a new --output", out)
+    if restart and config.should_save:
+        lock_dir(out, "--output")
+        for old in [*out.glob("checkpoint-*"), *out.glob("incomplete-checkpoint-*")]:
+            if old.is_dir():
+                shutil.rmtree(old)
+        (out / RUN_MANIFEST).unlink(missing_ok=True)
     last = get_last_checkpoint(str(out)) if out.is_dir() else None
     if last and not resume:
         raise InputError(
             "output directory has checkpoints from an interrupted run: pass --resume to continue it, "
-            "or choose a new --output",
+            "--restart to start over, or choose a new --output",
             out,
         )
     if config.merge_lora and (config.deepspeed or config.fsdp):
@@ -150,6 +159,76 @@ def _check_output(config: DertaConfig, resume: bool) -> tuple[Path, str | None]:
             "then merge it in one process (peft's merge_and_unload)"
         )
     return out, last
+
+
+# What a resumed run must share with the run it continues: each of these changes what training computes.
+RESUME_SETTINGS = (
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "seed",
+    "bf16",
+    "fp16",
+    "max_length",
+    "template",
+    "refusal_phrase",
+    "rto_keep_ratio",
+    "rto_weight",
+    "loss_impl",
+    "padding_free",
+    "use_lora",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_layers",
+    "merge_lora",
+    "constraint_beta",
+    "dpo_beta",
+    "dpo_sft_weight",
+    "world_size",
+)
+RUN_MANIFEST = "manifest.json"  # OUTPUT/manifest.json: the settings and inputs a --resume must match
+
+
+def _start_run(config: DertaConfig, out: Path, model_name: str, data_path: str, dtype: str, resuming: bool) -> dict:
+    """What this run is (settings that change results, fingerprints of the model and data), for OUTPUT/manifest.json;
+    a --resume with other settings or changed inputs is refused here with one line naming what changed. The main
+    process takes the directory's lock."""
+    manifest = {
+        **{k: getattr(config, k, None) for k in RESUME_SETTINGS},
+        "dtype": dtype,
+        "inputs": fingerprints({"--model": model_name, "--data": data_path, "--constrain-to": config.constrain_to}),
+    }
+    manifest = loads(json_text(manifest))  # as it reads back (enums as strings)
+    path = out / RUN_MANIFEST
+    if resuming and path.is_file():
+        old = loads(read_text(path), path)
+        if isinstance(old, dict):
+            compare_manifest(old, manifest, path)
+    if config.should_save:
+        lock_dir(out, "--output")
+    return manifest
+
+
+def check_finite(model, out: Path, step: int) -> None:
+    """Training that left a weight NaN or infinite stops before the model is saved (one line, exit 2)."""
+    if bad := nonfinite_tensors(model):
+        raise InputError(
+            f"training stopped after step {step}: {describe_nonfinite(bad)}; no model saved (lower the learning "
+            "rate; any checkpoint in the output directory is from before)",
+            out,
+        )
 
 
 @dataclass
@@ -204,9 +283,8 @@ def _read_data(config: DertaConfig, tokenizer, data_path: str) -> _Data:
     return _Data(rows, dropped, shares, special, new_tokens)
 
 
-def _make_trainer(config: DertaConfig, model_name: str, dtype: str, tokenizer, data: _Data, callbacks: list):
+def _make_trainer(config: DertaConfig, model, dtype: str, tokenizer, data: _Data, callbacks: list):
     """(the Trainer for these rows, whether its batches are packed)."""
-    model = load_model(model_name, dtype=dtype)
     init_new_embeddings(model, tokenizer, data.new_tokens, config.refusal_phrase)
     reference = _load_reference(config, model, dtype)
     packing = (
@@ -261,24 +339,30 @@ def train(
     resume: bool = False,
     dtype: str = "auto",
     callbacks: list | None = None,
+    restart: bool = False,
 ) -> Path:
     """Fine-tune `model_name` on a `data build` output; returns the directory with the final model.
 
     Rows from `data build --recipe dpo` (pair rows) are trained with TRL's DPOTrainer, all others with
-    DertaTrainer. An interrupted run continues with `resume=True` from its last checkpoint (save_steps apart).
+    DertaTrainer. An interrupted run continues with `resume=True` from its last checkpoint (save_steps apart),
+    if its settings and inputs are those it started with (OUTPUT/manifest.json); `restart` discards it instead.
+    The weights are checked to be finite at every checkpoint and before the final model is saved.
     """
     if not torch.cuda.is_available():
         config.dataloader_pin_memory = False
-    out, last = _check_output(config, resume)
-    if Path(model_name).is_dir():
-        model_name = str(
-            Path(model_name).resolve()
-        )  # an adapter records its base model: make it loadable from anywhere
+    out, last = _check_output(config, resume, restart)
+    if Path(model_name).is_dir():  # an adapter records its base model: make it loadable from anywhere
+        model_name = str(Path(model_name).resolve())
     check_model_files(model_name)  # a broken model fails before the data is read
     tokenizer = load_tokenizer(model_name)
     config.template = resolve_template(tokenizer, config.template)
-    data = _read_data(config, tokenizer, data_path)
-    trainer, packing = _make_trainer(config, model_name, dtype, tokenizer, data, list(callbacks or []))
+    manifest = _start_run(config, out, model_name, data_path, dtype, bool(resume and last))
+    data = _read_data(config, tokenizer, data_path)  # cheap checks first: a bad row fails before a slow load
+    trainer, packing = _make_trainer(
+        config, load_model(model_name, dtype=dtype), dtype, tokenizer, data, list(callbacks or [])
+    )
+    if trainer.is_world_process_zero():  # written once everything checked out, just before the first step
+        write_json(out / RUN_MANIFEST, manifest)
     if resume and last:
         last = last_complete_checkpoint(out)
         if last:
@@ -286,6 +370,7 @@ def train(
     result = trainer.train(resume_from_checkpoint=last if resume and last else None)
     steps_here = trainer.state.global_step - trainer._initial_global_step
     train_loss = (trainer.loss_sum_before + result.training_loss * steps_here) / max(trainer.state.global_step, 1)
+    check_finite(trainer.model, out, trainer.state.global_step)
     _save(trainer, config, tokenizer, out)
     if trainer.is_world_process_zero():
         write_json(

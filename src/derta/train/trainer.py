@@ -17,7 +17,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from derta.io import InputError, write_json
-from derta.models.loading import safetensors_problem
+from derta.models.loading import describe_nonfinite, nonfinite_tensors, safetensors_problem
 from derta.train.losses import batch_loss
 
 
@@ -29,6 +29,13 @@ class CompleteCheckpoints:
     loss_sum_before = 0.0
 
     def _save_checkpoint(self, model, trial) -> None:
+        # A checkpoint of non-finite weights would be resumed from, or taken for a model: stop before writing it.
+        if bad := nonfinite_tensors(self.model):
+            raise InputError(
+                f"training stopped at step {self.state.global_step}: after its update {describe_nonfinite(bad)}; "
+                "this checkpoint is not saved (lower the learning rate; the checkpoints already in the output "
+                "directory are from before)"
+            )
         super()._save_checkpoint(model, trial)
         # Written last, atomically: a checkpoint without it was cut short (killed or disk full mid-save).
         if self.args.should_save:
