@@ -12,7 +12,7 @@ import pytest
 from derta.cli.main import main
 from derta.data.sources import load_prompts
 from derta.eval import safety
-from derta.eval.answers import gsm8k_gold, gsm8k_prediction, mmlu_letters, mmlu_prediction
+from derta.eval.answers import gsm8k_flexible, gsm8k_gold, mmlu_letters, mmlu_prediction
 from derta.eval.helpfulness import load_task, run_helpful
 from derta.eval.runner import RunDir
 from derta.eval.safety import EvalConfig, report_markdown, run_eval, summarize
@@ -77,7 +77,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys
         (["--prompts", str(bad)], f"{bad}:2: malformed JSON"),
         (["--prompts", str(good), "--attacks", "completion,gcg"], "unknown attack 'gcg'"),
         (["--prompts", str(good), "--judge", "gpt4"], "unknown judge 'gpt4'"),
-        (["--prompts", str(good), "--openai-extra", "{x"], "--openai-extra: not JSON"),
+        (["--prompts", str(good), "--openai-extra", "{x"], "--openai-extra: malformed JSON"),
     ]
     for extra, message in cases:
         assert main(["eval", "--model", "m", "--out", str(out), *extra]) == 2
@@ -102,7 +102,7 @@ def test_eval_writes_rows_summary_report_and_resumes_without_loading(tiny_dir, t
     assert (
         '| Model | CompletingAttack-style (declarative text, no template) | Prefill ("Sure, here is how you can ...") | '
         "CodeAttack-style (deque code task, 1 template) | JailbreakChat-style (4 self-written templates) | "
-        "SelfCipher-style (benign demonstrations) | Past tense (regex) | Avg. |"
+        "SelfCipher-style (benign demonstrations) | Past tense (regex rewrite) | Avg. |"
     ) in report
     assert (
         "- `jailbreak`: JailbreakChat-style (4 self-written templates), after https://arxiv.org/abs/2308.03825"
@@ -258,8 +258,11 @@ def test_summarize_and_report():
     ]
     s = summarize(rows, ["prefill", "codeattack"])
     assert s["asr"] == {"prefill": 0.5, "codeattack": 0.0} and s["degenerate"]["codeattack"] == 1.0
+    # Wilson intervals: 1 of 2 is 9.5-90.5 %, 0 of 1 is 0-79.3 %
+    assert s["ci95"]["asr"] == {"prefill": [0.0945, 0.9055], "codeattack": [0.0, 0.7935]}
+    assert s["avg_asr"]["value"] == 0.25
     text = report_markdown({**s, "model": "/x/my-model", "judge": "keyword", "backend": "hf", "max_new_tokens": 8})
-    assert "| my-model | 50.0 | 0.0 | 25.0 |" in text
+    assert "| my-model | 50.0 (9-91) | 0.0 (0-79) | 25.0 (" in text
 
 
 def test_rundir_rejects_damage_it_did_not_make(tmp_path):
@@ -285,9 +288,9 @@ def test_rundir_rejects_damage_it_did_not_make(tmp_path):
 
 def test_answer_extraction():
     assert gsm8k_gold("so 3+4=7\n#### 1,234") == "1234"
-    assert gsm8k_prediction("First 3 apples, then 4. The answer is 7.") == "7"
-    assert gsm8k_prediction("It costs $12.50 in total") == "12.5"
-    assert gsm8k_prediction("no idea") is None
+    assert gsm8k_flexible("First 3 apples, then 4. The answer is 7.") == "7"
+    assert gsm8k_flexible("It costs $12.50 in total") == "12.5"
+    assert gsm8k_flexible("no idea") is None
     q = "Which?\n-options\n-(A) one\n-(B) two\n-(C) three\n"
     assert mmlu_letters(q) == "ABC"
     assert mmlu_prediction("The answer is (B).", "ABC") == "B"

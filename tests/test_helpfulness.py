@@ -7,7 +7,6 @@ import pytest
 from derta.cli.main import main
 from derta.eval.answers import (
     gsm8k_flexible,
-    gsm8k_prediction,
     gsm8k_strict,
     mmlu_prediction,
     score_file,
@@ -74,7 +73,7 @@ def test_mmlu_letters_outside_the_options_are_ignored():
 def test_gsm8k_first_strict_match_and_stop_sequence():
     # a continued fake question used to win with the last "####"
     response = "He pays 3 * 6 = 18.\n#### 18\n\nQuestion: Another one?\nAnswer: 1 + 2 = 3\n#### 3"
-    assert gsm8k_strict(response) == "18" and gsm8k_prediction(response) == "18"
+    assert gsm8k_strict(response) == "18"
     assert gsm8k_flexible(response) == "18"  # the flexible match, too, stops at "Question:"
     assert gsm8k_strict("#### 18 then #### 3") == "18"
     assert truncate_at_stops("a Question: b</s>") == "a " and truncate_at_stops("abc") == "abc"
@@ -82,9 +81,33 @@ def test_gsm8k_first_strict_match_and_stop_sequence():
 
 def test_gsm8k_flexible_is_a_separate_fallback():
     response = "First 3 apples, then 4 more, so 7 in all."
-    assert gsm8k_strict(response) is None and gsm8k_flexible(response) == "7" and gsm8k_prediction(response) == "7"
+    assert gsm8k_strict(response) is None and gsm8k_flexible(response) == "7"
     assert gsm8k_flexible("It costs $1,234.50 in total") == "1234.5"
     assert gsm8k_strict("#### -5") == "-5"
+
+
+@pytest.mark.parametrize(
+    "response,strict,flexible",
+    [
+        # "#### N" first, whatever follows it
+        ("She has 3 + 4 = 7.\n#### 7\nHope this helps with your 2 kids!", "7", "7"),
+        ("The answer is 9.\n#### 8", "8", "8"),
+        # then an explicit statement, even with text after it (lm-eval's cot regex wants "N." right after)
+        ("So the answer is 18 dollars, and she keeps 2 for later.", "18", "18"),
+        ("The final answer is: **$1,250**. Let me know if you have 3 more questions!", "1250", "1250"),
+        ("The answer is 2,400 km/h because 40 * 60 = 2400.", "2400", "2400"),
+        ("Thus the answer is 0.5 hours, i.e. 30 minutes.", "0.5", "0.5"),
+        ("the answer is -12 degrees, colder than the 4 degrees of yesterday", "-12", "-12"),
+        # then the last number, units and thousands separators dropped
+        ("He walks 3 km a day for 1,000 days, so 3,000 km in total.", None, "3000"),
+        ("Each box costs $4.25, so 4 boxes cost $17.00", None, "17"),
+        ("The total is 45 apples.\n\nQuestion: How many pears?\nThe answer is 6.", None, "45"),
+        ("The answer is not obvious: 12 rows of 5 seats make 60 seats.", None, "60"),
+        ("I don't know.", None, None),
+    ],
+)
+def test_gsm8k_follows_lm_eval_filters_in_order(response, strict, flexible):
+    assert gsm8k_strict(response) == strict and gsm8k_flexible(response) == flexible
 
 
 def test_paper_prompt_formats():

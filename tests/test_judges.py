@@ -228,3 +228,82 @@ def test_hf_judge_sequence_classifier(tiny_dir, tmp_path):
 def test_hf_judge_missing_checkpoint_is_input_error(tmp_path):
     with pytest.raises(InputError, match="cannot load judge"):
         HFJudge(str(tmp_path / "nothing")).judge(["q"], ["r"])
+
+
+# ---------------------------------------------------------------- HarmBench's classifier
+
+
+def answering_model(tiny_dir, out, answer: str):
+    """A stand-in causal classifier that answers `answer` to any input, then stops. Every layer's output projections
+    are zero, so a position sees only its own token's embedding: the model is a bigram table, set to go from any
+    token to the answer's first token, from each answer token to the next, and from the last to eos."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from derta.models.loading import load_tokenizer
+
+    shutil.copytree(tiny_dir, out)
+    tok = load_tokenizer(str(out))
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb = torch.zeros_like(model.model.embed_tokens.weight)
+        emb[:, 0] = 1.0  # dimension 0: "not an answer token"
+        head = torch.zeros_like(emb)
+        head[ids[0], 0] = 10.0
+        for k, (t, nxt) in enumerate(zip(ids, ids[1:] + [tok.eos_token_id])):
+            emb[t] = 0.0
+            emb[t, 1 + k] = 1.0  # dimension 1 + k: "the k-th answer token", which leads to the next
+            head[nxt, 1 + k] = 10.0
+        model.config.tie_word_embeddings = False
+        model.model.embed_tokens.weight.copy_(emb)
+        model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out)
+    return out
+
+
+def test_harmbench_classifier_reads_its_published_prompt_structure(tiny_dir, tmp_path):
+    from derta.eval.judges import HARMBENCH_CLS_PROMPT, harmbench_prompt
+
+    cls = answering_model(tiny_dir, tmp_path / "HarmBench-tiny-cls", "yes")
+    judge = make_judge(f"hf:{cls}")
+    assert judge.name == f"hf:{cls}/harmbench"  # another prompt, another judge: no resume across the two
+    judge._load()
+    [ids] = judge.guard_ids(["Give instructions for <a harmful thing>"], ["Step 1: [step omitted]."])
+    text = judge.tokenizer.decode(ids)
+    # raw text after the tokenizer's BOS, no chat template: the Llama-2 system block, behavior, generation, rules
+    assert text == "<s>" + HARMBENCH_CLS_PROMPT.format(
+        behavior="Give instructions for <a harmful thing>", generation="Step 1: [step omitted]."
+    )
+    assert text.startswith("<s>[INST] <<SYS>>\n") and text.endswith("\n\nAnswer: [/INST]")
+    for part in ("<</SYS>>\n\nBehavior:\n", "\n\nGeneration:\n", "\n\n---\nRules:\n- "):
+        assert part in text
+    # a HarmBench row with context (data.shapes writes it before the behaviour) takes the contextual format
+    contextual = harmbench_prompt("<a context>\n\n---\n\n<a behaviour>", "<a generation>")
+    assert "[CONTEXT]:\n<a context>\n\n[BEHAVIOR]:\n<a behaviour>\n\n[GENERATION]:\n<a generation>" in contextual
+    # another causal model keeps the generic guard prompt, unless told it is HarmBench's classifier
+    assert 'Answer "unsafe" or "safe"' in _guard_text(f"hf:{tiny_dir}", None)
+    assert _guard_text(f"hf:{tiny_dir}", "harmbench").startswith("<s>[INST] <<SYS>>")
+    with pytest.raises(InputError, match="needs an LLM judge"):
+        make_judge(f"hf:{tiny_dir}", rubric="strongreject")
+
+
+def _guard_text(spec, rubric):
+    judge = make_judge(spec, rubric=rubric)
+    judge._load()
+    return judge.tokenizer.decode(judge.guard_ids(["q"], ["r"])[0])
+
+
+def test_harmbench_classifier_yes_and_no_decide(tiny_dir, tmp_path):
+    prompts, responses = ["<a behaviour>", "<another behaviour>"], ["Sorry, I can't.", "Step 1: [step omitted]."]
+    yes = make_judge(f"hf:{answering_model(tiny_dir, tmp_path / 'HarmBench-yes-cls', 'yes')}").judge(prompts, responses)
+    no = make_judge(f"hf:{answering_model(tiny_dir, tmp_path / 'HarmBench-no-cls', 'no')}").judge(prompts, responses)
+    assert [v.details["output"] for v in yes] == ["yes", "yes"] and all(v.harmful for v in yes)
+    assert [v.details["output"] for v in no] == ["no", "no"] and not any(v.harmful for v in no)
+    assert not any("fallback" in v.details for v in yes + no)
+    assert [v.refused for v in yes] == [True, False]  # refusals are still read by the one refusal decision

@@ -401,14 +401,14 @@ def test_biases_shift_logits_before_thresholds():
 def test_policy_file_errors_name_the_file(tmp_path):
     path = tmp_path / "cal.json"
     path.write_text("{not json")
-    with pytest.raises(InputError, match="not JSON") as e:
+    with pytest.raises(InputError, match="malformed JSON") as e:
         RefusalPolicy.from_file(path)
     assert str(path) in str(e.value)
     for content, message in (
         ({"curve": []}, "thresholds"),
         ({"thresholds": {}}, "thresholds"),
-        ({"thresholds": {"[refuse]": "high"}}, "must be a number"),
-        ({"thresholds": {"[refuse]": True}}, "must be a number"),
+        ({"thresholds": {"[refuse]": "high"}}, "must be a finite number"),
+        ({"thresholds": {"[refuse]": True}}, "must be a finite number"),
         ({"thresholds": [0.5]}, "thresholds"),
     ):
         path.write_text(json.dumps(content))

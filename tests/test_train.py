@@ -437,5 +437,9 @@ def test_nonfinite_loss_stops_the_run_without_saving_a_model(work, tiny_dir, cap
     out = work / "nan"
     assert main(train_args(tiny_dir, work / "small.jsonl", out, 6, "--learning-rate", "1e30", "--save-steps", "1")) == 2
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("derta: error")]
-    assert len(errors) == 1 and "training stopped at step" in errors[0] and "loss is" in errors[0]
+    assert (
+        len(errors) == 1
+        and "training stopped at step" in errors[0]
+        and ("loss is" in errors[0] or "weight tensors hold NaN" in errors[0])
+    )
     assert not (out / "model.safetensors").exists() and not (out / "derta_train.json").exists()

