@@ -255,6 +255,7 @@ NUMERIC_RULES = {
     "constraint_beta": "nonneg",
     "dpo_beta": "nonneg",
     "dpo_sft_weight": "nonneg",
+    "cb_alpha": "positive",
     "vocab": "count",
     "batch": "count",
     "seq": "count",

@@ -125,3 +125,14 @@ def _add_resume_and_objectives(p) -> None:
         type=float,
         help="weight of DPO's SFT term (helpful rows train only through it); " + _default("dpo_sft_weight"),
     )
+    p.add_argument(
+        "--cb-alpha",
+        type=float,
+        help="rows from data build --recipe circuit-breakers: scale of the rerouting/retain schedule; "
+        + _default("cb_alpha"),
+    )
+    p.add_argument(
+        "--cb-layers",
+        help="layers whose hidden states are rerouted, e.g. 10,20 (auto: 5/16 and 10/16 of the depth); "
+        + _default("cb_layers"),
+    )

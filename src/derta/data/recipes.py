@@ -9,6 +9,8 @@ triple into training rows; helpful (instruction, response) rows pass through unc
     derta   -> prefix + rto
     recovery-> prefix            Qi et al.'s safety recovery rows: half get k ~ U{1..min(100, |r̂|)}, half k = 0
     dpo     -> pair              a preference pair (chosen r, rejected r̂), trained with TRL's DPOTrainer
+    circuit-breakers -> safe + reroute   Zou et al.: hidden states of q + r̂ rerouted, the others retained (train.circuit)
+    backtrack -> safe + backtrack        Zhang et al.: q + r̂<k + [RESET] + r, loss on [RESET] and r (k >= 1)
 
 A row is text (`kind`, `instruction`, `prefix`, `target`); `data.tokenize` turns it into
 `input_ids`/`labels` segment by segment, so the loss boundary is exactly where the text says.
@@ -49,8 +51,13 @@ RECIPES = {
     # Baselines (docs/baselines.md): Qi et al.'s safety recovery examples, and DPO on the same triples.
     "recovery": Recipe(("prefix",), "Recovery (Qi et al.)"),
     "dpo": Recipe(("pair",), "DPO"),
+    # The representation-level and reset defences (docs/baselines.md): Circuit Breakers and Backtracking.
+    "circuit-breakers": Recipe(("safe", "reroute"), "Circuit Breakers (Zou et al.)"),
+    "backtrack": Recipe(("safe", "backtrack"), "Backtracking (Zhang et al.)"),
 }
-KINDS = ("helpful", "safe", "prefix", "rto", "pair")
+KINDS = ("helpful", "safe", "prefix", "rto", "pair", "reroute", "backtrack")
+# The kinds trained by cross-entropy on their labels through DertaTrainer (counted in the labelled-token shares).
+CE_KINDS = ("helpful", "safe", "prefix", "rto", "backtrack")
 # Qi et al. (shallow-vs-deep-alignment): prefixes of at most 100 harmful tokens, on half of the safety rows.
 RECOVERY_MAX_PREFIX = 100
 RECOVERY_SHARE = 0.5
@@ -86,8 +93,10 @@ class RecipeConfig:
             )
         if self.refusal_tokens == "none":
             self.refusal_tokens = RECIPES[self.recipe].refusal_tokens
-        if self.refusal_tokens != "none" and "pair" in self.kinds:
-            raise InputError("--refusal-tokens trains the cross-entropy recipes; DPO's pairs have no refusal token")
+        if self.refusal_tokens != "none" and {"pair", "reroute", "backtrack"} & set(self.kinds):
+            raise InputError(
+                f"--refusal-tokens goes with the DeRTa-style recipes, not with {self.recipe} (it has its own markers)"
+            )
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -98,7 +107,7 @@ class RecipeConfig:
         out = {} if self.template == "auto" else {"template": self.template}
         if self.refusal_tokens != "none":
             out["refusal_tokens"] = self.refusal_tokens
-        if kind in ("safe", "prefix", "rto", "pair"):
+        if kind in ("safe", "prefix", "rto", "pair", "backtrack"):
             out["refusal_phrase"] = self.refusal_phrase
         if kind == "rto":
             out.update(rto_keep_ratio=self.rto_keep_ratio, loss_weight=self.rto_weight)
@@ -140,7 +149,7 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
     kinds = cfg.kinds
     recovery = cfg.recipe == "recovery"
     # Exactly round(ratio * n) prefix rows get k = 0, chosen by the seed (recovery: Qi et al.'s half).
-    n_prefix = len(safety) if "prefix" in kinds else 0
+    n_prefix = len(safety) if "prefix" in kinds else 0  # backtrack rows always have a prefix (k >= 1)
     no_ratio = 1.0 - RECOVERY_SHARE if recovery else cfg.no_prefix_ratio
     no_prefix = set(rng.sample(range(n_prefix), round(no_ratio * n_prefix))) if n_prefix else set()
 
@@ -168,9 +177,12 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
                 "target": t["safe_response"].strip(),
                 **cfg.row_settings(kind),
             }
-            if kind == "prefix":
+            if kind in ("prefix", "backtrack"):
                 units = _cut_points(cfg, t["harmful_response"], tokenizer)
-                if recovery:
+                if kind == "backtrack":
+                    # A reset needs something to undo: k as the prefix recipe draws its k > 0 (one unit if only one).
+                    k = min(units, 1) if units < 2 else rng.randint(1, units - 1)
+                elif recovery:
                     # Qi et al.: k uniform in 1..min(100, |r̂|), so the whole harmful response may come first.
                     k = 0 if (i in no_prefix or units < 1) else rng.randint(1, min(RECOVERY_MAX_PREFIX, units))
                 else:
@@ -183,7 +195,7 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
                     if cfg.cut == "token"
                     else word_cut(t["harmful_response"], k)
                 )
-            elif kind == "rto":
+            elif kind in ("rto", "reroute"):
                 row["target"] = t["harmful_response"]
             elif kind == "pair":
                 row["rejected"] = t["harmful_response"]

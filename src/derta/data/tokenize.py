@@ -15,12 +15,13 @@ import sys
 
 from tqdm import tqdm
 
-from derta.data.recipes import KINDS, RecipeConfig
+from derta.data.recipes import CE_KINDS, KINDS, RecipeConfig
 from derta.io import InputError, check_fields, check_number, read_jsonl
 from derta.models.refusal_tokens import (
     REFUSAL_PHRASE,
     REFUSAL_TOKEN_MODES,
     REFUSE_TOKEN,
+    RESET_TOKEN,
     RESPOND_TOKEN,
     add_special_tokens,
     refusal_text,
@@ -57,9 +58,11 @@ def tokenize_row(
     prompt = encode_prompt(tokenizer, format_prompt(tokenizer, row["instruction"], template), template)
     prefix = encode_text(tokenizer, row.get("prefix", ""))
     text = row["target"]
-    if row["kind"] in ("safe", "prefix", "pair"):
-        text = refusal_text(text, transition.mid_text if row.get("prefix") else transition.start_text, phrase)
-    marker = row_marker_id(row, tokenizer)  # [respond] / [refuse...] in front of the target, or None
+    if row["kind"] in ("safe", "prefix", "pair", "backtrack"):
+        # After [RESET] the response starts over: the refusal's start form, as at the start of a response.
+        mid = row.get("prefix") and row["kind"] != "backtrack"
+        text = refusal_text(text, transition.mid_text if mid else transition.start_text, phrase)
+    marker = row_marker_id(row, tokenizer)  # [respond] / [refuse...] / [RESET] in front of the target, or None
     target = ([] if marker is None or row["kind"] == "rto" else [marker]) + encode_text(tokenizer, text)
     input_ids = prompt + prefix + target + eot
     context = [IGNORE] * (len(prompt) + len(prefix))
@@ -71,7 +74,7 @@ def tokenize_row(
             first, mid = transition.mid_id if prefix else transition.start_id, transition.mid_id
         labels = context + [first] + [mid] * (n - 1) + [IGNORE] * (len(eot) - 1)
         weight = row.get("loss_weight", rto_weight)
-    else:
+    else:  # reroute rows: labels mark the harmful response, whose hidden states train (train.circuit), no NLL
         labels = context + target + eot
         weight = row.get("loss_weight", 1.0)
     out = {"input_ids": input_ids, "labels": labels, "loss_weight": weight}
@@ -83,7 +86,10 @@ def tokenize_row(
 
 
 def row_marker(row: dict) -> str | None:
-    """The special token a row's target starts with (RTO: its label everywhere), or None without refusal tokens."""
+    """The special token a row's target starts with (RTO: its label everywhere), or None without refusal tokens;
+    a backtrack row's target starts with `[RESET]`."""
+    if row["kind"] == "backtrack":
+        return RESET_TOKEN
     mode = row.get("refusal_tokens", "none")
     if mode == "none":
         return None
@@ -106,8 +112,11 @@ def row_marker_id(row: dict, tokenizer) -> int | None:
 
 
 def refusal_token_list(rows: list[dict]) -> list[str]:
-    """The special tokens rows built with --refusal-tokens need, in a fixed order (the same rows give the same ids):
-    `[respond]`, `[refuse]` (single mode, or a refusal without a category), then `[refuse:CATEGORY]` by name."""
+    """The special tokens rows need, in a fixed order (the same rows give the same ids): `[RESET]` for backtrack
+    rows; with --refusal-tokens `[respond]`, `[refuse]` (single mode, or a refusal without a category), then
+    `[refuse:CATEGORY]` by name."""
+    if any(r["kind"] == "backtrack" for r in rows):
+        return [RESET_TOKEN]  # data.recipes refuses --refusal-tokens for the backtrack recipe
     modes = {r.get("refusal_tokens", "none") for r in rows} - {"none"}
     if not modes:
         return []
@@ -157,7 +166,7 @@ RTO_SHARE_WARN = 0.25
 
 def label_token_counts(rows: list[dict]) -> dict[str, float]:
     """Labelled tokens per objective (kind), RTO rows counted at their expected kept share."""
-    counts = {k: 0.0 for k in KINDS if k != "pair"}  # DPO's pair rows are listed only where there are some
+    counts = {k: 0.0 for k in CE_KINDS if k != "backtrack"}  # the others are listed only where there are some
     for r in rows:
         n = sum(x != IGNORE for x in r["labels"])
         counts[r["kind"]] = counts.get(r["kind"], 0.0) + n * (

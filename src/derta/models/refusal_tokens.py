@@ -107,6 +107,9 @@ def refusal_token_ids(tokenizer, phrase: str = REFUSAL_PHRASE) -> list[int]:
 # skip_special_tokens hides them from the user-visible text.
 REFUSAL_TOKEN_MODES = ("none", "single", "category")
 RESPOND_TOKEN, REFUSE_TOKEN = "[respond]", "[refuse]"
+# Backtracking (`data build --recipe backtrack`, after Zhang et al., 2025): the model emits RESET_TOKEN after a partial
+# unsafe response and starts over; generation keeps only the text after the last one (`inference.base.after_reset`).
+RESET_TOKEN = "[RESET]"
 
 
 def category_name(category) -> str | None:
@@ -138,6 +141,11 @@ def refusal_tokens(tokenizer) -> dict[str, int]:
     }
 
 
+def reset_token_id(tokenizer) -> int | None:
+    """The id of `[RESET]` in a tokenizer that has it (a model trained with --recipe backtrack), else None."""
+    return tokenizer.get_added_vocab().get(RESET_TOKEN) if hasattr(tokenizer, "get_added_vocab") else None
+
+
 def marker_tokens(tokenizer) -> dict[str, int]:
     """{token: id} of every derta marker this tokenizer has: the refusal tokens and `[respond]`."""
     respond = tokenizer.get_added_vocab().get(RESPOND_TOKEN) if hasattr(tokenizer, "get_added_vocab") else None
@@ -154,8 +162,8 @@ def add_special_tokens(tokenizer, tokens: list[str]) -> list[str]:
 
 def init_new_embeddings(model, tokenizer, added: list[str], refusal_phrase: str = REFUSAL_PHRASE) -> None:
     """Make room for `added` tokens and give each refusal token the embedding (input and output) of the refusal
-    phrase's first token, so it starts out as likely as "Sorry" where a refusal begins; `[respond]` keeps the
-    mean embedding transformers gives new rows."""
+    phrase's first token, so it starts out as likely as "Sorry" where a refusal begins; `[respond]` and `[RESET]`
+    keep the mean embedding transformers gives new rows."""
     import torch
 
     if not added:
@@ -167,5 +175,5 @@ def init_new_embeddings(model, tokenizer, added: list[str], refusal_phrase: str 
             id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None
         }.values():
             for token in added:
-                if token != RESPOND_TOKEN:
+                if token not in (RESPOND_TOKEN, RESET_TOKEN):
                     emb.weight[tokenizer.convert_tokens_to_ids(token)] = emb.weight[source]

@@ -14,9 +14,11 @@ from derta.data.tokenize import IGNORE, sample_rto_labels
 
 @dataclass
 class PadCollator:
-    """Right-pads input_ids (pad id) and labels (-100); passes each row's loss weight and kind."""
+    """Right-pads input_ids (pad id) and labels (-100); passes each row's loss weight and kind (`reroute`: also
+    which rows are circuit-breaker `reroute` rows, for train.circuit)."""
 
     pad_token_id: int
+    reroute: bool = False
 
     def __call__(self, rows: list[dict]) -> dict:
         width = max(len(r["input_ids"]) for r in rows)
@@ -28,13 +30,16 @@ class PadCollator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        return {
+        out = {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
             "loss_weight": torch.tensor([float(r.get("loss_weight", 1.0)) for r in rows]),
             "is_rto": torch.tensor([r["kind"] == "rto" for r in rows]),
         }
+        if self.reroute:
+            out["is_reroute"] = torch.tensor([r["kind"] == "reroute" for r in rows])
+        return out
 
 
 @dataclass
@@ -42,11 +47,13 @@ class PackCollator:
     """Concatenates the rows of a batch into one sequence with per-row position_ids (no padding, no mask).
 
     The attention layers see where a row starts from position_ids going back to 0. loss_weight and
-    is_rto become per-token so each token keeps its own row's values.
+    is_rto (and with `reroute`, is_reroute) become per-token so each token keeps its own row's values.
     """
 
+    reroute: bool = False
+
     def __call__(self, rows: list[dict]) -> dict:
-        ids, labels, positions, weight, is_rto = [], [], [], [], []
+        ids, labels, positions, weight, is_rto, is_reroute = [], [], [], [], [], []
         for r in rows:
             n = len(r["input_ids"])
             ids += r["input_ids"]
@@ -55,13 +62,17 @@ class PackCollator:
             positions += range(n)
             weight += [float(r.get("loss_weight", 1.0))] * n
             is_rto += [r["kind"] == "rto"] * n
-        return {
+            is_reroute += [r["kind"] == "reroute"] * n
+        out = {
             "input_ids": torch.tensor([ids]),
             "position_ids": torch.tensor([positions]),
             "labels": torch.tensor([labels]),
             "loss_weight": torch.tensor([weight]),
             "is_rto": torch.tensor([is_rto]),
         }
+        if self.reroute:
+            out["is_reroute"] = torch.tensor([is_reroute])
+        return out
 
 
 # Attention implementations that read packed-sequence boundaries from position_ids in transformers 5.

@@ -91,6 +91,15 @@ class DertaConfig(TrainingArguments):
             "added to DPO's loss; helpful rows are trained only through it"
         },
     )
+    # Circuit Breakers (rows from `data build --recipe circuit-breakers`, with --lora), trained by train.circuit
+    cb_alpha: float = field(
+        default=D["cb_alpha"],
+        metadata={"help": "scale of the schedule: rerouting weight alpha(1 - t/2T), retain weight alpha t/2T"},
+    )
+    cb_layers: str = field(
+        default=D["cb_layers"],
+        metadata={"help": "comma-separated layers whose hidden states are rerouted (1 = first layer's output); auto"},
+    )
 
 
 # Every numeric setting's flag and range rule (io.NUMERIC_RULES), checked whether it came from a flag or the

@@ -32,6 +32,10 @@ DEFAULTS = {
     "constraint_beta": 0.1,
     "dpo_beta": 0.1,
     "dpo_sft_weight": 1.0,
+    # Circuit Breakers (Zou et al., 2024; their Llama-3-8B run): alpha 10, rerouting at layers 10 and 20 of 32
+    # (`auto`: the same depths, 5/16 and 10/16, on any model).
+    "cb_alpha": 10.0,
+    "cb_layers": "auto",
 }
 
 # derta train's flags (argparse dests) and the DertaConfig fields they set; a flag given on the command line wins
@@ -59,4 +63,6 @@ CLI_TO_CONFIG = {
     "constraint_beta": "constraint_beta",
     "dpo_beta": "dpo_beta",
     "dpo_sft_weight": "dpo_sft_weight",
+    "cb_alpha": "cb_alpha",
+    "cb_layers": "cb_layers",
 }

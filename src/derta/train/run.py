@@ -30,6 +30,7 @@ from derta.io import InputError, json_text, loads, read_text, write_json
 from derta.models.loading import check_model_files, describe_nonfinite, load_model, load_tokenizer, nonfinite_tensors
 from derta.models.refusal_tokens import add_special_tokens, init_new_embeddings
 from derta.models.templates import resolve_template
+from derta.train.circuit import CircuitBreakerTrainer
 from derta.train.collators import PACKING_ATTENTION, EpochCallback, EpochRows, PackCollator, PadCollator
 from derta.train.config import DertaConfig
 from derta.train.dpo import dpo_examples, dpo_trainer
@@ -196,6 +197,8 @@ RESUME_SETTINGS = (
     "constraint_beta",
     "dpo_beta",
     "dpo_sft_weight",
+    "cb_alpha",
+    "cb_layers",
     "world_size",
 )
 RUN_MANIFEST = "manifest.json"  # OUTPUT/manifest.json: the settings and inputs a --resume must match
@@ -246,6 +249,10 @@ class _Data:
     def dpo(self) -> bool:
         return self.examples is not None
 
+    @property
+    def reroute(self) -> bool:  # circuit-breaker rows: trained by train.circuit
+        return any(r["kind"] == "reroute" for r in self.rows)
+
 
 def _read_data(config: DertaConfig, tokenizer, data_path: str) -> _Data:
     text_rows = load_training_rows(data_path)
@@ -264,6 +271,11 @@ def _read_data(config: DertaConfig, tokenizer, data_path: str) -> _Data:
             raise InputError("--constrain-to applies to the cross-entropy recipes, not to DPO rows", data_path)
         examples = dpo_examples(text_rows, tokenizer, config, data_path)
         return _Data([{"kind": r["kind"]} for r in text_rows], 0, None, special, new_tokens, examples)
+    if any(r["kind"] == "reroute" for r in text_rows):
+        if not config.use_lora:
+            raise InputError("circuit-breakers rows train a LoRA adapter: add --lora (the frozen model is the base)")
+        if config.constrain_to:
+            raise InputError("--constrain-to applies to the cross-entropy recipes, not to circuit-breakers", data_path)
     rows, dropped = prepare_rows(text_rows, tokenizer, config, data_path)
     if not rows:
         raise InputError("no row has a trained token within --max-length", data_path)
@@ -302,6 +314,15 @@ def _make_trainer(config: DertaConfig, model, dtype: str, tokenizer, data: _Data
         )
     if data.dpo:
         trainer = dpo_trainer(config, model, tokenizer, data.examples, callbacks)
+    elif data.reroute:
+        trainer = CircuitBreakerTrainer(
+            model=model,
+            args=config,
+            train_dataset=data.rows,
+            data_collator=PackCollator(reroute=True) if packing else PadCollator(tokenizer.pad_token_id, reroute=True),
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     else:
         dataset = EpochRows(data.rows, config.seed)
         trainer = DertaTrainer(
@@ -378,7 +399,7 @@ def train(
             {
                 "model": model_name,
                 "data": str(data_path),
-                "trainer": "dpo" if data.dpo else "derta",
+                "trainer": "dpo" if data.dpo else "circuit-breakers" if data.reroute else "derta",
                 "rows": {k: sum(r["kind"] == k for r in data.rows) for k in KINDS},
                 "dropped_rows": data.dropped,
                 "label_shares": data.shares,

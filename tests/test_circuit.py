@@ -1,0 +1,95 @@
+"""Circuit Breakers (train.circuit): the rerouting and retain losses, the schedule, the rows, a short LoRA run."""
+
+import json
+
+import pytest
+import torch
+
+from derta.cli.main import main
+from derta.data.recipes import RecipeConfig, build_rows
+from derta.data.tokenize import IGNORE, tokenize_row
+from derta.io import InputError
+from derta.train.circuit import cb_coefficients, parse_cb_layers, rerouting_loss, retain_loss
+from helpers import HELPFUL, TRIPLE, write_jsonl
+
+
+def test_rerouting_loss_is_zero_once_states_are_orthogonal_or_opposed_and_counts_only_masked_tokens():
+    frozen = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]]])  # (layers 1, B 1, T 3, H 2)
+    mask = torch.tensor([[True, True, False]])
+    orthogonal = torch.tensor([[[[0.0, 2.0], [-3.0, 0.0], [1.0, 1.0]]]])  # third token identical but masked out
+    assert rerouting_loss(orthogonal, frozen, mask)[0].item() == 0.0
+    opposed = -frozen
+    loss, cos = rerouting_loss(opposed, frozen, mask)
+    assert loss.item() == 0.0 and cos == pytest.approx(-1.0)
+    same = frozen * 5  # cosine ignores the scale
+    assert rerouting_loss(same, frozen, mask)[0].item() == pytest.approx(1.0)
+    half = torch.tensor([[[[1.0, 1.0], [0.0, -1.0], [0.0, 0.0]]]])  # cos 1/sqrt2 and -1: mean of ReLU = 0.3536
+    assert rerouting_loss(half, frozen, mask)[0].item() == pytest.approx(0.5 / 2**0.5, abs=1e-6)
+
+
+def test_retain_loss_is_zero_for_identical_states_and_the_mean_distance_otherwise():
+    frozen = torch.randn(2, 3, 4, 8)
+    mask = torch.tensor([[True, True, False, False], [True, False, False, False], [False] * 4])
+    assert retain_loss(frozen.clone(), frozen, mask).item() == 0.0
+    moved = frozen.clone()
+    moved[..., 0] += 3.0  # every state 3 away, masked or not
+    moved[:, 2] += 100.0  # far away, but on a row the mask leaves out
+    assert retain_loss(moved, frozen, mask).item() == pytest.approx(3.0)
+
+
+def test_schedule_runs_from_all_rerouting_to_an_even_split():
+    assert cb_coefficients(0, 100, 10.0) == (10.0, 0.0)
+    assert cb_coefficients(100, 100, 10.0) == pytest.approx((5.0, 5.0))
+    assert cb_coefficients(50, 100, 4.0) == pytest.approx((3.0, 1.0))
+    c_rr = [cb_coefficients(t, 100, 10.0)[0] for t in range(101)]
+    assert all(a > b for a, b in zip(c_rr, c_rr[1:]))
+
+
+def test_layers_auto_are_the_papers_depths_and_bad_layers_are_one_line():
+    assert parse_cb_layers("auto", 32) == [10, 20]
+    assert parse_cb_layers("auto", 4) == [1, 2] and parse_cb_layers("3, 1", 4) == [1, 3]
+    for bad in ("0", "5", "x", ","):
+        with pytest.raises(InputError, match="--cb-layers"):
+            parse_cb_layers(bad, 4)
+
+
+def test_rows_reroute_the_harmful_response_and_keep_refusals_and_helpful_rows(tiny_tokenizer):
+    rows = build_rows(RecipeConfig(recipe="circuit-breakers"), [TRIPLE], [HELPFUL])
+    assert [r["kind"] for r in rows] == ["helpful", "safe", "reroute"]
+    reroute = rows[2]
+    assert reroute["target"] == TRIPLE["harmful_response"] and reroute["prefix"] == ""
+    tok = tokenize_row(reroute, tiny_tokenizer)
+    n = sum(x != IGNORE for x in tok["labels"])
+    labelled = [t for t, x in zip(tok["input_ids"], tok["labels"]) if x != IGNORE]
+    assert tiny_tokenizer.decode(labelled).startswith(TRIPLE["harmful_response"].split()[0]) and n > 3
+    with pytest.raises(InputError, match="refusal-tokens"):
+        RecipeConfig(recipe="circuit-breakers", refusal_tokens="single")
+
+
+def _build_and_train(tmp_path, tiny_dir, synthetic, extra=()):
+    tmp_path.mkdir(exist_ok=True)
+    safety = write_jsonl(tmp_path / "s.jsonl", synthetic.harmful_train[:16])
+    helpful = write_jsonl(tmp_path / "h.jsonl", synthetic.helpful_train[:16])
+    rows = str(tmp_path / "rows.jsonl")
+    build = ["data", "build", "--recipe", "circuit-breakers", "--safety", str(safety), "--helpful", str(helpful)]
+    assert main([*build, "--out", rows]) == 0
+    out = tmp_path / "out"
+    args = ["train", "--model", str(tiny_dir), "--data", rows, "--output", str(out), "--max-steps", "30"]
+    args += ["--batch-size", "8", "--grad-accum", "1", "--logging-steps", "5", "--quiet", "--learning-rate", "1e-2"]
+    return main([*args, *extra]), out
+
+
+def test_circuit_breaker_training_reroutes_harmful_states_and_needs_lora(tmp_path, tiny_dir, synthetic, capsys):
+    code, _ = _build_and_train(tmp_path / "full", tiny_dir, synthetic)
+    assert code == 2 and "add --lora" in capsys.readouterr().err
+    code, out = _build_and_train(tmp_path, tiny_dir, synthetic, ["--lora", "--lora-r", "8", "--cb-layers", "1,2"])
+    assert code == 0
+    info = json.loads((out / "derta_train.json").read_text())
+    assert info["trainer"] == "circuit-breakers" and info["rows"]["reroute"] == 16 and info["steps"] == 30
+    log = info["log_history"]
+    first, last = log[0], log[-1]
+    # The rerouted states turn away from the frozen model's; the schedule moves the weight to retaining.
+    assert last["reroute_loss"] < 0.5 * first["reroute_loss"] and last["reroute_cos"] < first["reroute_cos"]
+    assert first["c_rr"] > last["c_rr"] and first["c_retain"] < last["c_retain"]
+    assert info["config"]["cb_layers"] == "1,2" and info["config"]["cb_alpha"] == 10.0
+    assert (out / "adapter_model.safetensors").exists()
