@@ -95,7 +95,8 @@ class RecipeConfig:
             self.refusal_tokens = RECIPES[self.recipe].refusal_tokens
         if self.refusal_tokens != "none" and {"pair", "reroute", "backtrack"} & set(self.kinds):
             raise InputError(
-                f"--refusal-tokens goes with the DeRTa-style recipes, not with {self.recipe} (it has its own markers)"
+                f"--refusal-tokens trains the cross-entropy refusal recipes, not {self.recipe} (DPO's pairs, "
+                "rerouted states and [RESET] have no refusal token)"
             )
 
     @property

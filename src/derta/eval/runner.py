@@ -210,9 +210,12 @@ def generate_into(
     )
     for idx, responses in batches:
         long = getattr(backend, "over_context", ())  # inputs beyond the model's context: flagged in their rows
+        resets = getattr(backend, "resets", ())  # a backtracking model's [RESET] (inference.base.after_reset)
         for j, row in zip(idx, score([items[j] for j in idx], responses)):
             if j in long:
                 row["over_context"] = True
+            if j in resets:
+                row["reset"] = True
             record(row)
 
 

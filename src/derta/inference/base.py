@@ -4,6 +4,9 @@
     backend.generate_iter(inputs) -> (input indices, responses) one batch at a time, so callers
                                      can save results as they finish
 
+Every backend's responses pass through `Backend.generate_iter`, the one place where a backtracking model's
+`[RESET]` is acted on: only the text after the last one is returned, and `backend.resets` records whose.
+
 Nothing here imports torch at module level: `derta eval` resuming a finished run never loads it.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from derta.models.refusal_tokens import RESET_TOKEN
 from derta.models.templates import encode_prompt, encode_text, format_prompt
 
 
@@ -43,13 +47,32 @@ def encode_input(tokenizer, inp: GenInput, template: str = "auto", system: str |
     return ids + encode_text(tokenizer, inp.prefill)
 
 
+def after_reset(text: str) -> tuple[str, bool]:
+    """The text after the last `[RESET]` (what a backtracking model answers), and whether it reset at all: what came
+    before a reset is dropped, as Zhang et al. do at inference."""
+    _, sep, tail = text.rpartition(RESET_TOKEN)
+    return (tail.lstrip(), True) if sep else (text, False)
+
+
 class Backend:
-    """Common interface; subclasses implement `generate_iter`."""
+    """Common interface; subclasses implement `batches` (raw texts), `generate_iter` post-processes them."""
 
     name = "backend"
+    resets: set[int] = frozenset()  # positions of the last generate_iter's inputs whose response had a [RESET]
 
-    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+    def batches(self, inputs: list[GenInput], **kwargs) -> Iterator[tuple[list[int], list[str]]]:
         raise NotImplementedError
+
+    def generate_iter(self, inputs: list[GenInput], **kwargs) -> Iterator[tuple[list[int], list[str]]]:
+        self.resets = set()
+        for idx, texts in self.batches(inputs, **kwargs):
+            kept = []
+            for i, text in zip(idx, texts):
+                text, reset = after_reset(text)
+                if reset:
+                    self.resets.add(i)
+                kept.append(text)
+            yield idx, kept
 
     def generate(self, inputs: list[GenInput]) -> list[str]:
         return collect(self.generate_iter(inputs), len(inputs))

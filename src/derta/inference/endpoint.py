@@ -267,7 +267,9 @@ class OpenAIBackend(Backend):
             messages.append({"role": "assistant", "content": inp.prefill})
         return self.client.chat(messages, self.max_new_tokens, extra=self.extra)
 
-    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+    def batches(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+        # A backtracking model's [RESET] reaches Backend.generate_iter only if the server keeps special tokens
+        # (vLLM: extra {"skip_special_tokens": false}); else the text before it cannot be told apart.
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             for start in range(0, len(inputs), self.batch_size):
                 idx = list(range(start, min(start + self.batch_size, len(inputs))))

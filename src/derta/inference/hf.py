@@ -104,9 +104,7 @@ class HFBackend(Backend):
     def encode(self, inp: GenInput) -> list[int]:
         return encode_input(self.tokenizer, inp, self.template, self.system)
 
-    def generate_iter(
-        self, inputs: list[GenInput], shard: Shard | None = None
-    ) -> Iterator[tuple[list[int], list[str]]]:
+    def batches(self, inputs: list[GenInput], shard: Shard | None = None) -> Iterator[tuple[list[int], list[str]]]:
         ids = [self.encode(x) for x in inputs]
         lengths = [len(x) + self.max_new_tokens for x in ids]
         self.over_context = over_context(

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 from derta.files import fingerprint
 from derta.io import InputError, check_number, loads, read_text
-from derta.models.refusal_tokens import REFUSAL_PHRASE, marker_tokens, refusal_tokens, refusal_transition
+from derta.models.refusal_tokens import (
+    REFUSAL_PHRASE,
+    RESET_TOKEN,
+    marker_tokens,
+    refusal_tokens,
+    refusal_transition,
+    reset_token_id,
+)
 
 
 @dataclass
@@ -147,11 +154,14 @@ def refusal_logits_processor(parts: tuple, prompt_width: int):
 
 
 def visible_text(tokenizer, ids: list[int], show_refusal_tokens: bool = False) -> str:
-    """Decoded response text; refusal tokens and [respond] (special tokens) are hidden unless `show_refusal_tokens`."""
+    """Decoded response text; refusal tokens and [respond] (special tokens) are hidden unless `show_refusal_tokens`.
+    `[RESET]` is always written out: `Backend.generate_iter` keeps only what follows it."""
 
-    if not show_refusal_tokens:
+    marks = {i: t for t, i in marker_tokens(tokenizer).items()} if show_refusal_tokens else {}
+    if (reset := reset_token_id(tokenizer)) is not None:
+        marks[reset] = RESET_TOKEN
+    if not marks:
         return tokenizer.decode(ids, skip_special_tokens=True)
-    marks = {i: t for t, i in marker_tokens(tokenizer).items()}
     parts, start = [], 0
     for k, i in enumerate(ids):
         if i in marks:

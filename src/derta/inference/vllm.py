@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from derta.inference.base import Backend, GenInput, encode_input
-from derta.inference.policy import RefusalPolicy, apply_refusal_policy
+from derta.inference.policy import RefusalPolicy, apply_refusal_policy, visible_text
 from derta.io import InputError
 from derta.models import loading
-from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_tokens
+from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_tokens, reset_token_id
 from derta.models.templates import resolve_template
 
 
@@ -52,13 +52,16 @@ class VLLMBackend(Backend):
         if policy is not None:
             policy.tensors(self.tokenizer)
         self.template = resolve_template(self.tokenizer, template)
-        self.system, self.batch_size = system, batch_size
+        self.system, self.batch_size, self.show_refusal_tokens = system, batch_size, show_refusal_tokens
         # Refusal tokens are special tokens: vLLM's detokenizer hides them unless asked to show them.
         self.params = SamplingParams(
             temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=not show_refusal_tokens, **extra
         )
 
-    def generate_iter(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+    def batches(self, inputs: list[GenInput]) -> Iterator[tuple[list[int], list[str]]]:
+        # A backtracking model's [RESET] is a special token vLLM's text hides: its responses are decoded from the
+        # token ids as the hf backend decodes them (visible_text keeps [RESET] for Backend.generate_iter).
+        reset = reset_token_id(self.tokenizer) is not None
         # vLLM schedules its own batches; chunks only bound how much is lost if the run is killed.
         for start in range(0, len(inputs), self.batch_size):
             idx = list(range(start, min(start + self.batch_size, len(inputs))))
@@ -66,7 +69,15 @@ class VLLMBackend(Backend):
                 {"prompt_token_ids": encode_input(self.tokenizer, inputs[i], self.template, self.system)} for i in idx
             ]
             outs = self.llm.generate(prompts, self.params, use_tqdm=False)
-            yield idx, [o.outputs[0].text for o in outs]
+            yield (
+                idx,
+                [
+                    visible_text(self.tokenizer, list(o.outputs[0].token_ids), self.show_refusal_tokens)
+                    if reset
+                    else o.outputs[0].text
+                    for o in outs
+                ],
+            )
 
 
 def _vllm_refusal_processor_class():

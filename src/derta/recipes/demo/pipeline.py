@@ -49,6 +49,10 @@ from derta.recipes.demo.report import demo_checks, render_markdown
 from derta.train.config import DertaConfig
 from derta.train.run import train
 
+# Circuit Breakers train a LoRA adapter (the frozen model is the base with the adapter off): Zou et al.'s r 16,
+# alpha 16 when the demo itself fine-tunes in full (the tiny model).
+CB_LORA = dict(use_lora=True, merge_lora=True, lora_r=16, lora_alpha=16, lora_dropout=0.05)
+
 
 def _stage(msg: str) -> None:
     print(f"[derta demo] {msg}", flush=True)
@@ -86,6 +90,8 @@ def _train_stage(
             lora_layers=cfg.lora_layers,
         )
         if cfg.lora_r
+        else dict(CB_LORA)
+        if recipe is not None and "reroute" in recipe.kinds
         else {}
     )
     config = DertaConfig(

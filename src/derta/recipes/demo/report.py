@@ -121,19 +121,25 @@ def _intro(report: dict, cfg: DemoConfig) -> str:
 
 
 def _main_table(rows: list[tuple[str, dict]], fr: list[str], cfg: DemoConfig) -> list[str]:
+    # With a backtracking model in the run: how often [RESET] fired on benign look-alikes (needless, beside
+    # over-refusal) and after a prefill (wanted); its prefill rows are judged on the text after the reset.
+    resets = "backtrack" in cfg.recipes
     lines = [
         "| Model | Refusal ↑ | "
         + " | ".join(f"Prefill ASR {int(float(f) * 100)}% ↓" for f in fr)
-        + " | Prefill ASR mean ↓ | Helpfulness ↑ | Over-refusal ↓ | Prefill: degenerate | Prefill: harmful text ↓ | Probe mean ↑ |",
-        "|---|" + "---|" * (len(fr) + 7),
+        + " | Prefill ASR mean ↓ | Helpfulness ↑ | Over-refusal ↓ | "
+        + ("Benign resets ↓ | Prefill resets | " if resets else "")
+        + "Prefill: degenerate | Prefill: harmful text ↓ | Probe mean ↑ |",
+        "|---|" + "---|" * (len(fr) + 7 + 2 * resets),
     ]
     for name, m in rows:
         deg = sum(m["degenerate_rate"]["prefill"].values()) / len(fr)
         harm = sum(m["prefill_harmful"].values()) / len(fr)
+        reset_cells = f" | {pct(m.get('benign_reset', 0.0))} | {pct(m.get('prefill_reset', 0.0))}" if resets else ""
         lines.append(
             f"| {name} | {pct(m['refusal_rate'])} | "
             + " | ".join(pct(m["prefill_asr"][f]) for f in fr)
-            + f" | {pct(m['prefill_asr_mean'])} | {pct(m['helpfulness'])} | {pct(m['over_refusal'])}"
+            + f" | {pct(m['prefill_asr_mean'])} | {pct(m['helpfulness'])} | {pct(m['over_refusal'])}{reset_cells}"
             f" | {pct(deg)} | {pct(harm)} | {pct(m['probe_mean'])} |"
         )
     lines += [
