@@ -82,9 +82,12 @@ def _scripted_hf(tiny_dir, tokenizer, texts):
 
 
 def test_every_backend_returns_the_text_after_reset_and_records_it(tiny_dir, reset_tokenizer, fake_openai):
-    texts = [f"step one [tool] {RESET_TOKEN}Sorry, I cannot help with that.", "apple river blue"]
-    hf = _scripted_hf(tiny_dir, reset_tokenizer, texts)
-    assert hf.generate([GenInput("a"), GenInput("b")]) == ["Sorry, I cannot help with that.", "apple river blue"]
+    def plain(text):  # the text as the tokenizer writes it back
+        return reset_tokenizer.decode(encode_text(reset_tokenizer, text), skip_special_tokens=True)
+
+    refusal, answer = "Sorry, I cannot help with that.", "apple river blue"
+    hf = _scripted_hf(tiny_dir, reset_tokenizer, [f"step one [tool] {RESET_TOKEN}{refusal}", answer])
+    assert hf.generate([GenInput("a"), GenInput("b")]) == [plain(refusal).lstrip(), plain(answer)]
     assert hf.resets == {0}
 
     vllm = VLLMBackend.__new__(VLLMBackend)  # its engine needs a GPU: the engine is scripted, the rest is ours
@@ -94,7 +97,7 @@ def test_every_backend_returns_the_text_after_reset_and_records_it(tiny_dir, res
     vllm.llm = SimpleNamespace(generate=lambda prompts, params, use_tqdm: [out] * len(prompts))
     vllm.tokenizer, vllm.template, vllm.system, vllm.batch_size = reset_tokenizer, "auto", None, 4
     vllm.params, vllm.show_refusal_tokens = None, False
-    assert vllm.generate([GenInput("a")]) == ["Sorry, no."] and vllm.resets == {0}
+    assert vllm.generate([GenInput("a")]) == [plain("Sorry, no.").lstrip()] and vllm.resets == {0}
 
     fake_openai.reply = lambda p: f"part {RESET_TOKEN} Sorry, no." if "q1" in json.dumps(p) else "Sure: blue"
     api = OpenAIBackend("m", batch_size=2, max_new_tokens=5, client=OpenAIClient("m", base_url=fake_openai.url))
@@ -102,7 +105,7 @@ def test_every_backend_returns_the_text_after_reset_and_records_it(tiny_dir, res
 
     # The task runner (derta eval, eval-overrefusal, eval-helpful, distill, the demo) records the reset in the row.
     rows = run_task(None, [(0, GenInput("a")), (1, GenInput("b"))], lambda: hf, _rows)
-    assert rows[0]["reset"] is True and "reset" not in rows[1] and rows[0]["response"].startswith("Sorry")
+    assert rows[0]["reset"] is True and "reset" not in rows[1] and rows[0]["response"] == plain(refusal).lstrip()
 
 
 def _rows(batch, responses, backend):

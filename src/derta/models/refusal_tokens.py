@@ -98,8 +98,11 @@ def refusal_text(response: str, form: str, phrase: str = REFUSAL_PHRASE) -> str:
 
 def refusal_token_ids(tokenizer, phrase: str = REFUSAL_PHRASE) -> list[int]:
     """The tokens counted as "starts refusing": the model's refusal tokens if it has them (`data build
-    --refusal-tokens`), else the transition's start and mid tokens."""
-    return sorted(refusal_tokens(tokenizer).values()) or refusal_transition(tokenizer, phrase).ids
+    --refusal-tokens`), else the transition's start and mid tokens; and `[RESET]` for a backtracking model, whose
+    refusal inside a response starts with it."""
+    ids = sorted(refusal_tokens(tokenizer).values()) or refusal_transition(tokenizer, phrase).ids
+    reset = reset_token_id(tokenizer)
+    return ids + ([reset] if reset is not None else [])
 
 
 # `data build --refusal-tokens`: helpful targets start with RESPOND_TOKEN, refusals with a refusal token, which RTO
