@@ -180,15 +180,7 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
             }
             if kind in ("prefix", "backtrack"):
                 units = _cut_points(cfg, t["harmful_response"], tokenizer)
-                if kind == "backtrack":
-                    # A reset needs something to undo: k as the prefix recipe draws its k > 0 (one unit if only one).
-                    k = min(units, 1) if units < 2 else rng.randint(1, units - 1)
-                elif recovery:
-                    # Qi et al.: k uniform in 1..min(100, |r̂|), so the whole harmful response may come first.
-                    k = 0 if (i in no_prefix or units < 1) else rng.randint(1, min(RECOVERY_MAX_PREFIX, units))
-                else:
-                    # A response too short to cut (< 2 units) keeps k = 0 rather than being dropped.
-                    k = 0 if (i in no_prefix or units < 2) else rng.randint(1, units - 1)
+                k = _prefix_units(kind, recovery, i in no_prefix, units, rng)
                 # No trailing whitespace: the separator belongs to the refusal, or the model would learn
                 # "lone space -> refuse" instead of the transition itself.
                 row["prefix"] = (
@@ -202,6 +194,18 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
                 row["rejected"] = t["harmful_response"]
             rows.append(row)
     return rows
+
+
+def _prefix_units(kind: str, recovery: bool, no_prefix: bool, units: int, rng: random.Random) -> int:
+    """How many units (words or tokens) of the harmful response a prefix or backtrack row starts with."""
+    if kind == "backtrack":
+        # A reset needs something to undo: k as the prefix recipe draws its k > 0 (one unit if only one).
+        return min(units, 1) if units < 2 else rng.randint(1, units - 1)
+    if recovery:
+        # Qi et al.: k uniform in 1..min(100, |r̂|), so the whole harmful response may come first.
+        return 0 if (no_prefix or units < 1) else rng.randint(1, min(RECOVERY_MAX_PREFIX, units))
+    # A response too short to cut (< 2 units) keeps k = 0 rather than being dropped.
+    return 0 if (no_prefix or units < 2) else rng.randint(1, units - 1)
 
 
 def _extras(row: dict, known: tuple[str, ...]) -> dict:
