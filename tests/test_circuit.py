@@ -82,6 +82,10 @@ def _build_and_train(tmp_path, tiny_dir, synthetic, extra=()):
 def test_circuit_breaker_training_reroutes_harmful_states_and_needs_lora(tmp_path, tiny_dir, synthetic, capsys):
     code, _ = _build_and_train(tmp_path / "full", tiny_dir, synthetic)
     assert code == 2 and "add --lora" in capsys.readouterr().err
+    code, _ = _build_and_train(
+        tmp_path / "low", tiny_dir, synthetic, ["--lora", "--lora-layers", "1", "--cb-layers", "1"]
+    )
+    assert code == 2 and "cannot move" in capsys.readouterr().err  # layer 1 lies below the one adapted layer
     code, out = _build_and_train(tmp_path, tiny_dir, synthetic, ["--lora", "--lora-r", "8", "--cb-layers", "1,2"])
     assert code == 0
     info = json.loads((out / "derta_train.json").read_text())

@@ -72,7 +72,14 @@ class CircuitBreakerTrainer(CompleteCheckpoints, Trainer):
         peft_model = getattr(self.model, "module", self.model)
         if not hasattr(peft_model, "disable_adapter"):
             raise InputError("circuit-breakers rows train a LoRA adapter: add --lora (the frozen model is the base)")
-        self.cb_layers = parse_cb_layers(self.args.cb_layers, peft_model.config.num_hidden_layers)
+        total = peft_model.config.num_hidden_layers
+        self.cb_layers = parse_cb_layers(self.args.cb_layers, total)
+        lowest = total - self.args.lora_layers if self.args.lora_layers else 0  # adapted layers: lowest+1 .. total
+        if self.cb_layers[0] <= lowest:
+            raise InputError(
+                f"--cb-layers: layer {self.cb_layers[0]}'s states cannot move, LoRA adapts only layers {lowest + 1} to "
+                f"{total} (--lora-layers {self.args.lora_layers}); reroute higher layers or adapt more"
+            )
         # The loss is a mean per micro-batch: Trainer divides it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._parts = {"reroute_loss": [0.0, 0], "retain_loss": [0.0, 0], "reroute_cos": [0.0, 0]}

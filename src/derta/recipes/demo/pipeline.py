@@ -54,6 +54,27 @@ from derta.train.run import train
 CB_LORA = dict(use_lora=True, merge_lora=True, lora_r=16, lora_alpha=16, lora_dropout=0.05)
 
 
+def _lora_settings(cfg: DemoConfig, recipe: RecipeConfig | None) -> dict:
+    """DertaConfig's LoRA fields for one training stage: the demo's own (none: full fine-tuning), except that
+    Circuit Breakers always train LoRA, on every layer: a rerouted layer's states move only through the layers
+    below it (Zou et al. adapt every layer up to the highest rerouted one)."""
+    lora = (
+        dict(
+            use_lora=True,
+            merge_lora=True,
+            lora_r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.05,
+            lora_layers=cfg.lora_layers,
+        )
+        if cfg.lora_r
+        else {}
+    )
+    if recipe is not None and "reroute" in recipe.kinds:
+        lora = {**(lora or CB_LORA), "lora_layers": None}
+    return lora
+
+
 def _stage(msg: str) -> None:
     print(f"[derta demo] {msg}", flush=True)
 
@@ -80,20 +101,7 @@ def _train_stage(
     write_jsonl(data_path, rows)
     resume = out.is_dir() and get_last_checkpoint(str(out)) is not None
     _stage(f"{name}: training {steps} steps on {len(rows)} rows" + (" (resuming)" if resume else ""))
-    lora = (
-        dict(
-            use_lora=True,
-            merge_lora=True,
-            lora_r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=0.05,
-            lora_layers=cfg.lora_layers,
-        )
-        if cfg.lora_r
-        else dict(CB_LORA)
-        if recipe is not None and "reroute" in recipe.kinds
-        else {}
-    )
+    lora = _lora_settings(cfg, recipe)
     config = DertaConfig(
         output_dir=str(out),
         max_steps=steps,
