@@ -43,10 +43,9 @@ def test_backtrack_rows_cut_a_harmful_prefix_then_reset_and_refuse_afresh(tiny_t
     start = tok["input_ids"].index(reset)
     # No loss on the prompt or the harmful prefix; loss on [RESET], then on a refusal that starts over.
     assert set(tok["labels"][:start]) == {IGNORE} and tok["labels"][start] == reset
-    assert (
-        tokenize_row(rows[2], reset_tokenizer)["input_ids"][start + 1] == refusal_transition(reset_tokenizer).start_id
-    )
-    assert reset_tokenizer.decode(tok["input_ids"][:start]).rstrip().endswith(rows[2]["prefix"].split()[-1])
+    assert tok["input_ids"][start + 1] == refusal_transition(reset_tokenizer).start_id
+    prefix = encode_text(reset_tokenizer, rows[2]["prefix"])  # the harmful prefix sits right before [RESET]
+    assert tok["input_ids"][start - len(prefix) : start] == prefix
 
 
 def test_after_reset_keeps_the_text_after_the_last_reset():
