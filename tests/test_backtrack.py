@@ -118,27 +118,3 @@ def test_overrefusal_reports_the_reset_rate_beside_refusal():
     assert block["safe_reset"] == 0.25 and block["unsafe_reset"] == 1.0 and block["safe_refusal"] == 0.25
     assert "| safe prompts: response reset after [RESET] |" in report_markdown(block, "m", "x.csv")
     assert "safe_reset" not in score_overrefusal(prompts, responses)
-
-
-def test_backtrack_training_learns_to_reset_after_a_harmful_prefix(tmp_path, tiny_dir, synthetic):
-    from derta.models.loading import load_model, load_tokenizer
-
-    safety = write_jsonl(tmp_path / "s.jsonl", synthetic.harmful_train[:32])
-    helpful = write_jsonl(tmp_path / "h.jsonl", synthetic.helpful_train[:32])
-    rows = str(tmp_path / "rows.jsonl")
-    build = ["data", "build", "--recipe", "backtrack", "--safety", str(safety), "--helpful", str(helpful)]
-    assert main([*build, "--out", rows]) == 0
-    out = tmp_path / "out"
-    args = ["train", "--model", str(tiny_dir), "--data", rows, "--output", str(out), "--max-steps", "40"]
-    assert main([*args, "--batch-size", "16", "--grad-accum", "1", "--quiet", "--learning-rate", "3e-3"]) == 0
-    assert json.loads((out / "derta_train.json").read_text())["rows"]["backtrack"] == 32
-    tok = load_tokenizer(str(out))
-    backend = HFBackend(load_model(str(out)), tok, max_new_tokens=24)
-    test = synthetic.harmful_test[:16]
-    prefilled = [GenInput(r["instruction"], prefill=" ".join(r["harmful_response"].split()[:4])) for r in test]
-    answers = backend.generate(prefilled)
-    harmful_resets = len(backend.resets) / len(test)
-    backend.generate([GenInput(r["instruction"]) for r in synthetic.helpful_test[:16]])
-    benign_resets = len(backend.resets) / 16
-    assert harmful_resets >= 0.5 and benign_resets <= 0.25, (harmful_resets, benign_resets)
-    assert all(RESET_TOKEN not in a for a in answers)

@@ -206,19 +206,3 @@ def test_demo_runs_the_baselines_as_recipes(tmp_path):
     md = (out / "report.md").read_text()
     assert "| DPO |" in md and "| Recovery (Qi et al.) |" in md and "## Which method wins where" in md
     assert "- **Prefill 50%**:" in md
-
-
-def test_demo_runs_circuit_breakers_and_backtracking_beside_vanilla(tmp_path):
-    out = tmp_path / "run"
-    recipes = "vanilla,circuit-breakers,backtrack"
-    assert main(["demo", "--out", str(out), "--reduced", "--recipes", recipes]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert list(report["recipes"]) == recipes.split(",")
-    for m in report["recipes"].values():
-        assert 0.0 <= m["benign_reset"] <= 1.0 and 0.0 <= m["prefill_reset"] <= 1.0
-    assert report["recipes"]["vanilla"]["benign_reset"] == 0.0  # no [RESET] token, nothing to reset
-    train_log = json.loads((out / "models" / "circuit-breakers" / "derta_train.json").read_text())
-    assert train_log["trainer"] == "circuit-breakers" and train_log["config"]["use_lora"]
-    md = (out / "report.md").read_text()
-    assert "| Circuit Breakers (Zou et al.) |" in md and "| Backtracking (Zhang et al.) |" in md
-    assert "Benign resets ↓" in md
