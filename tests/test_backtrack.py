@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from derta.cli.main import main
 from derta.data.recipes import RecipeConfig, build_rows
 from derta.data.tokenize import IGNORE, refusal_token_list, tokenize_row
 from derta.eval.overrefusal import report_markdown, score_overrefusal
@@ -19,7 +18,7 @@ from derta.inference.vllm import VLLMBackend
 from derta.io import InputError
 from derta.models.refusal_tokens import RESET_TOKEN, add_special_tokens, refusal_transition
 from derta.models.templates import encode_text
-from helpers import HELPFUL, TRIPLE, write_jsonl
+from helpers import HELPFUL, TRIPLE
 
 
 @pytest.fixture(scope="module")
