@@ -44,7 +44,7 @@ from derta.models.loading import load_model, load_tokenizer
 from derta.models.tiny import build_tiny
 from derta.recipes.demo.config import DemoConfig
 from derta.recipes.demo.metrics import dial, evaluate_extras, evaluate_model, generate
-from derta.recipes.demo.plots import plot_dial, plot_overrefusal, plot_prefill, plot_probe
+from derta.recipes.demo.plots import plot_dial, plot_overrefusal, plot_prefill, plot_probe, plot_real_depth
 from derta.recipes.demo.realdata import real_data_stage, real_evaluations, training_inputs
 from derta.recipes.demo.report import demo_checks, render_markdown
 from derta.train.config import DertaConfig
@@ -306,6 +306,8 @@ def _write_report(
     write_json(out / "report.json", report)
     plot_probe(results, out / "probe_curve.png")
     plot_prefill(results, cfg, out / "prefill_asr.png")
+    if any("depth" in m.get("real", {}).get("donotanswer_own_prefix", {}) for m in results.values()):
+        plot_real_depth(results, out / "real_depth.png")
     if any("overrefusal" in m for m in results.values()):
         plot_overrefusal(results, out / "overrefusal.png")
     if results.get("derta-tokens", {}).get("dial"):

@@ -101,3 +101,25 @@ def plot_prefill(results: dict, cfg: DemoConfig, path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     write_png(path, fig)
+
+
+def plot_real_depth(results: dict, path: Path) -> None:
+    """ASR against the number of the untuned model's own tokens prefilled (log axis), one line per model."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, m) in enumerate(results.items()):
+        d = m.get("real", {}).get("donotanswer_own_prefix", {}).get("depth")
+        if d:
+            label = "Base (unaligned)" if name == "base" else RECIPES[name].title
+            ax.plot(d["depths"], d["asr"], "o-", color=f"C{i}", label=f"{label} (area {d['auc']:.2f})")
+            lo, hi = zip(*[c if c else (a, a) for c, a in zip(d["ci95"], d["asr"])])
+            ax.fill_between(d["depths"], lo, hi, color=f"C{i}", alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("prefilled tokens of the untuned model's own answer")
+    ax.set_ylabel("attack success rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Prefill depth on held-out DoNotAnswer prompts (95 % intervals)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_png(path, fig)

@@ -302,17 +302,22 @@ def _real_markdown(rows: list[tuple[str, dict]]) -> list[str]:
             continue
         attacks = list(models[0][1]["asr"])
         n = models[0][1]["n"][attacks[0]]
+        depth = all("depth" in r for _, r in models)
         lines += [
             f"**{title}** ({n} prompts):",
             "",
-            "| Model | " + " | ".join(f"{a} ↓" for a in attacks) + " |",
-            "|---|" + "---|" * len(attacks),
+            "| Model | " + " | ".join(f"{a} ↓" for a in attacks) + " |" + (" depth area ↓ |" if depth else ""),
+            "|---|" + "---|" * (len(attacks) + depth),
         ]
         lines += [
-            f"| {name} | " + " | ".join(with_interval(r["asr"][a], r["n"][a]) for a in attacks) + " |"
+            f"| {name} | "
+            + " | ".join(with_interval(r["asr"][a], r["n"][a]) for a in attacks)
+            + " |"
+            + (f" {r['depth']['auc']:.3f} |" if depth else "")
             for name, r in models
         ]
         lines.append("")
+        lines += _category_markdown(models)
     support = [(name, m["real"]["support"]) for name, m in rows if "support" in m.get("real", {})]
     if support:
         lines += [
@@ -330,6 +335,28 @@ def _real_markdown(rows: list[tuple[str, dict]]) -> list[str]:
         ]
         lines.append("")
     return lines
+
+
+def _category_markdown(models: list[tuple[str, dict]]) -> list[str]:
+    """The plain attack's ASR per category (the first attack), one column per model, where the set has categories."""
+    cats = [(name, r["by_category"]) for name, r in models if r.get("by_category")]
+    if not cats:
+        return []
+    attack = next(iter(cats[0][1]))
+    names = sorted({c for _, by in cats for c in by.get(attack, {})})
+    lines = [
+        f"Per category, `{attack}` ASR %:",
+        "",
+        "| category | n | " + " | ".join(name for name, _ in cats) + " |",
+        "|---|---|" + "---|" * len(cats),
+    ]
+    for c in names:
+        cells = [by.get(attack, {}).get(c) for _, by in cats]
+        n = next((x["n"] for x in cells if x), 0)
+        lines.append(
+            f"| {c} | {n} | " + " | ".join(with_interval(x["asr"], x["n"]) if x else "-" for x in cells) + " |"
+        )
+    return lines + [""]
 
 
 def _extras_markdown(rows: list[tuple[str, dict]]) -> list[str]:
