@@ -358,10 +358,12 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
             )
 
     _stage("5/5 evaluating on held-out prompts")
-    results = {}
-    for name, path in models.items():
+    evaluated = {}
+    # The tuned models first: an interrupted or slow run has its results before the untuned reference's.
+    for name in [*cfg.recipes, "base"]:
         with timings.stage(f"evaluate {name}"):
-            results[name] = _evaluate_stage(name, path, out, cfg, data, facts, progress, real)
+            evaluated[name] = _evaluate_stage(name, models[name], out, cfg, data, facts, progress, real)
+    results = {name: evaluated[name] for name in models}
     report = _write_report(out, cfg, results, models, anchors, real.report if real is not None else None)
     timings.write()
     _stage(f"done in {time.time() - timings.started:.0f} s: {out / 'report.md'}")
