@@ -196,3 +196,26 @@ def test_tfidf_and_prompt_only_predictor_learn_a_word():
     assert r["accuracy"] == 1.0 and r["auroc"] == 1.0 and r["n_heldout"] == 18
     assert r["majority_accuracy"] == 0.5 and 0.0 <= r["guard_auroc"] <= 1.0
     assert "skipped" in prompt_only(prompts, [True] * 60, guard, 0.3, seed=0)
+
+
+def test_data_build_select_by_cliff_keeps_the_largest_cliffs(
+    fitted, tiny_dir, tiny_model, tiny_tokenizer, synthetic, tmp_path, capsys
+):
+    out, _ = fitted
+    triples = synthetic.harmful_train[:8]
+    safety = write_jsonl(tmp_path / "safety.jsonl", triples)
+    built = tmp_path / "built.jsonl"
+    args = ["data", "build", "--recipe", "vanilla", "--safety", str(safety), "--out", str(built)]
+    assert main(args + ["--select-by-cliff", "0.25"]) == 2
+    assert "needs --cliff-model and --cliff-directions" in capsys.readouterr().err
+    args += ["--select-by-cliff", "0.25", "--cliff-model", str(tiny_dir), "--cliff-directions", str(out)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "built.cliff.json").read_text())
+    tensors, info = load_directions(out)
+    pairs = [(r["instruction"], r["harmful_response"]) for r in triples]
+    cliffs = [r["cliff"] for r in position_scores(tiny_model, tiny_tokenizer, pairs, tensors, info)]
+    assert report["cliffs"] == pytest.approx(cliffs, abs=1e-4) and report["kept"] == 2 and report["n"] == 8
+    top = sorted(range(8), key=lambda i: -cliffs[i])[:2]
+    rows = [json.loads(line) for line in built.read_text().splitlines()]
+    assert sorted({r["instruction"] for r in rows}) == sorted(triples[i]["instruction"] for i in top)
+    assert report["mean_kept_cliff"] >= report["mean_cliff"]

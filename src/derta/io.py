@@ -272,6 +272,7 @@ NUMERIC_RULES = {
     "heldout_share": "open_fraction",
     "guard_max_new_tokens": "count0",
     "select_by_cliff": "ratio",
+    "cliff_batch_size": "count",
 }
 
 

@@ -38,7 +38,7 @@ DIRECTORY_OUTPUTS = {
 }
 # Files written beside a command's --out (suffixes of its name without .jsonl; "/" marks a directory).
 SIDECARS = {
-    "data build": (".exclude.json",),
+    "data build": (".exclude.json", ".cliff.json"),
     "data distill": (".distill.json", ".jsonl.parts/"),
     "data triples": (".triples.json", ".jsonl.parts/"),
 }

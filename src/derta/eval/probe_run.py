@@ -10,6 +10,7 @@ position; a model's cliff is the mean over examples (with a bootstrap 95 % inter
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,32 @@ def run_probe(
             plot_curves({n: r["curve"] for n, r in zip(model_names(models), results)}, plot)
     shard.wait()
     return combined
+
+
+def select_by_cliff(
+    rows: list[dict], model_path: str, directions: str, fraction: float, template: str = "auto", batch_size: int = 16
+) -> tuple[list[dict], dict]:
+    """The share `fraction` of safety triples with the largest refusal cliff under a model (teacher forced on
+    instruction + harmful response, as `derta probe --directions`), in their own order, and a report of the cliffs.
+    Ties keep the earlier row."""
+    check_number(fraction, "--select-by-cliff", NUMERIC_RULES["select_by_cliff"])
+    loaded = load_directions(directions)
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    check_fits(model, loaded[0])
+    pairs = [(r["instruction"], r["harmful_response"]) for r in rows]
+    cliffs = [s["cliff"] for s in position_scores(model, tokenizer, pairs, *loaded, template, batch_size, True)]
+    keep = max(1, math.ceil(fraction * len(rows)))
+    chosen = sorted(sorted(range(len(rows)), key=lambda i: (-cliffs[i], i))[:keep])
+    report = {
+        "model": str(model_path),
+        "directions": str(directions),
+        "fraction": fraction,
+        "n": len(rows),
+        "kept": keep,
+        "min_kept_cliff": min(cliffs[i] for i in chosen),
+        "mean_cliff": float(np.mean(cliffs)),
+        "mean_kept_cliff": float(np.mean([cliffs[i] for i in chosen])),
+        "cliffs": cliffs,
+    }
+    return [rows[i] for i in chosen], report
