@@ -244,6 +244,11 @@ def _add_build(dsub) -> None:
         "(derta calibrate sets its thresholds)",
     )
     _add_augment(b)
+    _add_cliff(b)
+
+
+def _add_cliff(b) -> None:
+    """The flags of data build's selection of safety triples by refusal cliff (`eval.probe_run.select_by_cliff`)."""
     b.add_argument(
         "--select-by-cliff",
         type=float,
