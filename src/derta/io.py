@@ -269,6 +269,10 @@ NUMERIC_RULES = {
     "temperature": "positive",
     "top_p": "ratio",
     "test_share": "open_fraction",
+    "heldout_share": "open_fraction",
+    "guard_max_new_tokens": "count0",
+    "select_by_cliff": "ratio",
+    "cliff_batch_size": "count",
 }
 
 

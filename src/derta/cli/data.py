@@ -74,6 +74,19 @@ def _build_inputs(args) -> tuple[list[dict], list[dict], list, dict]:
     return safety, helpful, evals, report
 
 
+def _select_by_cliff(args, safety: list[dict]) -> dict:
+    """--select-by-cliff: the report of `eval.probe_run.select_by_cliff`, with the kept rows under "rows"."""
+    from derta.eval.probe_run import select_by_cliff
+    from derta.io import InputError
+
+    if not args.cliff_model or not args.cliff_directions:
+        raise InputError("--select-by-cliff needs --cliff-model and --cliff-directions (from `derta directions`)")
+    rows, report = select_by_cliff(
+        safety, args.cliff_model, args.cliff_directions, args.select_by_cliff, args.template, args.cliff_batch_size
+    )
+    return {**report, "rows": rows}
+
+
 def cmd_data_build(args) -> None:
     from derta.data.augment import describe
     from derta.data.recipes import KINDS, build_rows, recovery_mix
@@ -86,6 +99,9 @@ def cmd_data_build(args) -> None:
     if cfg.max_rto_share is not None and not args.tokenizer:
         raise InputError("--max-rto-share counts tokens: give --tokenizer (or pass --max-rto-share to derta train)")
     safety, helpful, evals, report = _build_inputs(args)
+    cliffs = _select_by_cliff(args, safety) if args.select_by_cliff is not None else None
+    if cliffs is not None:
+        safety = cliffs.pop("rows")
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if tok is not None:
         resolve_template(tok, cfg.template)  # a bad --template fails before any work
@@ -108,6 +124,13 @@ def cmd_data_build(args) -> None:
         sidecar = Path(args.out).with_name(Path(args.out).name.removesuffix(".jsonl") + ".exclude.json")
         write_json(sidecar, report)
         print(f"lines of the dropped prompts and of the evaluation prompts they matched: {sidecar}")
+    if cliffs is not None:
+        sidecar = Path(args.out).with_name(Path(args.out).name.removesuffix(".jsonl") + ".cliff.json")
+        write_json(sidecar, cliffs)
+        print(
+            f"--select-by-cliff {args.select_by_cliff}: kept {cliffs['kept']} of {cliffs['n']} safety triples (mean "
+            f"cliff {cliffs['mean_kept_cliff']:.3f}, all {cliffs['mean_cliff']:.3f}); every row's cliff: {sidecar}"
+        )
     counts = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
     if cfg.recipe == "recovery":
         shares += "; " + recovery_mix(len(helpful), len(safety))
@@ -221,6 +244,21 @@ def _add_build(dsub) -> None:
         "(derta calibrate sets its thresholds)",
     )
     _add_augment(b)
+    _add_cliff(b)
+
+
+def _add_cliff(b) -> None:
+    """The flags of data build's selection of safety triples by refusal cliff (`eval.probe_run.select_by_cliff`)."""
+    b.add_argument(
+        "--select-by-cliff",
+        type=float,
+        metavar="FRACTION",
+        help="keep only this share of the safety triples: those with the largest refusal cliff under --cliff-model "
+        "(derta probe --directions's cliff, on instruction + harmful response); the cliffs go to OUT.cliff.json",
+    )
+    b.add_argument("--cliff-model", help="the model whose cliff selects rows (with --select-by-cliff)")
+    b.add_argument("--cliff-directions", help="`derta directions` output for --cliff-model")
+    b.add_argument("--cliff-batch-size", type=int, default=16, help="batch size of the cliff's forward passes")
 
 
 def _add_augment(b) -> None:

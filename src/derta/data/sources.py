@@ -237,3 +237,15 @@ def load_overrefusal_prompts(path: str | os.PathLike) -> list[dict]:
             raise InputError("row needs a non-empty string 'prompt' and a 'label' of safe or unsafe", path, lineno)
         out.append({"prompt": prompt_of(r, path, lineno), "label": r["label"], "type": r.get("type") or ""})
     return out
+
+
+def load_class_prompts(path: str | os.PathLike, label: str) -> list[str]:
+    """The prompts of one class: of an over-refusal file (XSTest's CSV, JSONL rows with a `label`) only those
+    labelled `label` (safe | unsafe), of any other prompt file all of them."""
+    records = read_records(path)
+    if not any("label" in r for _, r in records):
+        return load_prompts(path)
+    prompts = [r["prompt"] for r in load_overrefusal_prompts(path) if r["label"] == label]
+    if not prompts:
+        raise InputError(f"no prompts labelled {label} in this file", path)
+    return prompts

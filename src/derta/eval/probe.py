@@ -15,9 +15,7 @@ from tqdm import tqdm
 
 from derta.data.sources import prompt_of
 from derta.inference.base import left_pad, over_context
-from derta.inference.shard import Shard
-from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, read_jsonl, write_json, write_png
-from derta.models.loading import load_model, load_tokenizer
+from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, read_jsonl, write_png
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 
@@ -108,15 +106,20 @@ def _batch_probabilities(model, tokenizer, encoded: list[tuple[list[int], int]],
     return [probs[row, keep - n - 1 :].tolist() for row, (_, n) in enumerate(encoded)]
 
 
-def average_curve(per_example: list[list[float]], points: int = PROBE_POINTS) -> list[dict]:
-    """Average the examples at relative positions 0.0 .. 1.0 (linear interpolation within each example)."""
+def mean_curve(per_example: list[list[float]], points: int = PROBE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, mean): the examples averaged at relative positions 0.0 .. 1.0 (linear interpolation within each)."""
     check_number(points, "--points", NUMERIC_RULES["points"])
     grid = np.linspace(0.0, 1.0, points)
     curves = []
-    for probs in per_example:
-        xs = np.linspace(0.0, 1.0, len(probs)) if len(probs) > 1 else np.zeros(1)
-        curves.append(np.interp(grid, xs, probs) if len(probs) > 1 else np.full(points, probs[0]))
-    mean = np.mean(curves, axis=0)
+    for values in per_example:
+        xs = np.linspace(0.0, 1.0, len(values)) if len(values) > 1 else np.zeros(1)
+        curves.append(np.interp(grid, xs, values) if len(values) > 1 else np.full(points, values[0]))
+    return grid, np.mean(curves, axis=0)
+
+
+def average_curve(per_example: list[list[float]], points: int = PROBE_POINTS) -> list[dict]:
+    """Average the examples at relative positions 0.0 .. 1.0 (linear interpolation within each example)."""
+    grid, mean = mean_curve(per_example, points)
     return [{"position_frac": round(float(f), 4), "refusal_prob": float(p)} for f, p in zip(grid, mean)]
 
 
@@ -175,37 +178,3 @@ def plot_curves(
     ax.legend()
     fig.tight_layout()
     write_png(path, fig)
-
-
-def run_probe(
-    model_path: str,
-    data: str,
-    out: str,
-    plot: str | None = None,
-    refusal_phrase: str = REFUSAL_PHRASE,
-    template: str = "auto",
-    batch_size: int = 16,
-    field: str | None = None,
-    points: int = PROBE_POINTS,
-    limit: int | None = None,
-) -> dict:
-    check_number(points, "--points", NUMERIC_RULES["points"])
-
-    pairs, field = probe_rows(data, field, limit)
-    shard = Shard.from_env()  # several processes (torchrun / accelerate launch): each probes every world-th batch
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, device=shard.device)
-    result = {
-        "model": str(model_path),
-        "data": str(data),
-        "field": field,
-        **probe(
-            model, tokenizer, pairs, refusal_phrase, template, batch_size, points, progress=shard.main, shard=shard
-        ),
-    }
-    if shard.main:
-        write_json(out, result)
-        if plot:
-            plot_curves({Path(model_path).name or str(model_path): result["curve"]}, plot)
-    shard.wait()
-    return result
