@@ -61,7 +61,7 @@ def test_lora_on_top_layer_counts_no_backward_below(tiny_dir):
 
 def test_matmul_peak_and_fractions_are_well_formed():
     assert math.isfinite(matmul_rate(torch.float32, 64, repeats=1)) and matmul_rate(torch.float32, 64, 1) > 0
-    peak = machine_peak(64, repeats=1)
+    peak = machine_peak(64, repeats=1, sizes=(128,))
     # bf16 is measured exactly when the CPU has it in hardware (detected, not assumed).
     assert set(peak) == ({"float32", "bfloat16"} if cpu_bf16_features() else {"float32"})
     for v in peak.values():

@@ -50,8 +50,9 @@ def matmul_rate(dtype, size: int, repeats: int = 3, device="cpu") -> float:
     return 2 * size**3 / best
 
 
-def machine_peak(model_size: int, repeats: int = 3, device="cpu") -> dict:
-    """{precision: {"flops": best FLOP/s, "by_size": {size: FLOP/s}}}; bf16 only where the hardware does it."""
+def machine_peak(model_size: int, repeats: int = 3, device="cpu", sizes=PEAK_SIZES) -> dict:
+    """{precision: {"flops": best FLOP/s, "by_size": {size: FLOP/s}}} over `sizes` and the model's `model_size`;
+    bf16 only where the hardware does it."""
     import torch
 
     from derta.models.precision import cpu_bf16_features
@@ -59,7 +60,7 @@ def machine_peak(model_size: int, repeats: int = 3, device="cpu") -> dict:
     dtypes = {"float32": torch.float32}
     if torch.device(device).type == "cuda" or cpu_bf16_features():
         dtypes["bfloat16"] = torch.bfloat16
-    sizes = sorted({min(max(model_size, 64), 4096), *PEAK_SIZES})
+    sizes = sorted({min(max(model_size, 64), 4096), *sizes})
     peak = {}
     for name, dtype in dtypes.items():
         by_size = {str(s): round(matmul_rate(dtype, s, repeats, device)) for s in sizes}
