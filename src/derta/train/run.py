@@ -376,23 +376,25 @@ def train(
     check_finite(trainer.model, out, trainer.state.global_step)
     _save(trainer, config, tokenizer, out)
     if trainer.is_world_process_zero():
-        write_json(
-            out / "derta_train.json",
-            {
-                "model": model_name,
-                "data": str(data_path),
-                "trainer": "dpo" if data.dpo else "derta",
-                "rows": {k: sum(r["kind"] == k for r in data.rows) for k in KINDS},
-                "dropped_rows": data.dropped,
-                "label_shares": data.shares,
-                "padding_free": packing,
-                "cpu_bf16": getattr(trainer, "cpu_bf16", False),  # resolved: whether autocast ran (never for DPO)
-                "cpu_bf16_features": cpu_bf16_features(),
-                "processes": config.world_size,
-                "steps": trainer.state.global_step,
-                "train_loss": train_loss,
-                "log_history": [h for h in trainer.state.log_history if "loss" in h],
-                "config": {k: v for k, v in config.to_dict().items() if not k.endswith("token")},
-            },
-        )
+        write_json(out / "derta_train.json", _record(config, trainer, model_name, data_path, data, packing, train_loss))
     return out
+
+
+def _record(config: DertaConfig, trainer, model_name: str, data_path: str, data: _Data, packing: bool, loss) -> dict:
+    """derta_train.json: what was trained on what, how, and its log."""
+    return {
+        "model": model_name,
+        "data": str(data_path),
+        "trainer": "dpo" if data.dpo else "derta",
+        "rows": {k: sum(r["kind"] == k for r in data.rows) for k in KINDS},
+        "dropped_rows": data.dropped,
+        "label_shares": data.shares,
+        "padding_free": packing,
+        "cpu_bf16": getattr(trainer, "cpu_bf16", False),  # resolved: whether autocast ran (never for DPO)
+        "cpu_bf16_features": cpu_bf16_features(),
+        "processes": config.world_size,
+        "steps": trainer.state.global_step,
+        "train_loss": loss,
+        "log_history": [h for h in trainer.state.log_history if "loss" in h],
+        "config": {k: v for k, v in config.to_dict().items() if not k.endswith("token")},
+    }
