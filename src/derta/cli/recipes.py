@@ -7,6 +7,7 @@ from pathlib import Path
 from derta.cli.common import add_command, from_args
 from derta.data.recipes import RECIPES
 from derta.io import InputError
+from derta.models.precision import CPU_BF16_CHOICES
 from derta.recipes.bench import BenchConfig, length_range
 from derta.recipes.demo.config import REAL_MODEL_SETTINGS, DemoConfig
 
@@ -55,6 +56,7 @@ def demo_config(args) -> DemoConfig:
         cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
         cfg.recipes = recipes or cfg.recipes
         cfg.tune_steps = args.steps or cfg.tune_steps
+    cfg.cpu_bf16 = args.cpu_bf16 or cfg.cpu_bf16
     unknown = [r for r in cfg.recipes if r not in RECIPES]
     if unknown or not cfg.recipes:
         raise InputError(
@@ -143,6 +145,12 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
     p.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
+    p.add_argument(
+        "--cpu-bf16",
+        choices=CPU_BF16_CHOICES,
+        help=f"bf16 autocast for training and evaluation generation on the CPU (default {tiny.cpu_bf16}, "
+        f"{real['cpu_bf16']} with --model: on when the CPU does bf16 in hardware)",
+    )
     _add_real_data(p)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from derta.cli.common import add_command, main_process
 from derta.models.loading import DTYPES
+from derta.models.precision import CPU_BF16_CHOICES
 from derta.train.defaults import DEFAULTS, LORA_LR
 
 
@@ -60,6 +61,11 @@ def add_train_arguments(p) -> None:
 def _add_precision_and_logging(p) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load weights in (default auto)")
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    p.add_argument(
+        "--cpu-bf16",
+        choices=CPU_BF16_CHOICES,
+        help="bf16 autocast on the CPU; default auto: on when the CPU does bf16 in hardware (AVX512-BF16, AMX)",
+    )
     p.add_argument("--save-steps", type=int, help=_default("save_steps"))
     p.add_argument("--logging-steps", type=int, help=_default("logging_steps"))
 

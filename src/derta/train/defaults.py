@@ -59,4 +59,5 @@ CLI_TO_CONFIG = {
     "constraint_beta": "constraint_beta",
     "dpo_beta": "dpo_beta",
     "dpo_sft_weight": "dpo_sft_weight",
+    "cpu_bf16": "cpu_bf16",
 }

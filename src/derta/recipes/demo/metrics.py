@@ -52,6 +52,7 @@ def generate(
             max_new_tokens=cfg.max_new_tokens,
             policy=policy,
             show_refusal_tokens=show_refusal_tokens,
+            cpu_bf16=cfg.cpu_bf16,
         )
 
     def score(batch, responses, _):
@@ -269,7 +270,12 @@ def evaluate_extras(
             out / "overrefusal" / name,
             cfg.overrefusal_prompts,
             lambda: HFBackend(
-                model, tokenizer, batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, policy=policy
+                model,
+                tokenizer,
+                batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens,
+                policy=policy,
+                cpu_bf16=cfg.cpu_bf16,
             ),
             str(path),
             progress=progress,

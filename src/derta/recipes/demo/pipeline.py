@@ -41,6 +41,7 @@ from derta.inference.base import GenInput
 from derta.inference.policy import RefusalPolicy
 from derta.io import InputError, write_json, write_jsonl, write_text
 from derta.models.loading import load_model, load_tokenizer
+from derta.models.precision import cpu_bf16_features, resolve_cpu_bf16
 from derta.models.tiny import build_tiny
 from derta.recipes.demo.config import DemoConfig
 from derta.recipes.demo.metrics import dial, evaluate_extras, evaluate_model, generate
@@ -129,6 +130,7 @@ def _train_stage(
         seed=cfg.seed,
         data_seed=cfg.seed,
         max_length=cfg.max_length,
+        cpu_bf16=cfg.cpu_bf16,
         disable_tqdm=False,
         **lora,
     )
@@ -291,6 +293,23 @@ def _evaluate_stage(name: str, path: Path, out: Path, cfg: DemoConfig, data, fac
     return result
 
 
+def speedups(cfg: DemoConfig, models: dict[str, Path]) -> dict:
+    """Which speedups this run used: CPU bf16 as set and as each training resolved it (derta_train.json)."""
+    trained = {}
+    for name, path in models.items():
+        info = path / "derta_train.json"
+        if name != "base" and info.is_file():
+            trained[name] = bool(json.loads(info.read_text()).get("cpu_bf16", False))
+    return {
+        "cpu_bf16_setting": cfg.cpu_bf16,
+        "cpu_bf16_features": cpu_bf16_features(),
+        "generation_cpu_bf16": resolve_cpu_bf16(
+            cfg.cpu_bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ),
+        "training_cpu_bf16": trained,
+    }
+
+
 def _write_report(
     out: Path, cfg: DemoConfig, results: dict, models: dict[str, Path], anchors: list[dict], real_data: dict | None
 ) -> dict:
@@ -300,6 +319,7 @@ def _write_report(
         "base": results["base"],
         "checks": demo_checks(results, real=bool(cfg.model)),
         "n_anchor_rows": len(anchors),
+        "speedups": speedups(cfg, models),
         **({"real_data": real_data} if real_data is not None else {}),
         "models": {name: str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for name, p in models.items()},
     }

@@ -173,6 +173,15 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
     rows = [("Base (unaligned)", report["base"])] + [(RECIPES[r].title, m) for r, m in report["recipes"].items()]
     fr = [str(f) for f in cfg.prefill_fractions]
     lines = ["# derta demo: refusal position bias and DeRTa", "", _intro(report, cfg), ""]
+    if sp := report.get("speedups"):
+        bf16 = [name for name, on in sp["training_cpu_bf16"].items() if on]
+        lines += [
+            f"Precision (`--cpu-bf16 {sp['cpu_bf16_setting']}`; CPU bf16 hardware: "
+            f"{', '.join(sp['cpu_bf16_features']) or 'none'}): training in "
+            f"{'bf16 autocast for ' + ', '.join(bf16) if bf16 else 'float32'}, evaluation generation in "
+            f"{'bf16 autocast' if sp['generation_cpu_bf16'] else 'float32'}.",
+            "",
+        ]
     lines += _main_table(rows, fr, cfg)
     lines += _extras_markdown(rows)
     lines += _real_markdown(rows)
