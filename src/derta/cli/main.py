@@ -80,6 +80,9 @@ def _quiet_libraries() -> None:
         return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # a flaky hub's retry warnings would bury the one line that matters
 
 
 def build_parser() -> argparse.ArgumentParser:
