@@ -3,6 +3,7 @@ named with the nearest flag, `derta data` alone lists its subcommands, derta's o
 and an unreachable hub name or an empty distillation is one line."""
 
 import argparse
+import sys
 import time
 
 import pytest
@@ -92,6 +93,10 @@ def test_a_bare_name_offline_is_one_line_within_seconds(tmp_path, monkeypatch, c
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    if "datasets" in sys.modules:  # go_offline switches it too: restored after the test
+        monkeypatch.setattr(
+            sys.modules["datasets"].config, "HF_HUB_OFFLINE", sys.modules["datasets"].config.HF_HUB_OFFLINE
+        )
     hub.offline_reason.cache_clear()
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "harmful_response": "b c"}\n')
@@ -107,7 +112,6 @@ def test_a_bare_name_offline_is_one_line_within_seconds(tmp_path, monkeypatch, c
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):
     import io
-    import sys
 
     from derta.io import show_progress
 

@@ -61,10 +61,10 @@ class Parser(argparse.ArgumentParser):
         """The option-like words of the command line this parser does not know (up to its subcommand)."""
         known, commands, out = self._option_string_actions, self._commands(), []
         for word in getattr(self, "_argv", []):
-            if word == "--" or word in commands:
-                break
+            if word == "--" or commands and not word.startswith("-"):
+                break  # a command group's flags end at its subcommand (known or not)
             name = word.split("=", 1)[0]
-            if not name.startswith("-") or name == "-" or self._negative_number_matcher.match(name):
+            if not name.startswith("-") or name == "-" or " " in name or _number(name):
                 continue
             if name in known or (self.allow_abbrev and len(name) > 2 and any(k.startswith(name) for k in known)):
                 continue
@@ -87,6 +87,15 @@ class Parser(argparse.ArgumentParser):
             if near:
                 message = f"unknown command '{choice.group(1)}' (did you mean {self.prog} {near[0]}?)"
         super().error(message)
+
+
+def _number(word: str) -> bool:
+    """A negative value such as -1e-3 or -inf, which argparse reads as a value, not a flag."""
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def group(p: argparse.ArgumentParser, name: str):

@@ -86,8 +86,7 @@ def run_distill(
     length cap cut mid-sentence is kept up to its last finished sentence (counted as "trimmed")
     instead of dropped: chat models answer at length, and at 128 tokens SmolLM2 finished only about
     a third of its answers. The raw responses stay in the run directory `<out>.parts/` (resumable).
-    A run that keeps no answer stops with one line saying why (unless `allow_empty`): an empty file would only
-    fail later, in data build, without the reason.
+    Keeping no answer is one line saying why (unless `allow_empty`), not an empty file data build fails on.
     """
     if not prompts:
         raise InputError("no prompts to distil")
