@@ -179,7 +179,12 @@ def _add_bench(sub) -> None:
     m, t, g, o = group(p, "model"), group(p, "training"), group(p, "generation"), group(p, "output")
     m.add_argument("--model", help="checkpoint directory (default: build_tiny's architecture with --vocab-size tokens)")
     m.add_argument(
-        "--vocab-size", "--vocab", dest="vocab", type=int, default=d.vocab, help="vocabulary of the default model"
+        "--vocab-size",
+        "--vocab",
+        dest="vocab",
+        type=int,
+        default=d.vocab,
+        help="vocabulary of the model built when --model is not given",
     )
     t.add_argument("--batch-size", "--batch", dest="batch", type=int, default=d.batch, help="rows per training batch")
     t.add_argument(
