@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from derta.data.sources import prompt_of
+from derta.data.shapes import columns
+from derta.data.sources import prompt_of, read_records
 from derta.inference.base import left_pad, over_context
-from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, read_jsonl, write_png
+from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, show_progress, write_png
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 
@@ -75,7 +76,7 @@ def token_probabilities(
         batches = [b for k, b in enumerate(batches) if shard.mine(k)]
     was_training = model.training
     model.eval()
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not show_progress(progress)):
         for i, probs in zip(batch, _batch_probabilities(model, tokenizer, [encoded[i] for i in batch], token_ids)):
             results[i] = probs
     if was_training:
@@ -124,15 +125,17 @@ def average_curve(per_example: list[list[float]], points: int = PROBE_POINTS) ->
 
 
 def probe_rows(path: str, field: str | None = None, limit: int | None = None) -> tuple[list[tuple[str, str]], str]:
-    """(prompt, response) pairs from a JSONL file (the prompt by `data.sources.prompt_of`); the response field
+    """(prompt, response) pairs from a JSONL, JSON array or CSV file (the prompt by `data.sources.prompt_of`); the response field
     defaults to harmful_response, else response."""
-    rows = read_jsonl(path, with_lines=True)
+    rows = read_records(path)
     if field is None:
         field = "harmful_response" if "harmful_response" in rows[0][1] else "response"
     pairs = []
     for lineno, row in rows[:limit] if limit else rows:
         if not isinstance(row.get(field), str):
-            raise InputError(f"row needs a string field '{field}'", path, lineno)
+            raise InputError(
+                f"row needs a string field '{field}' (it has {columns(row)}; --field names another)", path, lineno
+            )
         pairs.append((prompt_of(row, path, lineno), row[field]))
     return pairs, field
 

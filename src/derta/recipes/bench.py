@@ -33,7 +33,7 @@ from derta.data.synthetic import make_data
 from derta.eval.probe import refusal_probabilities
 from derta.inference.base import GenInput
 from derta.inference.hf import HFBackend
-from derta.io import NUMERIC_RULES, InputError, check_number, write_json, write_text
+from derta.io import NUMERIC_RULES, InputError, check_number, show_progress, write_json, write_text
 from derta.models.loading import load_model, load_tokenizer
 from derta.models.precision import cpu_autocast, cpu_bf16_features, resolve_cpu_bf16
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
@@ -402,7 +402,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     _check(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=6, desc="bench", unit="part", disable=not progress)
+    bar = tqdm(total=6, desc="bench", unit="part", disable=not show_progress(progress))
     results: dict = {
         "config": asdict(cfg),
         "device": "cuda" if torch.cuda.is_available() else "cpu",

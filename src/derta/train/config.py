@@ -232,7 +232,7 @@ def config_from_cli(args) -> DertaConfig:
     # The CLI keeps transformers' logger at error level, from which TrainingArguments would infer disable_tqdm:
     # say it outright, so a run shows Trainer's progress bar (with ETA) and its loss lines unless --quiet.
     values["disable_tqdm"] = True if args.quiet else values.get("disable_tqdm", False)
-    values["output_dir"] = args.output
+    values["output_dir"] = args.out
 
     if launched_processes() == "cpu":
         values.setdefault("use_cpu", True)  # several CPU processes (gloo): without it each would train alone

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, set_seed
+from transformers import PrinterCallback, ProgressCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from derta.data.recipes import KINDS
@@ -26,7 +26,7 @@ from derta.data.tokenize import (
     tokenize_row,
 )
 from derta.files import compare_manifest, fingerprints, lock_dir
-from derta.io import InputError, json_text, loads, read_text, write_json
+from derta.io import InputError, json_text, loads, read_text, show_progress, write_json
 from derta.models.loading import check_model_files, describe_nonfinite, load_model, load_tokenizer, nonfinite_tensors
 from derta.models.precision import cpu_bf16_features
 from derta.models.refusal_tokens import add_special_tokens, init_new_embeddings
@@ -318,6 +318,9 @@ def _make_trainer(config: DertaConfig, model, dtype: str, tokenizer, data: _Data
         )
     if config.disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # quiet: the log still goes to derta_train.json
+    elif not show_progress():  # piped into a log: the loss lines without the bar's redraws
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(PrinterCallback)
     return trainer, packing
 
 
