@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from derta.cli.common import add_command, add_template, from_args
+from derta.cli.common import add_command, add_template, from_args, group
 from derta.eval.directions import HELDOUT_SHARE
 from derta.eval.latent import GUARD_MAX_NEW_TOKENS
 from derta.io import pct
@@ -41,24 +41,25 @@ def add_commands(sub) -> None:
         "own refusals",
         cmd_directions,
     )
-    p.add_argument("--model", required=True)
-    p.add_argument(
+    m, i, e, o = group(p, "model"), group(p, "data"), group(p, "evaluation"), group(p, "output")
+    m.add_argument("--model", required=True, help="directory or hub ID of the model whose hidden states are read")
+    add_template(m)
+    i.add_argument(
         "--harmful", required=True, help="prompts to refuse: JSONL/CSV/.txt (XSTest's CSV: its unsafe prompts)"
     )
-    p.add_argument(
+    i.add_argument(
         "--harmless", required=True, help="prompts to answer: JSONL/CSV/.txt (XSTest's CSV: its safe prompts)"
     )
-    p.add_argument("--out", required=True, help="directory for directions.safetensors, directions.json, guard.jsonl")
-    add_template(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--heldout-share", type=float, default=HELDOUT_SHARE, help="of each class, held out to pick layers")
-    p.add_argument("--seed", type=int, default=0, help="the held-out split's and the probe's seed")
-    p.add_argument("--limit", type=int, help="only the first N harmful and N harmless prompts")
-    p.add_argument(
+    o.add_argument("--out", required=True, help="directory for directions.safetensors, directions.json, guard.jsonl")
+    e.add_argument("--batch-size", type=int, default=16, help="prompts read at once")
+    e.add_argument("--heldout-share", type=float, default=HELDOUT_SHARE, help="of each class, held out to pick layers")
+    e.add_argument("--seed", type=int, default=0, help="the held-out split's and the probe's seed")
+    i.add_argument("--limit", type=int, help="only the first N harmful and N harmless prompts")
+    i.add_argument(
         "--guard-harmful", help="held-out harmful prompts for the latent guard (XSTest's CSV: its unsafe prompts)"
     )
-    p.add_argument("--guard-safe", help="held-out safe prompts for the latent guard (XSTest's CSV: its safe prompts)")
-    p.add_argument(
+    i.add_argument("--guard-safe", help="held-out safe prompts for the latent guard (XSTest's CSV: its safe prompts)")
+    e.add_argument(
         "--guard-max-new-tokens",
         type=int,
         default=GUARD_MAX_NEW_TOKENS,
