@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flag(dest: str) -> str:
-    return "--" + {"input": "in", "jailbreak_templates": "jailbreak-template"}.get(dest, dest.replace("_", "-"))
+    names = {"input": "in", "jailbreak_templates": "jailbreak-template", "batch": "batch-size", "vocab": "vocab-size"}
+    return "--" + names.get(dest, dest.replace("_", "-"))
 
 
 def command_name(args) -> str:
@@ -156,7 +157,7 @@ def check_args(args) -> None:
                 raise InputError(f"{_flag(dest)}: the value holds a NUL character or bytes that are not UTF-8")
     for dest, value in vars(args).items():
         if dest in NUMERIC_RULES and isinstance(value, (int, float)):
-            check_number(value, "--" + dest.replace("_", "-"), NUMERIC_RULES[dest])
+            check_number(value, _flag(dest), NUMERIC_RULES[dest])
     command = command_name(args)
     for dest in ("out", "plot"):
         if getattr(args, dest, None):

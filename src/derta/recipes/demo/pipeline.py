@@ -177,6 +177,7 @@ def _anchor_stage(base: Path, out: Path, cfg: DemoConfig) -> list[dict]:
             max_new_tokens=cfg.anchor_max_new_tokens,
             batch_size=cfg.eval_batch_size,
             trim_cut=True,
+            allow_empty=True,  # the report counts the anchors kept; the look-alike tasks still train helpfulness
         )
     return [json.loads(line) for line in path.read_text().splitlines()]
 
