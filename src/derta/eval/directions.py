@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from derta.inference.base import left_pad, over_context
-from derta.io import InputError, atomic_open, read_text, write_json
+from derta.io import InputError, atomic_open, read_text, show_progress, write_json
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 
 KINDS = ("harmfulness", "refusal")  # read at the instruction's last token / at the post-instruction tokens
@@ -66,7 +66,7 @@ def hidden_states(model, tokenizer, seqs: list[list[int]], batch_size: int = 16,
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="hidden states", disable=not progress):
+        for start in tqdm(range(0, len(order), batch_size), desc="hidden states", disable=not show_progress(progress)):
             batch = order[start : start + batch_size]
             ids, mask, positions = left_pad([seqs[i] for i in batch], tokenizer.pad_token_id)
             with torch.no_grad():
