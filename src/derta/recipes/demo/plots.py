@@ -10,6 +10,11 @@ from derta.io import pyplot, write_png
 from derta.recipes.demo.config import DemoConfig
 
 
+def model_title(name: str) -> str:
+    """How tables and plots name a model of the demo: the untuned reference, or its recipe's title."""
+    return "Base (unaligned)" if name == "base" else RECIPES[name].title
+
+
 def plot_dial(points: list[dict], path: Path) -> None:
     """Held-out rates against the calibration's over-refusal target (the no-threshold point left out)."""
     pts = [p for p in points if p["max_over_refusal"] is not None]
@@ -110,8 +115,7 @@ def plot_real_depth(results: dict, path: Path) -> None:
     for i, (name, m) in enumerate(results.items()):
         d = m.get("real", {}).get("donotanswer_own_prefix", {}).get("depth")
         if d:
-            label = "Base (unaligned)" if name == "base" else RECIPES[name].title
-            ax.plot(d["depths"], d["asr"], "o-", color=f"C{i}", label=f"{label} (area {d['auc']:.2f})")
+            ax.plot(d["depths"], d["asr"], "o-", color=f"C{i}", label=f"{model_title(name)} (area {d['auc']:.2f})")
             lo, hi = zip(*[c if c else (a, a) for c, a in zip(d["ci95"], d["asr"])])
             ax.fill_between(d["depths"], lo, hi, color=f"C{i}", alpha=0.15)
     ax.set_xscale("log")

@@ -8,6 +8,7 @@ from derta.data.recipes import RECIPES
 from derta.eval.stats import with_interval
 from derta.io import pct
 from derta.recipes.demo.config import DemoConfig
+from derta.recipes.demo.plots import model_title
 
 
 def demo_checks(results: dict, real: bool = False) -> dict:
@@ -170,7 +171,7 @@ def _examples_markdown(rows: list[tuple[str, dict]]) -> list[str]:
 
 
 def render_markdown(report: dict, cfg: DemoConfig) -> str:
-    rows = [("Base (unaligned)", report["base"])] + [(RECIPES[r].title, m) for r, m in report["recipes"].items()]
+    rows = [(model_title("base"), report["base"])] + [(model_title(r), m) for r, m in report["recipes"].items()]
     fr = [str(f) for f in cfg.prefill_fractions]
     lines = ["# derta demo: refusal position bias and DeRTa", "", _intro(report, cfg), ""]
     if sp := report.get("speedups"):
