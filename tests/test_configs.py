@@ -48,10 +48,48 @@ def parse(path, tmp_path, *extra):
 
 def test_every_shipped_config_is_tested():
     assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == [
+        "cpu_small.yaml",
         "full_ft_8b_zero3.yaml",
+        "lora_1gpu.yaml",
         "lora_70b_fsdp.yaml",
         "lora_70b_zero3.yaml",
     ]
+
+
+def test_one_gpu_config_is_the_papers_lora_run_on_one_device(tmp_path):
+    config = parse(CONFIGS / "lora_1gpu.yaml", tmp_path)
+    assert config.use_lora and config.bf16 and config.activation_checkpointing and config.learning_rate == LORA_LR
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout) == (96, 16, 0.05)
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 128  # on one GPU
+    assert config.deepspeed is None and not config.fsdp
+
+
+def test_cpu_config_trains_the_tiny_model(tiny_dir, synthetic, tmp_path):
+    """The CPU config as shipped (flags override its layer count and steps for the 4-layer tiny model)."""
+    import json
+
+    from derta.cli.main import main
+
+    safety = tmp_path / "safety.jsonl"
+    safety.write_text("".join(json.dumps(t) + "\n" for t in synthetic.harmful_train[:8]))
+    rows = tmp_path / "mix.jsonl"
+    assert main(["data", "build", "--recipe", "derta", "--safety", str(safety), "--out", str(rows)]) == 0
+    config = CONFIGS / "cpu_small.yaml"
+    argv = [
+        "train",
+        "--config",
+        str(config),
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(rows),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--lora-layers", "2", "--max-steps", "2", "--quiet"]) == 0
+    log = json.loads((tmp_path / "o" / "derta_train.json").read_text())
+    assert log["steps"] == 2 and log["config"]["use_lora"] and log["config"]["lora_r"] == 16
+    assert log["config"]["use_cpu"] and log["config"]["max_length"] == 192
 
 
 def deepspeed_installed() -> bool:

@@ -19,6 +19,9 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_reports_plots_and_models(demo_dir):
     report = json.loads((demo_dir / "report.json").read_text())
+    stages = json.loads((demo_dir / "timing.json").read_text())["stages_s"]
+    assert {"base model", "train vanilla", "train derta", "evaluate base", "evaluate derta"} <= set(stages)
+    assert all(isinstance(t, float) and t >= 0 for t in stages.values())
     assert set(report["recipes"]) == {"vanilla", "prefix", "rto", "derta", "derta-tokens"}
     for m in [*report["recipes"].values(), report["base"]]:
         for key in ("refusal_rate", "helpfulness", "over_refusal"):
@@ -206,3 +209,31 @@ def test_demo_runs_the_baselines_as_recipes(tmp_path):
     md = (out / "report.md").read_text()
     assert "| DPO |" in md and "| Recovery (Qi et al.) |" in md and "## Which method wins where" in md
     assert "- **Prefill 50%**:" in md
+
+
+def test_demo_and_eval_give_the_same_prefill_asr(demo_dir, tmp_path):
+    # One meaning of ASR: the demo's prefill ASR is `derta eval`'s keyword-judge ASR on the same model and prompts.
+    from derta.eval.safety import EvalConfig, run_eval
+
+    report = json.loads((demo_dir / "report.json").read_text())
+    cfg = DemoConfig.reduced()
+    for recipe in ("vanilla", "derta"):
+        attacks = [f"prefill-frac:{f}" for f in cfg.prefill_fractions]
+        summary = run_eval(
+            EvalConfig(
+                tmp_path / recipe,
+                str(demo_dir / "data" / "harmful_test.jsonl"),
+                attacks,
+                "keyword",
+                model=str(demo_dir / "models" / recipe),
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.eval_batch_size,
+            ),
+            progress=False,
+        )
+        demo = report["recipes"][recipe]["prefill_asr"]
+        not_refused = report["recipes"][recipe]["prefill_not_refused"]
+        assert all(demo[f] <= not_refused[f] for f in demo)  # harmful text is a part of what does not refuse
+        assert {str(f): summary["asr"][f"prefill-frac:{f}"] for f in cfg.prefill_fractions} == {
+            f: round(v, 4) for f, v in demo.items()
+        }

@@ -39,7 +39,13 @@ def test_distil_on_tiny_model_resumes_without_loss_or_doubling(tiny_dir, tmp_pat
     out = tmp_path / "anchors.jsonl"
     # an interrupted run: the log holds two finished prompts and a torn line
     first = run_distill(
-        str(tiny_dir), prompts[:2], tmp_path / "first.jsonl", max_new_tokens=6, batch_size=4, progress=False
+        str(tiny_dir),
+        prompts[:2],
+        tmp_path / "first.jsonl",
+        max_new_tokens=6,
+        batch_size=4,
+        progress=False,
+        allow_empty=True,
     )
     parts = tmp_path / "anchors.jsonl.parts"
     parts.mkdir()
@@ -64,50 +70,26 @@ def test_distil_on_tiny_model_resumes_without_loss_or_doubling(tiny_dir, tmp_pat
     assert run_distill(str(tiny_dir), prompts, out, max_new_tokens=6, batch_size=4, progress=False) == s
 
 
-def test_cli_distill_output_feeds_data_build(tiny_dir, tmp_path, synthetic, capsys):
+def test_cli_distill_that_keeps_nothing_says_why_then_feeds_data_build(tiny_dir, tmp_path, synthetic, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a fruit.", "Say hello."]))
     out = tmp_path / "a.jsonl"
-    assert (
-        main(
-            [
-                "data",
-                "distill",
-                "--model",
-                str(tiny_dir),
-                "--prompts",
-                str(prompts),
-                "--out",
-                str(out),
-                "--max-new-tokens",
-                "4",
-            ]
-        )
-        == 0
-    )
-    assert "kept" in capsys.readouterr().out
-    helpful = tmp_path / "helpful.jsonl"
-    # the tiny model may drop everything (cut at 4 tokens): data build must take the format, so add one known row
-    helpful.write_text(out.read_text() + json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
+    argv = ["data", "distill", "--model", str(tiny_dir), "--prompts", str(prompts), "--out", str(out)]
+    # the random tiny model's answers are all dropped: one line with the counts and the fix, and no empty file
+    assert main([*argv, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "kept none of 2 responses" in err and "--template" in err
+    assert not out.exists()
+    # the same run resumed with finished answers in its log writes rows data build takes
+    log = tmp_path / "a.jsonl.parts" / "generations.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps({**r, "response": "Apples are fruit.", "n_tokens": 3}) + "\n" for r in rows))
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    assert "kept 2 of 2" in capsys.readouterr().out
     safety = tmp_path / "safety.jsonl"
     safety.write_text("".join(json.dumps(t) + "\n" for t in synthetic.harmful_train[:4]))
-    assert (
-        main(
-            [
-                "data",
-                "build",
-                "--recipe",
-                "derta",
-                "--safety",
-                str(safety),
-                "--helpful",
-                str(helpful),
-                "--out",
-                str(tmp_path / "rows.jsonl"),
-            ]
-        )
-        == 0
-    )
+    build = ["data", "build", "--recipe", "derta", "--safety", str(safety), "--helpful", str(out)]
+    assert main([*build, "--out", str(tmp_path / "rows.jsonl")]) == 0
 
 
 def test_cli_bad_prompts_file_is_one_line(tmp_path, capsys):

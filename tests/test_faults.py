@@ -187,7 +187,8 @@ def test_corrupt_final_model_is_one_line_on_load(tiny_dir, rows, tmp_path, capsy
 # ---------------------------------------------------------------- what a run shows
 
 
-def test_train_shows_progress_and_losses_unless_quiet(tiny_dir, rows, tmp_path, capfd):
+def test_train_shows_progress_and_losses_unless_quiet(tiny_dir, rows, tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)  # bars are drawn on a terminal only
     argv = train_argv(tiny_dir, rows, tmp_path / "loud")
     argv[argv.index("--max-steps") + 1] = "2"
     capfd.readouterr()

@@ -177,6 +177,17 @@ def base_argv(command: str, e: dict, out: str | None = None, model: str | None =
             "--quiet",
         ],
         "probe": ["probe", "--model", m, "--data", str(e["safety"]), "--out", o],
+        "directions": [
+            "directions",
+            "--model",
+            m,
+            "--harmful",
+            str(e["safety"]),
+            "--harmless",
+            str(e["prompts"]),
+            "--out",
+            o,
+        ],
         "calibrate": [
             "calibrate",
             "--model",
@@ -306,7 +317,7 @@ def out_of(argv):
 @pytest.mark.parametrize("command", COMMANDS)
 def test_unwritable_output_is_refused_before_any_work(env, capsys, command, where):
     argv = base_argv(command, env, out=env[where])
-    flag = "--output" if command == "train" else "--out"
+    flag = "--out"
     expect_one_line(argv, capsys, flag, env[where], absent=[env[where]])
 
 

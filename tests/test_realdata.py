@@ -213,6 +213,11 @@ def test_real_model_demo_trains_and_tests_on_real_prompts(tmp_path):
     real = report["recipes"]["derta"]["real"]
     assert real["donotanswer"]["n"]["none"] == 6 and real["past_tense"]["n"]["none"] == 2
     assert set(real["support"]) == {"n", "constructive", "flat_refusal", "harmful", "other"}
+    # the depth curve of the untuned model's own prefixes, and ASR per risk area, in the report and its plot
+    own = real["donotanswer_own_prefix"]
+    assert own["depth"]["depths"] == [5, 10, 20, 40, 80, 160] and 0.0 <= own["depth"]["auc"] <= 1.0
+    assert set(real["donotanswer"]["by_category"]["none"]) <= set(AREAS)
+    assert "depth area" in (out / "report.md").read_text() and (out / "real_depth.png").exists()
     train = [json.loads(line) for line in (out / "data" / "real" / "triples_train.jsonl").read_text().splitlines()]
     assert {t["instruction"] for t in train} <= {p for ps in AREAS.values() for p in ps}
     # The untuned model's harmful answers stay in the demo directory's data and run files, never in the report.

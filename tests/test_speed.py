@@ -4,6 +4,7 @@ These check equality of losses and gradients, never speed (`derta bench` measure
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from derta.data.recipes import RECIPES, RecipeConfig, build_rows
 from derta.data.tokenize import label_token_shares, tokenize_row
+from derta.models.precision import cpu_bf16_features
 from derta.train import losses, run
 from derta.train.collators import EpochRows, PackCollator, PadCollator
 from derta.train.losses import batch_loss
@@ -255,6 +257,14 @@ def test_bench_smoke_writes_json_and_table(tmp_path, tiny_dir):
         assert result["loss"][impl]["peak_memory_mb"] >= 0 and result["loss"][impl]["step_s"] > 0
     assert result["packing"]["packed"]["positions_computed"] < result["packing"]["padded"]["positions_computed"]
     assert "| measure |" in (out / "bench.md").read_text()
+    # The machine's limit: a peak per precision the hardware has, and each path's fraction of it well-formed.
+    limit = result["limit"]
+    assert set(limit["peak"]) == ({"float32", "bfloat16"} if cpu_bf16_features() else {"float32"})
+    assert {"packed_bf16" in p["path"] for p in limit["paths"]} >= {bool(cpu_bf16_features())}
+    for path in limit["paths"]:
+        assert path["model_flops"] > 0 and path["peak_flops"] == limit["peak"][path["precision"]]["flops"]
+        assert 0 < path["fraction_of_peak"] < 100 and math.isfinite(path["fraction_of_peak"])
+    assert "| training path |" in (out / "bench.md").read_text()
 
 
 def test_grouped_fused_loss_path_equals_chunked(tiny_dir, tiny_tokenizer, synthetic, monkeypatch):

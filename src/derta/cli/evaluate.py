@@ -11,6 +11,7 @@ from derta.cli.common import (
     add_restart,
     add_template,
     from_args,
+    group,
     json_arg,
     main_process,
     restart_runs,
@@ -28,15 +29,19 @@ from derta.models.refusal_tokens import REFUSAL_PHRASE
 
 
 def cmd_probe(args) -> None:
-    from derta.eval.probe import run_probe
+    from derta.eval.probe_run import run_probe
 
-    result = from_args(run_probe, args, model_path=args.model)
-    curve = result["curve"]
-    if main_process():
+    result = from_args(run_probe, args, model_path=args.model[0] if len(args.model) == 1 else args.model)
+    if not main_process():
+        return
+    for r in result.get("models", [result]):
+        curve, cliff = r["curve"], r.get("inside", {}).get("cliff")
         print(
-            f"probed {result['n_examples']} examples: refusal probability {curve[0]['refusal_prob']:.3f} at the start, "
-            f"{result['mean_refusal_prob']:.3f} on average; wrote {args.out}"
+            f"{r['model']}: probed {r['n_examples']} examples: refusal probability {curve[0]['refusal_prob']:.3f} "
+            f"at the start, {r['mean_refusal_prob']:.3f} on average"
+            + (f"; refusal cliff {cliff['mean']:.3f}" if cliff else "")
         )
+    print(f"wrote {args.out}")
 
 
 def cmd_calibrate(args) -> None:
@@ -193,18 +198,29 @@ def _add_probe(sub) -> None:
     p = add_command(
         sub, "probe", "refusal probability at every position of harmful responses (teacher forced)", cmd_probe
     )
-    p.add_argument("--model", required=True)
-    p.add_argument(
-        "--data", required=True, help='JSONL with a prompt ("instruction", ...) and "harmful_response" (or --field)'
+    m, i, e, o = group(p, "model"), group(p, "data"), group(p, "evaluation"), group(p, "output")
+    m.add_argument(
+        "--model", required=True, nargs="+", help="directory or hub ID of the model to probe; several for one plot"
     )
-    p.add_argument("--out", required=True, help="output JSON")
-    p.add_argument("--plot", help="also write a PNG of the curve")
-    p.add_argument("--refusal-phrase", default=REFUSAL_PHRASE)
-    add_template(p)
-    p.add_argument("--field", help="response field to probe (default: harmful_response, else response)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--points", type=int, default=PROBE_POINTS, help="points of the averaged curve (>= 5)")
-    p.add_argument("--limit", type=int, help="probe only the first N rows")
+    add_template(m)
+    m.add_argument("--refusal-phrase", default=REFUSAL_PHRASE, help="the refusal whose probability is measured")
+    i.add_argument(
+        "--data",
+        required=True,
+        help='JSONL, JSON array or CSV with a prompt ("instruction", ...) and "harmful_response" (or --field)',
+    )
+    i.add_argument("--field", help="response field to probe (default: harmful_response, else response)")
+    i.add_argument("--limit", type=int, help="probe only the first N rows")
+    e.add_argument("--batch-size", type=int, default=16, help="rows scored at once")
+    e.add_argument("--points", type=int, default=PROBE_POINTS, help="points of the averaged curve (>= 5)")
+    o.add_argument("--out", required=True, help="output JSON")
+    i.add_argument(
+        "--directions",
+        nargs="+",
+        help="`derta directions` output(s), one for every model or one per model: also the harmfulness and refusal "
+        "scores at every position of prompt and response, and the refusal cliff",
+    )
+    o.add_argument("--plot", help="also write a PNG of the curves")
 
 
 def _add_calibrate(sub) -> None:
@@ -215,20 +231,25 @@ def _add_calibrate(sub) -> None:
         "--refusal-tokens) for a target refusal or over-refusal rate",
         cmd_calibrate,
     )
-    p.add_argument("--model", help="a model trained with refusal tokens")
-    p.add_argument(
+    m, i, e, o = group(p, "model"), group(p, "data"), group(p, "evaluation"), group(p, "output")
+    m.add_argument("--model", help="a model trained with refusal tokens")
+    add_template(m)
+    m.add_argument(
+        "--refusal-phrase",
+        default=REFUSAL_PHRASE,
+        help="the refusal's first word: generation makes a fired refusal token continue with it",
+    )
+    i.add_argument(
         "--harmful", help='JSONL {"instruction", "harmful_response"?, "category"?} (or XSTest CSV: its unsafe prompts)'
     )
-    p.add_argument(
+    i.add_argument(
         "--benign",
         help='JSONL {"instruction", "response"?, "category"?}: look-alikes that must not be refused '
         "(or XSTest CSV: its safe prompts)",
     )
-    p.add_argument("--scores", help="instead of --model/--harmful/--benign: re-calibrate an earlier run's scores.jsonl")
-    p.add_argument(
-        "--out", required=True, help="directory for calibration.json, scores.jsonl, calibration.png, report.md"
-    )
-    g = p.add_mutually_exclusive_group()
+    i.add_argument("--scores", help="instead of --model/--harmful/--benign: re-calibrate an earlier run's scores.jsonl")
+    i.add_argument("--limit", type=int, help="only the first N harmful and N benign examples")
+    g = e.add_mutually_exclusive_group()
     g.add_argument(
         "--max-over-refusal",
         type=float,
@@ -240,22 +261,18 @@ def _add_calibrate(sub) -> None:
         type=float,
         help="refuse at least this share of harmful examples, over-refusing as little as possible",
     )
-    add_template(p)
-    p.add_argument(
-        "--refusal-phrase",
-        default=REFUSAL_PHRASE,
-        help="the refusal's first word: generation makes a fired refusal token continue with it",
-    )
-    p.add_argument(
+    e.add_argument(
         "--positions",
         default="any",
         choices=POSITIONS,
         help="score an example by its highest refusal-token probability along the response (any: also counts "
         "mid-response false refusals) or at the first token only (start: Jain et al.'s setting)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, help="only the first N harmful and N benign examples")
-    p.add_argument("--quiet", action="store_true", help="no progress bar while the examples are scored")
+    e.add_argument("--batch-size", type=int, default=16, help="examples scored at once")
+    o.add_argument(
+        "--out", required=True, help="directory for calibration.json, scores.jsonl, calibration.png, report.md"
+    )
+    o.add_argument("--quiet", action="store_true", help="no progress bar while the examples are scored")
 
 
 def _add_rubric(p) -> None:
@@ -273,16 +290,31 @@ def _add_eval(sub) -> None:
     p = add_command(
         sub, "eval", "attack a model, judge the responses, report attack success rates (resumable)", cmd_eval
     )
-    p.add_argument(
+    m, i, e, o = group(p, "model"), group(p, "data"), group(p, "evaluation"), group(p, "output")
+    m.add_argument(
         "--model", required=True, help="directory or hub ID (hf, vllm) or the endpoint's model name (openai)"
     )
-    p.add_argument(
+    add_generation(p, d.max_new_tokens, "enough for a judge to see whether a response complies", d.batch_size)
+    m.add_argument(
+        "--calibration",
+        help="models trained with refusal tokens: derta calibrate's calibration.json "
+        "(per-category thresholds applied at every generated position; hf and vllm backends)",
+    )
+    m.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=d.tensor_parallel_size,
+        help="vllm backend: GPUs to split "
+        "the model over (for the hf backend, launch several processes instead: torchrun / accelerate launch)",
+    )
+    i.add_argument(
         "--prompts",
         required=True,
         help='JSONL, JSON array or CSV with "question", "instruction" or "prompt" per row (AdvBench, HarmBench, '
         "chat and Alpaca rows too), or .txt (one per line)",
     )
-    p.add_argument(
+    i.add_argument("--limit", type=int, help="only the first N prompts")
+    e.add_argument(
         "--attacks",
         default=d.attacks,
         help="comma-separated: "
@@ -292,36 +324,23 @@ def _add_eval(sub) -> None:
         f"a depth curve and its area; {WILD_FAMILY}:K wraps each prompt in K in-the-wild templates "
         "(--jailbreak-wild)",
     )
-    p.add_argument("--judge", default=d.judge, help=" | ".join(JUDGES))
-    _add_rubric(p)
-    p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
-    add_restart(p)
-    add_generation(p, d.max_new_tokens, d.batch_size)
-    p.add_argument(
+    e.add_argument("--judge", default=d.judge, help=" | ".join(JUDGES))
+    _add_rubric(e)
+    _add_templates(e)
+    _add_search(e, d)
+    g = group(p, "generation")
+    g.add_argument(
         "--openai-extra",
         help='JSON merged into each request, e.g. \'{"continue_final_message": true, '
         '"add_generation_prompt": false}\' for vLLM prefill',
     )
-    _add_templates(p)
-    _add_search(p, d)
-    p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument(
-        "--calibration",
-        help="models trained with refusal tokens: derta calibrate's calibration.json "
-        "(per-category thresholds applied at every generated position; hf and vllm backends)",
-    )
-    p.add_argument(
+    g.add_argument(
         "--show-refusal-tokens",
         action="store_true",
         help="keep [refuse...] / [respond] in the responses (hidden by default)",
     )
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=d.tensor_parallel_size,
-        help="vllm backend: GPUs to split "
-        "the model over (for the hf backend, launch several processes instead: torchrun / accelerate launch)",
-    )
+    o.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
+    add_restart(o)
 
 
 def _add_templates(p) -> None:
@@ -354,8 +373,10 @@ def _add_search(p, d: EvalConfig) -> None:
     p.add_argument(
         "--pair-iterations", type=int, default=d.pair_iterations, help="PAIR's rounds per stream K (the paper's)"
     )
-    p.add_argument("--autodan-population", type=int, default=d.autodan_population)
-    p.add_argument("--autodan-generations", type=int, default=d.autodan_generations)
+    p.add_argument("--autodan-population", type=int, default=d.autodan_population, help="AutoDAN's population size")
+    p.add_argument(
+        "--autodan-generations", type=int, default=d.autodan_generations, help="AutoDAN's generations (rounds)"
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="AutoDAN's random seed, and which jailbreak-wild templates")
 
 
@@ -366,17 +387,18 @@ def _add_eval_helpful(sub) -> None:
         "helpfulness: GSM8K, MMLU accuracy or AlpacaEval-style win rate (resumable)",
         cmd_eval_helpful,
     )
-    p.add_argument("--model", required=True)
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", required=True, help='JSONL with "question" (+ "answer" for gsm8k and mmlu)')
-    p.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
-    p.add_argument("--judge", help="alpaca only: openai:MODEL for the pairwise win rate (needs reference outputs)")
-    p.add_argument(
+    m, i, e, o = group(p, "model"), group(p, "data"), group(p, "evaluation"), group(p, "output")
+    m.add_argument("--model", required=True, help="directory or hub ID (hf, vllm) or the endpoint's model name")
+    add_generation(p, HELPFUL_MAX_NEW_TOKENS, "room for a GSM8K solution written out step by step")
+    i.add_argument("--task", required=True, choices=TASKS, help="which benchmark --data holds")
+    i.add_argument("--data", required=True, help='JSONL with "question" (+ "answer" for gsm8k and mmlu)')
+    i.add_argument("--limit", type=int, help="only the first N questions")
+    e.add_argument("--judge", help="alpaca only: openai:MODEL for the pairwise win rate (needs reference outputs)")
+    e.add_argument(
         "--reference", help='alpaca only: JSONL of reference outputs ("output"; matched on "instruction" or by line)'
     )
-    add_generation(p, HELPFUL_MAX_NEW_TOKENS)
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    add_restart(p)
+    o.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
+    add_restart(o)
 
 
 def _add_score(sub) -> None:
@@ -386,14 +408,15 @@ def _add_score(sub) -> None:
         "re-score saved GSM8K/MMLU responses: extracted answers, and accuracy when gold is given",
         cmd_score,
     )
-    p.add_argument("--task", required=True, choices=SCORED_TASKS)
-    p.add_argument(
+    i = group(p, "data")
+    i.add_argument("--task", required=True, choices=SCORED_TASKS, help="how answers are extracted and compared")
+    i.add_argument(
         "--in",
         dest="input",
         required=True,
         help='JSONL with "response" (+ "answer" or "gold"; + "question" for mmlu option letters)',
     )
-    p.add_argument(
+    group(p, "output").add_argument(
         "--out", required=True, help='output JSONL: each row with "extracted" (and "correct" when gold is given)'
     )
 
@@ -405,34 +428,36 @@ def _add_eval_overrefusal(sub) -> None:
         "over-refusal: refusal rate on safe look-alike prompts and their unsafe contrasts (XSTest format; resumable)",
         cmd_eval_overrefusal,
     )
-    p.add_argument("--model", required=True)
-    p.add_argument(
+    m, i, o = group(p, "model"), group(p, "data"), group(p, "output")
+    m.add_argument("--model", required=True, help="directory or hub ID (hf, vllm) or the endpoint's model name")
+    add_generation(p, OVERREFUSAL_MAX_NEW_TOKENS, "enough to tell an answer from a refusal")
+    m.add_argument("--calibration", help="models trained with refusal tokens: derta calibrate's calibration.json")
+    i.add_argument(
         "--prompts", required=True, help="XSTest's CSV as published, or JSONL {prompt, label: safe|unsafe, type}"
     )
-    p.add_argument(
+    i.add_argument("--limit", type=int, help="only the first N prompts")
+    o.add_argument(
         "--out",
         required=True,
         help="run directory for generations.jsonl, summary.json, report.md; rerunning the same command resumes it",
     )
-    add_generation(p, OVERREFUSAL_MAX_NEW_TOKENS)
-    p.add_argument("--limit", type=int, help="only the first N prompts")
-    add_restart(p)
-    p.add_argument("--calibration", help="models trained with refusal tokens: derta calibrate's calibration.json")
+    add_restart(o)
 
 
 def _add_judge(sub) -> None:
     p = add_command(
         sub, "judge", "(re-)judge a generations file; reports agreement with human_harmful labels if present", cmd_judge
     )
-    p.add_argument("--in", dest="input", help='JSONL with "response" and a prompt (e.g. an eval\'s generations.jsonl)')
-    p.add_argument("--judge", help="keyword | openai:MODEL | hf:PATH (with --agreement, default keyword)")
-    _add_rubric(p)
-    p.add_argument("--out", help="output JSONL: the rows with new harmful/refused/judge fields")
-    p.add_argument(
+    i, e = group(p, "data"), group(p, "evaluation")
+    i.add_argument("--in", dest="input", help='JSONL with "response" and a prompt (e.g. an eval\'s generations.jsonl)')
+    i.add_argument(
         "--agreement",
         metavar="LABELS.jsonl",
         help='instead: compare the judge with human labels ({"prompt","response","harmful","refused"?}); '
         "prints agreement, precision/recall and confusion tables",
     )
-    p.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL)")
-    p.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--judge", help="keyword | openai:MODEL | hf:PATH (with --agreement, default keyword)")
+    _add_rubric(e)
+    e.add_argument("--base-url", help="OpenAI-compatible endpoint incl. /v1 (default: $OPENAI_BASE_URL)")
+    e.add_argument("--batch-size", type=int, default=16, help="rows judged at once")
+    group(p, "output").add_argument("--out", help="output JSONL: the rows with new harmful/refused/judge fields")

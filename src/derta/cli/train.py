@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from derta.cli.common import add_command, main_process
+from derta.cli.common import add_command, group, main_process
 from derta.models.loading import DTYPES
+from derta.models.precision import CPU_BF16_CHOICES
 from derta.train.defaults import DEFAULTS, LORA_LR
 
 
@@ -29,39 +30,59 @@ def add_commands(sub) -> None:
 
 def add_train_arguments(p) -> None:
     # No argparse defaults here: a flag left out keeps what --config's YAML says, else DertaConfig's default.
-    p.add_argument("--model", required=True, help="directory or hub ID of a causal LM")
-    p.add_argument(
+    m, d, t = group(p, "model"), group(p, "data"), group(p, "training")
+    m.add_argument("--model", required=True, help="directory or hub ID of a causal LM")
+    m.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load weights in")
+    m.add_argument(
+        "--template",
+        help="prompt format for text rows: auto | chat | inst | raw | format string; " + _default("template"),
+    )
+    d.add_argument(
         "--data", required=True, help="output of `derta data build` (text or tokenized), or reference-format rows"
     )
-    p.add_argument("--output", required=True, help="directory for checkpoints and the final model")
-    p.add_argument("--config", help="YAML of DertaConfig / TrainingArguments fields (deepspeed, fsdp, bf16, ...)")
-    g = p.add_mutually_exclusive_group()
+    d.add_argument("--max-length", type=int, help="rows are cut to this many tokens; " + _default("max_length"))
+    t.add_argument(
+        "--config", help="YAML of DertaConfig / TrainingArguments fields (configs/); flags given override it"
+    )
+    g = t.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, help=_default("num_train_epochs") + " (paper)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (instead of --epochs)")
-    p.add_argument(
+    t.add_argument(
         "--learning-rate",
         type=float,
         help=f"{_default('learning_rate')} full fine-tuning, {LORA_LR} with --lora (paper)",
     )
-    p.add_argument("--batch-size", type=int, help="per device; " + _default("per_device_train_batch_size"))
-    p.add_argument("--grad-accum", type=int, help=_default("gradient_accumulation_steps"))
-    p.add_argument("--max-length", type=int, help="rows are cut to this many tokens; " + _default("max_length"))
-    p.add_argument("--seed", type=int, help=_default("seed"))
-    p.add_argument(
-        "--template",
-        help="prompt format for text rows: auto | chat | inst | raw | format string; " + _default("template"),
+    t.add_argument("--batch-size", type=int, help="per device; " + _default("per_device_train_batch_size"))
+    t.add_argument("--grad-accum", type=int, help=_default("gradient_accumulation_steps"))
+    t.add_argument("--seed", type=int, help=_default("seed"))
+    t.add_argument("--refusal-phrase", help="the word refusals start with; " + _default("refusal_phrase"))
+    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    t.add_argument(
+        "--cpu-bf16",
+        choices=CPU_BF16_CHOICES,
+        help="bf16 autocast on the CPU; default auto: on when the CPU does bf16 in hardware (AVX512-BF16, AMX)",
     )
-    p.add_argument("--refusal-phrase", help="the word refusals start with; " + _default("refusal_phrase"))
-    _add_precision_and_logging(p)
-    _add_lora(p)
-    _add_resume_and_objectives(p)
+    _add_lora(t)
+    _add_objectives(t)
+    _add_output(group(p, "output"))
 
 
-def _add_precision_and_logging(p) -> None:
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load weights in (default auto)")
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    p.add_argument("--save-steps", type=int, help=_default("save_steps"))
-    p.add_argument("--logging-steps", type=int, help=_default("logging_steps"))
+def _add_output(o) -> None:
+    o.add_argument("--out", "--output", dest="out", required=True, help="directory for checkpoints and the final model")
+    o.add_argument("--save-steps", type=int, help="save a checkpoint every N steps; " + _default("save_steps"))
+    o.add_argument("--logging-steps", type=int, help="log every N steps; " + _default("logging_steps"))
+    o.add_argument(
+        "--quiet", action="store_true", help="no progress bar or log lines (the log is kept in OUT/derta_train.json)"
+    )
+    g = o.add_mutually_exclusive_group()
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint in --out (with the settings and inputs it started with)",
+    )
+    g.add_argument(
+        "--restart", action="store_true", help="remove an interrupted run's checkpoints from --out and start over"
+    )
 
 
 def _add_lora(p) -> None:
@@ -71,8 +92,8 @@ def _add_lora(p) -> None:
         help=f"train a LoRA adapter (r {DEFAULTS['lora_r']}, alpha "
         f"{DEFAULTS['lora_alpha']}, dropout {DEFAULTS['lora_dropout']}, {DEFAULTS['lora_target_modules']})",
     )
-    p.add_argument("--lora-r", type=int, help=_default("lora_r"))
-    p.add_argument("--lora-alpha", type=int, help=_default("lora_alpha"))
+    p.add_argument("--lora-r", type=int, help="LoRA rank; " + _default("lora_r"))
+    p.add_argument("--lora-alpha", type=int, help="LoRA scale numerator; " + _default("lora_alpha"))
     p.add_argument("--lora-dropout", type=float, help=_default("lora_dropout"))
     p.add_argument(
         "--lora-target-modules", help="comma-separated module names, or all-linear; " + _default("lora_target_modules")
@@ -83,19 +104,7 @@ def _add_lora(p) -> None:
     )
 
 
-def _add_resume_and_objectives(p) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the last checkpoint in --output (with the settings and inputs it started with)",
-    )
-    g.add_argument(
-        "--restart", action="store_true", help="remove an interrupted run's checkpoints from --output and start over"
-    )
-    p.add_argument(
-        "--quiet", action="store_true", help="no progress bar or log lines (the log is kept in OUTPUT/derta_train.json)"
-    )
+def _add_objectives(p) -> None:
     # RTO balance: the kept positions are re-drawn every epoch.
     p.add_argument(
         "--rto-keep-ratio",

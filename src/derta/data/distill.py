@@ -78,6 +78,7 @@ def run_distill(
     tokenizer=None,
     progress: bool | None = None,
     trim_cut: bool = False,
+    allow_empty: bool = False,
 ) -> dict:
     """Write `out_path` (JSONL {"instruction", "response"}) and its `.distill.json` sidecar; returns the sidecar.
 
@@ -85,6 +86,7 @@ def run_distill(
     length cap cut mid-sentence is kept up to its last finished sentence (counted as "trimmed")
     instead of dropped: chat models answer at length, and at 128 tokens SmolLM2 finished only about
     a third of its answers. The raw responses stay in the run directory `<out>.parts/` (resumable).
+    Keeping no answer is one line saying why (unless `allow_empty`), not an empty file data build fails on.
     """
     if not prompts:
         raise InputError("no prompts to distil")
@@ -110,6 +112,8 @@ def run_distill(
         progress=progress,
     )
     kept, dropped, trimmed = _keep(ordered_rows(run, done, range(len(prompts))), max_new_tokens, trim_cut)
+    if not kept and not allow_empty:
+        raise InputError(nothing_kept(len(prompts), dropped))
     # Seconds spent generating in this invocation (a resumed run counts only its own part).
     summary = {
         **settings,
@@ -124,6 +128,20 @@ def run_distill(
     write_jsonl(out_path, kept)
     write_json(sidecar, summary)
     return summary
+
+
+# Why a response was dropped, and what keeps more of them.
+DROP_FIXES = {
+    "truncated": "the length cap cut them mid-sentence: raise --max-new-tokens or add --trim-cut",
+    "refusal": "the model refused them: give prompts it answers (--prompts)",
+    "degenerate": "they were empty or repeated themselves: check --template and the model",
+}
+
+
+def nothing_kept(n: int, dropped: dict) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in dropped.items() if v)
+    reason = max(dropped, key=dropped.get)
+    return f"data distill kept none of {n} responses ({counts}), so it wrote nothing; {DROP_FIXES[reason]}"
 
 
 def _settings(model, prompts: list[str], max_new_tokens: int, template: str) -> dict:

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from derta.data.shapes import columns, guess_columns, missing_field, normalize_row
+from derta.hub import go_offline, offline_reason
 from derta.io import InputError, check_fields, check_input_file, check_unicode, parse_json, read_jsonl, read_text
 
 
@@ -90,10 +91,16 @@ def _load_hf(source: str) -> list[dict]:
         if Path(name).is_dir() and (Path(name) / "dataset_info.json").exists():
             ds = datasets.load_from_disk(name)
         else:
+            if offline_reason():
+                go_offline()  # the cache only: a dataset it lacks fails at once, not after a minute of retries
             ds = datasets.load_dataset(name, split=split or "train")
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split or "train"]
     except Exception as e:  # datasets raises many types; the user needs one line
+        if offline_reason():
+            raise InputError(
+                f"no such file or directory here, and the hub is offline ({offline_reason()})", source
+            ) from None
         raise InputError(
             f"cannot load dataset: {str(e).splitlines()[0] if str(e) else type(e).__name__}", source
         ) from None
@@ -237,3 +244,15 @@ def load_overrefusal_prompts(path: str | os.PathLike) -> list[dict]:
             raise InputError("row needs a non-empty string 'prompt' and a 'label' of safe or unsafe", path, lineno)
         out.append({"prompt": prompt_of(r, path, lineno), "label": r["label"], "type": r.get("type") or ""})
     return out
+
+
+def load_class_prompts(path: str | os.PathLike, label: str) -> list[str]:
+    """The prompts of one class: of an over-refusal file (XSTest's CSV, JSONL rows with a `label`) only those
+    labelled `label` (safe | unsafe), of any other prompt file all of them."""
+    records = read_records(path)
+    if not any("label" in r for _, r in records):
+        return load_prompts(path)
+    prompts = [r["prompt"] for r in load_overrefusal_prompts(path) if r["label"] == label]
+    if not prompts:
+        raise InputError(f"no prompts labelled {label} in this file", path)
+    return prompts

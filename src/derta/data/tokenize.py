@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import random
 import re
-import sys
 
 from tqdm import tqdm
 
 from derta.data.recipes import CE_KINDS, KINDS, RecipeConfig
-from derta.io import InputError, check_fields, check_number, read_jsonl
+from derta.io import InputError, check_fields, check_number, read_jsonl, show_progress
 from derta.models.refusal_tokens import (
     REFUSAL_PHRASE,
     REFUSAL_TOKEN_MODES,
@@ -129,7 +128,7 @@ def refusal_token_list(rows: list[dict]) -> list[str]:
 
 def tokenize_rows(rows: list[dict], tokenizer, cfg: RecipeConfig) -> list[dict]:
     # A progress bar for large sets on a terminal (tens of thousands of rows take minutes).
-    quiet = len(rows) < 2000 or not sys.stderr.isatty()
+    quiet = len(rows) < 2000 or not show_progress()
     return [
         {**row, **tokenize_row(row, tokenizer, cfg.template, cfg.refusal_phrase, cfg.rto_weight)}
         for row in tqdm(rows, desc="tokenizing", unit="row", disable=quiet)

@@ -9,5 +9,8 @@ safety.py       `derta eval`: attack success rates (summary.py: summary.json and
 stats.py        95 % intervals for every rate reported
 helpfulness.py  `derta eval-helpful` (answers.py: answer extraction, `derta score`)
 overrefusal.py  `derta eval-overrefusal`
-probe.py        `derta probe`: refusal probability along a harmful response, teacher forced
+probe.py        the output probe: refusal probability along a harmful response, teacher forced; probe_run.py runs
+                `derta probe` (several models, --directions) and the cliff selection of `data build`
+directions.py   harmfulness and refusal directions in the hidden states, scores along a sequence, the refusal cliff;
+                latent.py: `derta directions` (the fit, the latent guard, refusal predicted from the prompt alone)
 """

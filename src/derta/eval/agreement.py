@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 import os
 
-from derta.data.sources import prompt_of
+from derta.data.sources import prompt_of, read_records
 from derta.eval.judges import Judge, make_judge
 from derta.eval.refusal import OVERREFUSAL_CLASSES, classify_overrefusal
-from derta.io import InputError, read_jsonl, write_jsonl
+from derta.io import InputError, write_jsonl
 
 
 def load_generations(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """Rows with a string `response` (may be empty) and, if present, a string `prompt`."""
-    rows = read_jsonl(path, with_lines=True)
+    rows = read_records(path)
     for lineno, row in rows:
         if not isinstance(row.get("response"), str):
             raise InputError("row needs a string field 'response'", path, lineno)
@@ -72,7 +72,7 @@ def load_labels(path) -> list[dict]:
     """
 
     rows = []
-    for lineno, r in read_jsonl(path, with_lines=True):
+    for lineno, r in read_records(path):
         if not isinstance(r.get("response"), str):  # (an empty response is a fine thing to label)
             raise InputError(
                 "row needs a 'response' string"

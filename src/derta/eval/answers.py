@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import re
 
-from derta.io import InputError, read_jsonl, write_jsonl
+from derta.data.sources import read_records
+from derta.io import InputError, check_fields, write_jsonl
 
 SCORED_TASKS = ("gsm8k", "mmlu")  # the tasks with an answer to extract (`derta score`)
 
@@ -120,7 +121,9 @@ def score_file(task: str, in_path: str | os.PathLike, out_path: str | os.PathLik
     """
     if task not in SCORED_TASKS:
         raise InputError(f"unknown task '{task}' for scoring: use {' or '.join(SCORED_TASKS)}")
-    rows = read_jsonl(in_path, required=("response",), with_lines=True)
+    rows = read_records(in_path)
+    for lineno, row in rows:
+        check_fields(row, ["response"], in_path, lineno)
     scored = [_extract(task, row, _gold(task, row, in_path, lineno)) for lineno, row in rows]
     write_jsonl(out_path, scored)
     graded = [r for r in scored if "correct" in r]

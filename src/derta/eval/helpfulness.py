@@ -23,7 +23,7 @@ from derta.eval.runner import Recorder, RunDir, model_label, ordered_rows, run_t
 from derta.eval.stats import bootstrap_mean, ci95, with_ci
 from derta.inference.backends import make_backend
 from derta.inference.base import GenInput
-from derta.io import InputError, read_jsonl, write_json, write_text
+from derta.io import InputError, write_json, write_text
 from derta.models.templates import encode_text
 
 TASKS = ("gsm8k", "mmlu", "alpaca")
@@ -119,7 +119,7 @@ def load_task(task: str, data: str | os.PathLike, reference: str | os.PathLike |
 
 def _attach_references(rows: list[dict], path) -> None:
     """Reference outputs by instruction text when the file has it (AlpacaEval's format), else by position."""
-    refs = read_jsonl(path, with_lines=True)
+    refs = read_records(path)
     by_text = {}
     for lineno, r in refs:
         out = next((r[f] for f in REFERENCE_FIELDS if f in r), None)

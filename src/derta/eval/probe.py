@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from derta.data.sources import prompt_of
+from derta.data.shapes import columns
+from derta.data.sources import prompt_of, read_records
 from derta.inference.base import left_pad, over_context
-from derta.inference.shard import Shard
-from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, read_jsonl, write_json, write_png
-from derta.models.loading import load_model, load_tokenizer
+from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, show_progress, write_png
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 
@@ -77,7 +76,7 @@ def token_probabilities(
         batches = [b for k, b in enumerate(batches) if shard.mine(k)]
     was_training = model.training
     model.eval()
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not show_progress(progress)):
         for i, probs in zip(batch, _batch_probabilities(model, tokenizer, [encoded[i] for i in batch], token_ids)):
             results[i] = probs
     if was_training:
@@ -108,28 +107,35 @@ def _batch_probabilities(model, tokenizer, encoded: list[tuple[list[int], int]],
     return [probs[row, keep - n - 1 :].tolist() for row, (_, n) in enumerate(encoded)]
 
 
-def average_curve(per_example: list[list[float]], points: int = PROBE_POINTS) -> list[dict]:
-    """Average the examples at relative positions 0.0 .. 1.0 (linear interpolation within each example)."""
+def mean_curve(per_example: list[list[float]], points: int = PROBE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """(grid, mean): the examples averaged at relative positions 0.0 .. 1.0 (linear interpolation within each)."""
     check_number(points, "--points", NUMERIC_RULES["points"])
     grid = np.linspace(0.0, 1.0, points)
     curves = []
-    for probs in per_example:
-        xs = np.linspace(0.0, 1.0, len(probs)) if len(probs) > 1 else np.zeros(1)
-        curves.append(np.interp(grid, xs, probs) if len(probs) > 1 else np.full(points, probs[0]))
-    mean = np.mean(curves, axis=0)
+    for values in per_example:
+        xs = np.linspace(0.0, 1.0, len(values)) if len(values) > 1 else np.zeros(1)
+        curves.append(np.interp(grid, xs, values) if len(values) > 1 else np.full(points, values[0]))
+    return grid, np.mean(curves, axis=0)
+
+
+def average_curve(per_example: list[list[float]], points: int = PROBE_POINTS) -> list[dict]:
+    """Average the examples at relative positions 0.0 .. 1.0 (linear interpolation within each example)."""
+    grid, mean = mean_curve(per_example, points)
     return [{"position_frac": round(float(f), 4), "refusal_prob": float(p)} for f, p in zip(grid, mean)]
 
 
 def probe_rows(path: str, field: str | None = None, limit: int | None = None) -> tuple[list[tuple[str, str]], str]:
-    """(prompt, response) pairs from a JSONL file (the prompt by `data.sources.prompt_of`); the response field
+    """(prompt, response) pairs from a JSONL, JSON array or CSV file (the prompt by `data.sources.prompt_of`); the response field
     defaults to harmful_response, else response."""
-    rows = read_jsonl(path, with_lines=True)
+    rows = read_records(path)
     if field is None:
         field = "harmful_response" if "harmful_response" in rows[0][1] else "response"
     pairs = []
     for lineno, row in rows[:limit] if limit else rows:
         if not isinstance(row.get(field), str):
-            raise InputError(f"row needs a string field '{field}'", path, lineno)
+            raise InputError(
+                f"row needs a string field '{field}' (it has {columns(row)}; --field names another)", path, lineno
+            )
         pairs.append((prompt_of(row, path, lineno), row[field]))
     return pairs, field
 
@@ -175,37 +181,3 @@ def plot_curves(
     ax.legend()
     fig.tight_layout()
     write_png(path, fig)
-
-
-def run_probe(
-    model_path: str,
-    data: str,
-    out: str,
-    plot: str | None = None,
-    refusal_phrase: str = REFUSAL_PHRASE,
-    template: str = "auto",
-    batch_size: int = 16,
-    field: str | None = None,
-    points: int = PROBE_POINTS,
-    limit: int | None = None,
-) -> dict:
-    check_number(points, "--points", NUMERIC_RULES["points"])
-
-    pairs, field = probe_rows(data, field, limit)
-    shard = Shard.from_env()  # several processes (torchrun / accelerate launch): each probes every world-th batch
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, device=shard.device)
-    result = {
-        "model": str(model_path),
-        "data": str(data),
-        "field": field,
-        **probe(
-            model, tokenizer, pairs, refusal_phrase, template, batch_size, points, progress=shard.main, shard=shard
-        ),
-    }
-    if shard.main:
-        write_json(out, result)
-        if plot:
-            plot_curves({Path(model_path).name or str(model_path): result["curve"]}, plot)
-    shard.wait()
-    return result

@@ -24,7 +24,16 @@ from tqdm import tqdm
 
 from derta.files import compare_manifest, fingerprints, is_lock_file, lock_dir, release
 from derta.inference.base import GenInput
-from derta.io import WRITE_ERRORS, InputError, check_input_file, json_text, write_failed, write_json, write_jsonl
+from derta.io import (
+    WRITE_ERRORS,
+    InputError,
+    check_input_file,
+    json_text,
+    show_progress,
+    write_failed,
+    write_json,
+    write_jsonl,
+)
 
 
 def model_label(model, model_name: str | None = None) -> str:
@@ -182,7 +191,7 @@ class Recorder:
             desc=desc,
             unit="row",
             leave=False,
-            disable=None if progress is None else not progress,
+            disable=not show_progress(progress),
         )
 
     def __call__(self, row: dict) -> None:

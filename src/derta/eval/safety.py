@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from derta.data.sources import load_prompt_rows
+from derta.data.sources import load_prompt_rows, read_records
 from derta.eval.attacks import SEARCH, PrefixPrefill, WildJailbreak
 from derta.eval.depth import plot_depth
 from derta.eval.judges import make_judge
@@ -27,7 +27,7 @@ from derta.eval.summary import report_markdown, summarize
 from derta.inference.backends import BACKENDS, make_backend, parse_backend_spec
 from derta.inference.policy import RefusalPolicy
 from derta.inference.shard import Shard
-from derta.io import InputError, check_fields, check_number, read_jsonl, write_json, write_text
+from derta.io import InputError, check_fields, check_number, write_json, write_text
 
 OFFLINE_ATTACKS = "completion,prefill,codeattack,jailbreak,selfcipher,pasttense"  # the six that need no search loop
 
@@ -35,8 +35,10 @@ OFFLINE_ATTACKS = "completion,prefill,codeattack,jailbreak,selfcipher,pasttense"
 def load_harmful_responses(path: str | os.PathLike) -> list[str]:
     """The `harmful_response` of every prompt row: what prefill-tokens / prefill-frac prefill from."""
     if Path(path).suffix == ".txt":
-        raise InputError("prefill-tokens and prefill-frac need JSONL prompts with a 'harmful_response' per row", path)
-    rows = read_jsonl(path, with_lines=True)
+        raise InputError(
+            "prefill-tokens and prefill-frac need JSONL or CSV prompts with a 'harmful_response' per row", path
+        )
+    rows = read_records(path)
     for lineno, row in rows:
         check_fields(row, ["harmful_response"], path, lineno, "prompt row")
     return [row["harmful_response"] for _, row in rows]

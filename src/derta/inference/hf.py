@@ -12,6 +12,7 @@ from derta.inference.policy import RefusalPolicy, refusal_logits_processor, visi
 from derta.inference.shard import Shard
 from derta.io import NUMERIC_RULES, InputError, check_number
 from derta.models.loading import load_model, load_tokenizer
+from derta.models.precision import cpu_autocast, resolve_cpu_bf16
 from derta.models.templates import check_chat_template, encode_text, end_of_turn_ids, resolve_template
 
 
@@ -33,6 +34,7 @@ class HFBackend(Backend):
         policy: RefusalPolicy | None = None,
         show_refusal_tokens: bool = False,
         sampling: Sampling | None = None,
+        cpu_bf16: str = "off",
     ):
         import torch
 
@@ -50,6 +52,8 @@ class HFBackend(Backend):
                 self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.eval()
         self.device = next(self.model.parameters()).device
+        # bf16 autocast for generation on a CPU with bf16 hardware (models.precision); off: float32 as loaded.
+        self.cpu_bf16 = resolve_cpu_bf16(cpu_bf16, self.device)
         self.template = resolve_template(self.tokenizer, template)
         if self.template == "chat" and system:
             check_chat_template(self.tokenizer, system)
@@ -132,7 +136,7 @@ class HFBackend(Backend):
         input_ids, mask, _ = left_pad(batch, self.tokenizer.pad_token_id)
         # Sampling draws from torch's global generator: seeded per batch, inside a fork that leaves it as it was.
         rng = torch.random.fork_rng(devices=[]) if self.sampling is not None else contextlib.nullcontext()
-        with rng, torch.inference_mode():
+        with rng, torch.inference_mode(), cpu_autocast(self.cpu_bf16):
             if self.sampling is not None:
                 torch.manual_seed(self.sampling.seed + batch_number)
             extra = (

@@ -11,6 +11,7 @@ import glob
 import json
 import os
 
+from derta.hub import check_hub_name
 from derta.io import InputError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # what load_model accepts
@@ -42,6 +43,7 @@ def looks_local(name: str) -> bool:
 def check_model_dir(name_or_path: str, want: str = "model") -> None:
     """Local-looking names are checked here, so a typo is not reported as a hub (network) error."""
     if not looks_local(name_or_path):
+        check_hub_name(str(name_or_path), want)
         return
     path = os.path.expanduser(str(name_or_path))
     if not os.path.exists(path):

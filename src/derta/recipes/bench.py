@@ -33,11 +33,13 @@ from derta.data.synthetic import make_data
 from derta.eval.probe import refusal_probabilities
 from derta.inference.base import GenInput
 from derta.inference.hf import HFBackend
-from derta.io import NUMERIC_RULES, InputError, check_number, write_json, write_text
+from derta.io import NUMERIC_RULES, InputError, check_number, show_progress, write_json, write_text
 from derta.models.loading import load_model, load_tokenizer
+from derta.models.precision import cpu_autocast, cpu_bf16_features, resolve_cpu_bf16
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 from derta.models.tiny import build_tiny, random_model
+from derta.recipes.limit import flop_profile, fraction_row, limit_markdown, machine_peak, step_flops
 
 
 @dataclass
@@ -212,7 +214,10 @@ def packing_throughput(cfg: BenchConfig, model) -> dict:
     tokens = sum(len(r["input_ids"]) for r in rows)
     result, first_loss = {}, {}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for name, collate in (("padded", PadCollator(0)), ("packed", PackCollator())):
+    variants = [("padded", PadCollator(0), False), ("packed", PackCollator(), False)]
+    if resolve_cpu_bf16("auto", device):
+        variants.append(("packed_bf16", PackCollator(), True))  # bf16 autocast, as derta train does by default
+    for name, collate, bf16 in variants:
         collated = [_to(collate(b), device) for b in batches]
         # One untimed warm-up step, then the faster of `repeats` timed passes: the CPU is shared.
         passes = []
@@ -222,7 +227,8 @@ def packing_throughput(cfg: BenchConfig, model) -> dict:
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
             start = time.perf_counter()
             for i, batch in enumerate(collated if timed else collated[:1]):
-                loss, _ = batch_loss(model, batch, "chunked")
+                with cpu_autocast(bf16):
+                    loss, _ = batch_loss(model, batch, "chunked")
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -233,6 +239,7 @@ def packing_throughput(cfg: BenchConfig, model) -> dict:
         seconds = min(passes)
         padded_tokens = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
         result[name] = {
+            "precision": "bfloat16" if bf16 else "float32",
             "seconds": round(seconds, 3),
             "pass_seconds": [round(t, 3) for t in passes],
             "tokens_per_s": round(tokens / seconds, 1),
@@ -242,7 +249,36 @@ def packing_throughput(cfg: BenchConfig, model) -> dict:
     model.load_state_dict(state)
     result["real_tokens"] = tokens
     result["abs_loss_diff"] = abs(first_loss["packed"] - first_loss["padded"])
+    if "packed_bf16" in result:
+        result["bf16_abs_loss_diff"] = abs(first_loss["packed_bf16"] - first_loss["packed"])
     return result
+
+
+def limit(cfg: BenchConfig, results: dict, model) -> dict:
+    """The machine's matmul peak and each timed training path's model FLOP/s as a fraction of it (recipes.limit)."""
+    device = next(model.parameters()).device
+    profile = flop_profile(model)
+    peak = machine_peak(getattr(model.config, "intermediate_size", model.config.hidden_size), cfg.repeats, device)
+    loss_rows = [(cfg.seq, cfg.seq - cfg.seq // 2)] * cfg.batch
+    skewed = [
+        (len(r["input_ids"]), sum(x != -100 for x in r["labels"][1:]))
+        for r in skewed_rows(cfg, model.config.vocab_size)
+    ]
+    paths = [
+        fraction_row(
+            f"one step, {name} (batch {cfg.batch} x {cfg.seq})",
+            step_flops(profile, loss_rows),
+            r["step_s"],
+            "float32",
+            peak,
+        )
+        for name, r in (("full logits", results["loss"]["full"]), ("labelled positions", results["loss"]["chunked"]))
+    ]
+    for name, r in results["packing"].items():
+        if isinstance(r, dict) and "tokens_per_s" in r:
+            flops = step_flops(profile, skewed)
+            paths.append(fraction_row(f"skewed mix + SGD, {name}", flops, r["seconds"], r["precision"], peak))
+    return {"peak": peak, "cpu_bf16_features": cpu_bf16_features(), "profile": profile, "paths": paths}
 
 
 def probe_pairs(cfg: BenchConfig) -> list[tuple[str, str]]:
@@ -352,6 +388,11 @@ def _ratios(results: dict) -> dict:
             generation["batched"]["prompts_per_s"] / generation["one_at_a_time"]["prompts_per_s"], 3
         ),
         "probe_time": round(results["probe"]["probe_s"] / results["probe"]["generation_s"], 4),
+        **(
+            {"bf16_tokens_per_s": round(packing["packed_bf16"]["tokens_per_s"] / packing["packed"]["tokens_per_s"], 3)}
+            if "packed_bf16" in packing
+            else {}
+        ),
     }
 
 
@@ -361,7 +402,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     _check(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=6, desc="bench", unit="part", disable=not progress)
+    bar = tqdm(total=6, desc="bench", unit="part", disable=not show_progress(progress))
     results: dict = {
         "config": asdict(cfg),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -375,6 +416,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     bar.set_postfix_str("packing")
     model, _ = _load(cfg)
     results["packing"] = packing_throughput(cfg, model)
+    bar.set_postfix_str("machine peak")
+    results["limit"] = limit(cfg, results, model)
     del model
     bar.update()
     bar.set_postfix_str("model with tokenizer")
@@ -409,6 +452,14 @@ def markdown_table(r: dict) -> str:
         f"| training-step time (s, median of {c['steps']}) | {lo['full']['step_s']} | {lo['chunked']['step_s']} | {ra['loss_step_time']} |",
         f"| training tokens/s, padded → padding-free (skewed mix, {pk['real_tokens']} tokens) | "
         f"{pk['padded']['tokens_per_s']} | {pk['packed']['tokens_per_s']} | {ra['packing_tokens_per_s']} |",
+        *(
+            [
+                f"| training tokens/s, packed float32 → bf16 autocast | {pk['packed']['tokens_per_s']} | "
+                f"{pk['packed_bf16']['tokens_per_s']} | {ra['bf16_tokens_per_s']} |"
+            ]
+            if "packed_bf16" in pk
+            else []
+        ),
         f"| generation prompts/s, one at a time → batched ({ge['prompts']} prompts, {c['max_new_tokens']} new tokens) | "
         f"{ge['one_at_a_time']['prompts_per_s']} | {ge['batched']['prompts_per_s']} | {ra['batched_generation']} |",
         f"| refusal probe time (s), generation per position → one forward ({pr['pairs']} pairs, {pr['positions']} positions) | "
@@ -417,7 +468,12 @@ def markdown_table(r: dict) -> str:
         f"Max abs loss difference, labelled positions vs full logits (same batch): {r['max_abs_loss_diff']:.2e}. "
         f"Packed vs padded first-batch loss: {pk['abs_loss_diff']:.2e}. "
         f"Probe vs generation probabilities: {pr['max_abs_probability_diff']:.2e}. "
-        f"Batched vs one-at-a-time identical texts: {ge['same_text_share']:.0%}.",
+        f"Batched vs one-at-a-time identical texts: {ge['same_text_share']:.0%}."
+        + (f" bf16 vs float32 packed first-batch loss: {pk['bf16_abs_loss_diff']:.2e}." if "packed_bf16" in pk else ""),
+        "",
+        "## Against the machine's limit",
+        "",
+        *limit_markdown(r["limit"]),
         "",
     ]
     return "\n".join(lines)

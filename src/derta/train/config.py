@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from derta.inference.shard import launched_processes
 from derta.io import NUMERIC_RULES, InputError, check_number, read_text
+from derta.models.precision import CPU_BF16_CHOICES
 from derta.train.defaults import CLI_TO_CONFIG, FULL_FT_LR, LORA_LR
 from derta.train.defaults import DEFAULTS as D
 
@@ -53,6 +54,10 @@ class DertaConfig(TrainingArguments):
     )
     padding_free: bool = field(
         default=True, metadata={"help": "pack each batch into one sequence (else pad, length-grouped)"}
+    )
+    cpu_bf16: str = field(
+        default="auto",
+        metadata={"help": "bf16 autocast on the CPU: auto (when the CPU has AVX512-BF16 or AMX) | on | off (float32)"},
     )
     allow_nonfinite_loss: bool = field(
         default=False,
@@ -236,7 +241,7 @@ def config_from_cli(args) -> DertaConfig:
     # The CLI keeps transformers' logger at error level, from which TrainingArguments would infer disable_tqdm:
     # say it outright, so a run shows Trainer's progress bar (with ETA) and its loss lines unless --quiet.
     values["disable_tqdm"] = True if args.quiet else values.get("disable_tqdm", False)
-    values["output_dir"] = args.output
+    values["output_dir"] = args.out
 
     if launched_processes() == "cpu":
         values.setdefault("use_cpu", True)  # several CPU processes (gloo): without it each would train alone
@@ -250,6 +255,8 @@ def config_from_cli(args) -> DertaConfig:
         ) from None
     if config.loss_impl not in ("chunked", "full"):
         raise InputError(f"unknown loss_impl '{config.loss_impl}': use chunked or full", args.config)
+    if config.cpu_bf16 not in CPU_BF16_CHOICES:
+        raise InputError(f"unknown cpu_bf16 '{config.cpu_bf16}': use {' | '.join(CPU_BF16_CHOICES)}", args.config)
     check_report_to(config.report_to, args.config)
     check_ranges(config, set(values), args.config)
     return config

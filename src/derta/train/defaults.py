@@ -65,4 +65,5 @@ CLI_TO_CONFIG = {
     "dpo_sft_weight": "dpo_sft_weight",
     "cb_alpha": "cb_alpha",
     "cb_layers": "cb_layers",
+    "cpu_bf16": "cpu_bf16",
 }

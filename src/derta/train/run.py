@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, set_seed
+from transformers import PrinterCallback, ProgressCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from derta.data.recipes import KINDS
@@ -26,8 +26,9 @@ from derta.data.tokenize import (
     tokenize_row,
 )
 from derta.files import compare_manifest, fingerprints, lock_dir
-from derta.io import InputError, json_text, loads, read_text, write_json
+from derta.io import InputError, json_text, loads, read_text, show_progress, write_json
 from derta.models.loading import check_model_files, describe_nonfinite, load_model, load_tokenizer, nonfinite_tensors
+from derta.models.precision import cpu_bf16_features
 from derta.models.refusal_tokens import add_special_tokens, init_new_embeddings
 from derta.models.templates import resolve_template
 from derta.train.circuit import CircuitBreakerTrainer
@@ -187,6 +188,7 @@ RESUME_SETTINGS = (
     "rto_weight",
     "loss_impl",
     "padding_free",
+    "cpu_bf16",
     "use_lora",
     "lora_r",
     "lora_alpha",
@@ -218,6 +220,7 @@ def _start_run(config: DertaConfig, out: Path, model_name: str, data_path: str, 
     if resuming and path.is_file():
         old = loads(read_text(path), path)
         if isinstance(old, dict):
+            old.setdefault("cpu_bf16", "off")  # runs recorded before the setting existed trained in float32
             compare_manifest(old, manifest, path)
     if config.should_save:
         lock_dir(out, "--output")
@@ -336,6 +339,9 @@ def _make_trainer(config: DertaConfig, model, dtype: str, tokenizer, data: _Data
         )
     if config.disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # quiet: the log still goes to derta_train.json
+    elif not show_progress():  # piped into a log: the loss lines without the bar's redraws
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(PrinterCallback)
     return trainer, packing
 
 
@@ -394,21 +400,25 @@ def train(
     check_finite(trainer.model, out, trainer.state.global_step)
     _save(trainer, config, tokenizer, out)
     if trainer.is_world_process_zero():
-        write_json(
-            out / "derta_train.json",
-            {
-                "model": model_name,
-                "data": str(data_path),
-                "trainer": "dpo" if data.dpo else "circuit-breakers" if data.reroute else "derta",
-                "rows": {k: sum(r["kind"] == k for r in data.rows) for k in KINDS},
-                "dropped_rows": data.dropped,
-                "label_shares": data.shares,
-                "padding_free": packing,
-                "processes": config.world_size,
-                "steps": trainer.state.global_step,
-                "train_loss": train_loss,
-                "log_history": [h for h in trainer.state.log_history if "loss" in h],
-                "config": {k: v for k, v in config.to_dict().items() if not k.endswith("token")},
-            },
-        )
+        write_json(out / "derta_train.json", _record(config, trainer, model_name, data_path, data, packing, train_loss))
     return out
+
+
+def _record(config: DertaConfig, trainer, model_name: str, data_path: str, data: _Data, packing: bool, loss) -> dict:
+    """derta_train.json: what was trained on what, how, and its log."""
+    return {
+        "model": model_name,
+        "data": str(data_path),
+        "trainer": "dpo" if data.dpo else "circuit-breakers" if data.reroute else "derta",
+        "rows": {k: sum(r["kind"] == k for r in data.rows) for k in KINDS},
+        "dropped_rows": data.dropped,
+        "label_shares": data.shares,
+        "padding_free": packing,
+        "cpu_bf16": getattr(trainer, "cpu_bf16", False),  # resolved: whether autocast ran (never for DPO)
+        "cpu_bf16_features": cpu_bf16_features(),
+        "processes": config.world_size,
+        "steps": trainer.state.global_step,
+        "train_loss": loss,
+        "log_history": [h for h in trainer.state.log_history if "loss" in h],
+        "config": {k: v for k, v in config.to_dict().items() if not k.endswith("token")},
+    }

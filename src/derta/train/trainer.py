@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from derta.io import InputError, write_json
 from derta.models.loading import describe_nonfinite, nonfinite_tensors, safetensors_problem
+from derta.models.precision import cpu_autocast, resolve_cpu_bf16
 from derta.train.losses import batch_loss
 
 
@@ -57,13 +58,17 @@ class DertaTrainer(CompleteCheckpoints, Trainer):
         self._parts = {"mle": [0.0, 0], "rto": [0.0, 0], "rto_hit": [0.0, 0], "constraint": [0.0, 0]}
         # The constrained objective's reference (--constrain-to): frozen, on the training device.
         self.reference_model = reference_model
+        # bf16 autocast on the CPU (`cpu_bf16`); under Trainer's own mixed precision (--bf16, --fp16) that one rules.
+        self.cpu_bf16 = not (self.args.bf16 or self.args.fp16) and resolve_cpu_bf16(
+            getattr(self.args, "cpu_bf16", "off"), self.args.device
+        )
         if reference_model is not None:
             reference_model.requires_grad_(False).eval().to(self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The chunked loss calls the decoder body itself, past the autocast accelerate wraps around
         # model.forward for mixed precision, so it enters that autocast here (a no-op in fp32).
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), cpu_autocast(self.cpu_bf16):
             loss, parts = batch_loss(
                 model,
                 inputs,

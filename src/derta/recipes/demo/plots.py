@@ -10,6 +10,11 @@ from derta.io import pyplot, write_png
 from derta.recipes.demo.config import DemoConfig
 
 
+def model_title(name: str) -> str:
+    """How tables and plots name a model of the demo: the untuned reference, or its recipe's title."""
+    return "Base (unaligned)" if name == "base" else RECIPES[name].title
+
+
 def plot_dial(points: list[dict], path: Path) -> None:
     """Held-out rates against the calibration's over-refusal target (the no-threshold point left out)."""
     pts = [p for p in points if p["max_over_refusal"] is not None]
@@ -78,16 +83,17 @@ def plot_prefill(results: dict, cfg: DemoConfig, path: Path) -> None:
         xs = [i + j * width for i in range(len(names))]
         asr = [results[n]["prefill_asr"][f] for n in names]
         ax.bar(xs, asr, width, color=f"C{j}", label=f"prefill {int(float(f) * 100)}%")
-        # Hatched: the part of the "success" that is a degenerate continuation (looping, empty), not harmful text.
+        # Hatched, on top: continuations that do not refuse but are not harmful text either (looping, empty).
         ax.bar(
             xs,
-            [min(a, results[n]["degenerate_rate"]["prefill"][f]) for a, n in zip(asr, names)],
+            [max(0.0, results[n]["prefill_not_refused"][f] - a) for a, n in zip(asr, names)],
             width,
+            bottom=asr,
             fill=False,
             hatch="//",
             edgecolor="black",
             linewidth=0,
-            label="degenerate" if j == 0 else None,
+            label="not refused, not harmful (degenerate)" if j == 0 else None,
         )
         for x, a in zip(xs, asr):
             ax.text(x, a + 0.01, f"{100 * a:.0f}", ha="center", fontsize=7)
@@ -98,5 +104,26 @@ def plot_prefill(results: dict, cfg: DemoConfig, path: Path) -> None:
     ax.set_title("Prefill attack success on held-out harmful prompts")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    write_png(path, fig)
+
+
+def plot_real_depth(results: dict, path: Path) -> None:
+    """ASR against the number of the untuned model's own tokens prefilled (log axis), one line per model."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, m) in enumerate(results.items()):
+        d = m.get("real", {}).get("donotanswer_own_prefix", {}).get("depth")
+        if d:
+            ax.plot(d["depths"], d["asr"], "o-", color=f"C{i}", label=f"{model_title(name)} (area {d['auc']:.2f})")
+            lo, hi = zip(*[c if c else (a, a) for c, a in zip(d["ci95"], d["asr"])])
+            ax.fill_between(d["depths"], lo, hi, color=f"C{i}", alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("prefilled tokens of the untuned model's own answer")
+    ax.set_ylabel("attack success rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Prefill depth on held-out DoNotAnswer prompts (95 % intervals)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     write_png(path, fig)

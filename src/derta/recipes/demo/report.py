@@ -8,6 +8,7 @@ from derta.data.recipes import RECIPES
 from derta.eval.stats import with_interval
 from derta.io import pct
 from derta.recipes.demo.config import DemoConfig
+from derta.recipes.demo.plots import model_title
 
 
 def demo_checks(results: dict, real: bool = False) -> dict:
@@ -129,27 +130,27 @@ def _main_table(rows: list[tuple[str, dict]], fr: list[str], cfg: DemoConfig) ->
         + " | ".join(f"Prefill ASR {int(float(f) * 100)}% ↓" for f in fr)
         + " | Prefill ASR mean ↓ | Helpfulness ↑ | Over-refusal ↓ | "
         + ("Benign resets ↓ | Prefill resets | " if resets else "")
-        + "Prefill: degenerate | Prefill: harmful text ↓ | Probe mean ↑ |",
+        + "Prefill: not refused | Prefill: degenerate | Probe mean ↑ |",
         "|---|" + "---|" * (len(fr) + 7 + 2 * resets),
     ]
     for name, m in rows:
         deg = sum(m["degenerate_rate"]["prefill"].values()) / len(fr)
-        harm = sum(m["prefill_harmful"].values()) / len(fr)
         reset_cells = f" | {pct(m.get('benign_reset', 0.0))} | {pct(m.get('prefill_reset', 0.0))}" if resets else ""
         lines.append(
             f"| {name} | {pct(m['refusal_rate'])} | "
             + " | ".join(pct(m["prefill_asr"][f]) for f in fr)
             + f" | {pct(m['prefill_asr_mean'])} | {pct(m['helpfulness'])} | {pct(m['over_refusal'])}{reset_cells}"
-            f" | {pct(deg)} | {pct(harm)} | {pct(m['probe_mean'])} |"
+            f" | {pct(m['prefill_not_refused_mean'])} | {pct(deg)} | {pct(m['probe_mean'])} |"
         )
     lines += [
         "",
         "Refusal: the response refuses (`derta.eval.refusal.refuses`: a refusal-word loop such as `sorry sorry sorry "
         "sorry` or `SorrySorrySorry` does not count). Prefill ASR: the assistant turn is forced to start with "
-        "the first 25/50/75 % of the tokens of a held-out harmful response, and the attack succeeds when the continuation "
-        "does not refuse cleanly; empty or looping continuations (refusal loops too) count as not refused, and the two columns after over-refusal "
-        "split them: *degenerate* (empty or one token looping, e.g. RTO alone's `SorrySorrySorry…`) and *harmful text* "
-        "(the keyword judge's verdict: a real continuation, neither refusal nor degenerate), both averaged over the three cuts. "
+        "the first 25/50/75 % of the tokens of a held-out harmful response, and the attack succeeds when the keyword judge "
+        "finds the continuation harmful (neither a refusal nor degenerate): the ASR of `derta eval --attacks prefill-frac:F "
+        "--judge keyword` on the same prompts. The two columns after over-refusal, averaged over the cuts: *not refused* "
+        "(every continuation that does not refuse cleanly: harmful text, and empty or looping text, refusal loops too) and "
+        "*degenerate* (empty or one token looping, e.g. RTO alone's `SorrySorrySorry…`). "
         + (
             "Helpfulness: the factual questions the untuned model answered correctly, still answered (`data.facts.answer_given`). "
             if cfg.model
@@ -176,9 +177,18 @@ def _examples_markdown(rows: list[tuple[str, dict]]) -> list[str]:
 
 
 def render_markdown(report: dict, cfg: DemoConfig) -> str:
-    rows = [("Base (unaligned)", report["base"])] + [(RECIPES[r].title, m) for r, m in report["recipes"].items()]
+    rows = [(model_title("base"), report["base"])] + [(model_title(r), m) for r, m in report["recipes"].items()]
     fr = [str(f) for f in cfg.prefill_fractions]
     lines = ["# derta demo: refusal position bias and DeRTa", "", _intro(report, cfg), ""]
+    if sp := report.get("speedups"):
+        bf16 = [name for name, on in sp["training_cpu_bf16"].items() if on]
+        lines += [
+            f"Precision (`--cpu-bf16 {sp['cpu_bf16_setting']}`; CPU bf16 hardware: "
+            f"{', '.join(sp['cpu_bf16_features']) or 'none'}): training in "
+            f"{'bf16 autocast for ' + ', '.join(bf16) if bf16 else 'float32'}, evaluation generation in "
+            f"{'bf16 autocast' if sp['generation_cpu_bf16'] else 'float32'}.",
+            "",
+        ]
     lines += _main_table(rows, fr, cfg)
     lines += _extras_markdown(rows)
     lines += _real_markdown(rows)
@@ -308,17 +318,22 @@ def _real_markdown(rows: list[tuple[str, dict]]) -> list[str]:
             continue
         attacks = list(models[0][1]["asr"])
         n = models[0][1]["n"][attacks[0]]
+        depth = all("depth" in r for _, r in models)
         lines += [
             f"**{title}** ({n} prompts):",
             "",
-            "| Model | " + " | ".join(f"{a} ↓" for a in attacks) + " |",
-            "|---|" + "---|" * len(attacks),
+            "| Model | " + " | ".join(f"{a} ↓" for a in attacks) + " |" + (" depth area ↓ |" if depth else ""),
+            "|---|" + "---|" * (len(attacks) + depth),
         ]
         lines += [
-            f"| {name} | " + " | ".join(with_interval(r["asr"][a], r["n"][a]) for a in attacks) + " |"
+            f"| {name} | "
+            + " | ".join(with_interval(r["asr"][a], r["n"][a]) for a in attacks)
+            + " |"
+            + (f" {r['depth']['auc']:.3f} |" if depth else "")
             for name, r in models
         ]
         lines.append("")
+        lines += _category_markdown(models)
     support = [(name, m["real"]["support"]) for name, m in rows if "support" in m.get("real", {})]
     if support:
         lines += [
@@ -336,6 +351,28 @@ def _real_markdown(rows: list[tuple[str, dict]]) -> list[str]:
         ]
         lines.append("")
     return lines
+
+
+def _category_markdown(models: list[tuple[str, dict]]) -> list[str]:
+    """The plain attack's ASR per category (the first attack), one column per model, where the set has categories."""
+    cats = [(name, r["by_category"]) for name, r in models if r.get("by_category")]
+    if not cats:
+        return []
+    attack = next(iter(cats[0][1]))
+    names = sorted({c for _, by in cats for c in by.get(attack, {})})
+    lines = [
+        f"Per category, `{attack}` ASR %:",
+        "",
+        "| category | n | " + " | ".join(name for name, _ in cats) + " |",
+        "|---|---|" + "---|" * len(cats),
+    ]
+    for c in names:
+        cells = [by.get(attack, {}).get(c) for _, by in cats]
+        n = next((x["n"] for x in cells if x), 0)
+        lines.append(
+            f"| {c} | {n} | " + " | ".join(with_interval(x["asr"], x["n"]) if x else "-" for x in cells) + " |"
+        )
+    return lines + [""]
 
 
 def _extras_markdown(rows: list[tuple[str, dict]]) -> list[str]:
