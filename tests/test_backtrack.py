@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from derta.calibrate.run import run_calibrate
+from derta.cli.main import main
 from derta.data.recipes import RecipeConfig, build_rows
 from derta.data.tokenize import IGNORE, refusal_token_list, tokenize_row
 from derta.eval.overrefusal import report_markdown, score_overrefusal
@@ -14,11 +16,15 @@ from derta.eval.runner import run_task
 from derta.inference.base import GenInput, after_reset
 from derta.inference.endpoint import OpenAIBackend, OpenAIClient
 from derta.inference.hf import HFBackend
+from derta.inference.policy import RefusalPolicy
 from derta.inference.vllm import VLLMBackend
 from derta.io import InputError
-from derta.models.refusal_tokens import RESET_TOKEN, add_special_tokens, refusal_transition
+from derta.models.loading import load_model, load_tokenizer
+from derta.models.refusal_tokens import RESET_TOKEN, add_special_tokens, init_new_embeddings, refusal_transition
 from derta.models.templates import encode_text
-from helpers import HELPFUL, TRIPLE
+from derta.train.config import DertaConfig
+from derta.train.dpo import dpo_examples
+from helpers import HELPFUL, TRIPLE, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +61,6 @@ def test_after_reset_keeps_the_text_after_the_last_reset():
 
 def _scripted_hf(tiny_dir, tokenizer, texts):
     """An HFBackend on the tiny model whose generate returns `texts` (with [RESET] as its token id) after the prompt."""
-    from derta.models.loading import load_model
-
     model = load_model(str(tiny_dir))
     model.resize_token_embeddings(len(tokenizer))
     backend = HFBackend(model, tokenizer, max_new_tokens=8)
@@ -117,3 +121,79 @@ def test_overrefusal_reports_the_reset_rate_beside_refusal():
     assert block["safe_reset"] == 0.25 and block["unsafe_reset"] == 1.0 and block["safe_refusal"] == 0.25
     assert "| safe prompts: response reset after [RESET] |" in report_markdown(block, "m", "x.csv")
     assert "safe_reset" not in score_overrefusal(prompts, responses)
+
+
+@pytest.fixture(scope="module")
+def reset_dir(tiny_dir, tmp_path_factory):
+    """The tiny model with [RESET] added, saved (no training): what --recipe backtrack makes of it, untrained."""
+
+    model, tok = load_model(str(tiny_dir), dtype="float32"), load_tokenizer(str(tiny_dir))
+    init_new_embeddings(model, tok, add_special_tokens(tok, [RESET_TOKEN]))
+    out = tmp_path_factory.mktemp("reset_model") / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_calibrate_sets_a_threshold_on_reset_and_generation_obeys_it(reset_dir, tmp_path):
+
+    harmful = write_jsonl(
+        tmp_path / "harmful.jsonl",
+        [{"instruction": f"How can I steal car {i}?", "harmful_response": "Sure, step one."} for i in range(4)],
+    )
+    benign = write_jsonl(
+        tmp_path / "benign.jsonl", [{"instruction": f"Name colour {i}", "response": "blue red"} for i in range(4)]
+    )
+    result = run_calibrate(
+        tmp_path / "cal",
+        model=str(reset_dir),
+        harmful=str(harmful),
+        benign=str(benign),
+        max_over_refusal=0.25,
+        progress=False,
+    )
+    # [RESET] is thresholded like a refusal token: at most a quarter of the benign responses may reset.
+    assert set(result["thresholds"]) == {RESET_TOKEN}
+    rows = [json.loads(line) for line in (tmp_path / "cal" / "scores.jsonl").read_text().splitlines()]
+    assert all(set(r["scores"]) == {RESET_TOKEN} for r in rows)
+    benign_scores = [r["scores"][RESET_TOKEN] for r in rows if r["kind"] == "benign"]
+    assert sum(s >= result["thresholds"][RESET_TOKEN] for s in benign_scores) <= 1
+
+    model, tok = load_model(str(reset_dir), dtype="float32").eval(), load_tokenizer(str(reset_dir))
+
+    def run(policy):
+        backend = HFBackend(model, tok, policy=policy, max_new_tokens=4)
+        return backend.generate([GenInput("a"), GenInput("b")]), backend.resets
+
+    # Forced at the first position: the response starts over with the refusal transition and records the reset.
+    texts, resets = run(RefusalPolicy({RESET_TOKEN: 0.0}))
+    assert resets == {0, 1} and all(t.split()[0].startswith(("Sorry", "sorry")) for t in texts)
+    texts, resets = run(RefusalPolicy({RESET_TOKEN: 2.0}, {RESET_TOKEN: 50.0}))  # unreachable: never, bias or not
+    assert resets == set()
+
+
+def test_backtrack_dpo_pairs_share_a_harmful_prefix_and_prefer_the_reset(reset_tokenizer):
+
+    rows = build_rows(RecipeConfig(recipe="backtrack-dpo", seed=5), [TRIPLE] * 12, [HELPFUL])
+    pairs = [r for r in rows if r["kind"] == "pair"]
+    assert [r["kind"] for r in rows] == ["helpful"] + ["pair"] * 12 and refusal_token_list(rows) == [RESET_TOKEN]
+    units = len(TRIPLE["harmful_response"].split())
+    assert all(1 <= len(p["prefix"].split()) < units for p in pairs) and len({p["prefix"] for p in pairs}) > 3
+    # The two sides continue the same harmful prefix: the rejected one as the response goes on, exactly.
+    assert all(p["prefix"] + p["rejected"] == TRIPLE["harmful_response"] and p["reset"] for p in pairs)
+    [helpful, *examples] = dpo_examples(rows, reset_tokenizer, DertaConfig(output_dir="unused"))
+    reset = reset_tokenizer.convert_tokens_to_ids(RESET_TOKEN)
+    eot = [reset_tokenizer.eos_token_id]
+    for pair, ex in zip(pairs, examples):
+        prefix = encode_text(reset_tokenizer, pair["prefix"])
+        assert ex["prompt_ids"][-len(prefix) :] == prefix  # the prefix is context for both sides, never trained
+        assert ex["chosen_ids"][0] == reset and ex["chosen_ids"][1] == refusal_transition(reset_tokenizer).start_id
+        assert ex["rejected_ids"] == encode_text(reset_tokenizer, pair["rejected"]) + eot
+    assert helpful["chosen_ids"] == helpful["rejected_ids"]
+
+
+def test_the_demo_trains_backtrack_dpo_from_the_backtrack_model_only(tmp_path, capsys):
+    argv = ["demo", "--reduced", "--out", str(tmp_path / "d"), "--recipes"]
+    assert main([*argv, "backtrack-dpo,backtrack"]) == 2
+    assert "backtrack-dpo trains the backtrack model further: list backtrack before it" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -24,7 +24,7 @@ from derta.eval.probe import token_probabilities
 from derta.files import fingerprints, lock_dir
 from derta.io import InputError, pyplot, read_jsonl, write_json, write_jsonl, write_png, write_text
 from derta.models.loading import check_model_files, load_model, load_tokenizer
-from derta.models.refusal_tokens import REFUSAL_PHRASE, category_name, refusal_tokens
+from derta.models.refusal_tokens import REFUSAL_PHRASE, category_name, policy_tokens
 
 RESPONSE_FIELDS = {"harmful": ("harmful_response", "response"), "benign": ("response",)}
 
@@ -275,10 +275,12 @@ def run_calibrate(
         check_model_files(model)  # a broken model fails before the examples are read
         examples = load_examples(harmful, "harmful")[:limit] + load_examples(benign, "benign")[:limit]
         tokenizer = load_tokenizer(model)
-        tokens = refusal_tokens(tokenizer)
+        tokens = policy_tokens(tokenizer)
         if not tokens:
             raise InputError(
-                "the model has no refusal tokens: train it on rows from data build --refusal-tokens", model
+                "the model has no refusal tokens and no [RESET]: train it on rows from data build --refusal-tokens "
+                "or --recipe backtrack",
+                model,
             )
         table = score_examples(load_model(model), tokenizer, examples, tokens, template, batch_size, progress)
         source = {"model": str(model), "harmful": str(harmful), "benign": str(benign)}

@@ -62,6 +62,9 @@ def demo_config(args) -> DemoConfig:
         raise InputError(
             f"--recipes: unknown recipe {', '.join(unknown)}; use a comma-separated subset of {', '.join(RECIPES)}"
         )
+    for k, r in enumerate(cfg.recipes):
+        if (first := RECIPES[r].after) and first not in cfg.recipes[:k]:
+            raise InputError(f"--recipes: {r} trains the {first} model further: list {first} before it")
     return cfg
 
 

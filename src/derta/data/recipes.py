@@ -11,6 +11,7 @@ triple into training rows; helpful (instruction, response) rows pass through unc
     dpo     -> pair              a preference pair (chosen r, rejected r̂), trained with TRL's DPOTrainer
     circuit-breakers -> safe + reroute   Zou et al.: hidden states of q + r̂ rerouted, the others retained (train.circuit)
     backtrack -> safe + backtrack        Zhang et al.: q + r̂<k + [RESET] + r, loss on [RESET] and r (k >= 1)
+    backtrack-dpo -> pair                Zhang et al.'s DPO stage: after q + r̂<k, [RESET] + r preferred over the rest of r̂
 
 A row is text (`kind`, `instruction`, `prefix`, `target`); `data.tokenize` turns it into
 `input_ids`/`labels` segment by segment, so the loss boundary is exactly where the text says.
@@ -39,6 +40,7 @@ class Recipe:
     kinds: tuple[str, ...]
     title: str
     refusal_tokens: str = "none"  # a recipe that always trains refusal tokens (RecipeConfig.refusal_tokens)
+    after: str | None = None  # a second stage: it trains the model this recipe made, not the untuned one
 
 
 RECIPES = {
@@ -54,6 +56,8 @@ RECIPES = {
     # The representation-level and reset defences (docs/baselines.md): Circuit Breakers and Backtracking.
     "circuit-breakers": Recipe(("safe", "reroute"), "Circuit Breakers (Zou et al.)"),
     "backtrack": Recipe(("safe", "backtrack"), "Backtracking (Zhang et al.)"),
+    # Its DPO stage, trained from the backtrack SFT model: pairs that share a harmful prefix, resetting preferred.
+    "backtrack-dpo": Recipe(("pair",), "Backtracking + DPO (Zhang et al.)", after="backtrack"),
 }
 KINDS = ("helpful", "safe", "prefix", "rto", "pair", "reroute", "backtrack")
 # The kinds trained by cross-entropy on their labels through DertaTrainer (counted in the labelled-token shares).
@@ -149,6 +153,7 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
     rng = random.Random(cfg.seed)
     kinds = cfg.kinds
     recovery = cfg.recipe == "recovery"
+    reset = cfg.recipe == "backtrack-dpo"  # its pairs start after a harmful prefix, the chosen side with [RESET]
     # Exactly round(ratio * n) prefix rows get k = 0, chosen by the seed (recovery: Qi et al.'s half).
     n_prefix = len(safety) if "prefix" in kinds else 0  # backtrack rows always have a prefix (k >= 1)
     no_ratio = 1.0 - RECOVERY_SHARE if recovery else cfg.no_prefix_ratio
@@ -178,9 +183,9 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
                 "target": t["safe_response"].strip(),
                 **cfg.row_settings(kind),
             }
-            if kind in ("prefix", "backtrack"):
+            if kind in ("prefix", "backtrack") or reset:
                 units = _cut_points(cfg, t["harmful_response"], tokenizer)
-                k = _prefix_units(kind, recovery, i in no_prefix, units, rng)
+                k = _prefix_units("backtrack" if reset else kind, recovery, i in no_prefix, units, rng)
                 # No trailing whitespace: the separator belongs to the refusal, or the model would learn
                 # "lone space -> refuse" instead of the transition itself.
                 row["prefix"] = (
@@ -190,8 +195,11 @@ def build_rows(cfg: RecipeConfig, safety: list[dict], helpful: list[dict], token
                 )
             elif kind in ("rto", "reroute"):
                 row["target"] = t["harmful_response"]
-            elif kind == "pair":
-                row["rejected"] = t["harmful_response"]
+            if kind == "pair":
+                # With a prefix (backtrack-dpo): the rejected side continues the harmful response where it stops.
+                row["rejected"] = t["harmful_response"][len(row["prefix"]) :] if reset else t["harmful_response"]
+                if reset:
+                    row["reset"] = True
             rows.append(row)
     return rows
 

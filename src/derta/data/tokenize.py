@@ -59,7 +59,7 @@ def tokenize_row(
     text = row["target"]
     if row["kind"] in ("safe", "prefix", "pair", "backtrack"):
         # After [RESET] the response starts over: the refusal's start form, as at the start of a response.
-        mid = row.get("prefix") and row["kind"] != "backtrack"
+        mid = row.get("prefix") and row_marker(row) != RESET_TOKEN
         text = refusal_text(text, transition.mid_text if mid else transition.start_text, phrase)
     marker = row_marker_id(row, tokenizer)  # [respond] / [refuse...] / [RESET] in front of the target, or None
     target = ([] if marker is None or row["kind"] == "rto" else [marker]) + encode_text(tokenizer, text)
@@ -79,15 +79,16 @@ def tokenize_row(
     out = {"input_ids": input_ids, "labels": labels, "loss_weight": weight}
     if row["kind"] == "pair":
         # DPO: input_ids/labels are the chosen (refusal) response; the rejected (harmful) one follows the same prompt.
+        # With a prefix (backtrack-dpo) both sides continue it: [RESET] + refusal, or the rest of the harmful response.
         rejected = encode_text(tokenizer, row["rejected"])
-        out.update(rejected_input_ids=prompt + rejected + eot, rejected_labels=context + rejected + eot)
+        out.update(rejected_input_ids=prompt + prefix + rejected + eot, rejected_labels=context + rejected + eot)
     return out
 
 
 def row_marker(row: dict) -> str | None:
     """The special token a row's target starts with (RTO: its label everywhere), or None without refusal tokens;
     a backtrack row's target starts with `[RESET]`."""
-    if row["kind"] == "backtrack":
+    if row["kind"] == "backtrack" or row.get("reset"):
         return RESET_TOKEN
     mode = row.get("refusal_tokens", "none")
     if mode == "none":
@@ -114,7 +115,7 @@ def refusal_token_list(rows: list[dict]) -> list[str]:
     """The special tokens rows need, in a fixed order (the same rows give the same ids): `[RESET]` for backtrack
     rows; with --refusal-tokens `[respond]`, `[refuse]` (single mode, or a refusal without a category), then
     `[refuse:CATEGORY]` by name."""
-    if any(r["kind"] == "backtrack" for r in rows):
+    if any(r["kind"] == "backtrack" or r.get("reset") for r in rows):
         return [RESET_TOKEN]  # data.recipes refuses --refusal-tokens for the backtrack recipe
     modes = {r.get("refusal_tokens", "none") for r in rows} - {"none"}
     if not modes:

@@ -12,7 +12,7 @@ from derta.models.refusal_tokens import (
     REFUSAL_PHRASE,
     RESET_TOKEN,
     marker_tokens,
-    refusal_tokens,
+    policy_tokens,
     refusal_transition,
     reset_token_id,
 )
@@ -72,9 +72,12 @@ class RefusalPolicy:
         """(ids, thresholds, biases) over the tokenizer's refusal tokens; a token the policy names must exist."""
         import torch
 
-        have = refusal_tokens(tokenizer)
+        have = policy_tokens(tokenizer)
         if not have:
-            raise InputError("the model has no refusal tokens (train it on data build --refusal-tokens rows)")
+            raise InputError(
+                "the model has no refusal tokens and no [RESET] (train it on data build --refusal-tokens or "
+                "--recipe backtrack rows)"
+            )
         unknown = sorted((set(self.thresholds) | set(self.biases)) - set(have))
         if unknown:
             raise InputError(f"the calibration names tokens this model does not have: {', '.join(unknown)}")

@@ -8,7 +8,7 @@ from derta.inference.base import Backend, GenInput, encode_input
 from derta.inference.policy import RefusalPolicy, apply_refusal_policy, visible_text
 from derta.io import InputError
 from derta.models import loading
-from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_tokens, reset_token_id
+from derta.models.refusal_tokens import REFUSAL_PHRASE, reset_token_id
 from derta.models.templates import resolve_template
 
 
@@ -108,7 +108,7 @@ def _vllm_refusal_processor_class():
                 spec.get("thresholds", {}), spec.get("biases", {}), spec.get("refusal_phrase", REFUSAL_PHRASE)
             )
             ids, tau, bias, follow = policy.for_tokenizer(tokenizer)
-            wanted = set(refusal_tokens(tokenizer).values())
+            wanted = set(ids.tolist())
 
             def one(output_ids: list[int], logits):
                 done = torch.tensor([any(t in wanted for t in output_ids)])

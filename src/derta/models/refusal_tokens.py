@@ -149,6 +149,13 @@ def reset_token_id(tokenizer) -> int | None:
     return tokenizer.get_added_vocab().get(RESET_TOKEN) if hasattr(tokenizer, "get_added_vocab") else None
 
 
+def policy_tokens(tokenizer) -> dict[str, int]:
+    """{token: id} of what a refusal policy thresholds and `derta calibrate` sets thresholds for: the refusal tokens,
+    or `[RESET]` for a backtracking model (a refusal inside its response starts with it); empty: neither."""
+    reset = reset_token_id(tokenizer)
+    return refusal_tokens(tokenizer) or ({RESET_TOKEN: reset} if reset is not None else {})
+
+
 def marker_tokens(tokenizer) -> dict[str, int]:
     """{token: id} of every derta marker this tokenizer has: the refusal tokens and `[respond]`."""
     respond = tokenizer.get_added_vocab().get(RESPOND_TOKEN) if hasattr(tokenizer, "get_added_vocab") else None

@@ -387,9 +387,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     for recipe in cfg.recipes:
         rcfg = RecipeConfig(recipe, seed=cfg.seed, rto_keep_ratio=cfg.rto_keep_ratio)
         rows = build_rows(rcfg, data.harmful_train, helpful)
+        init = models[RECIPES[recipe].after or "base"]  # a second stage (backtrack-dpo) trains its first's model
         with timings.stage(f"train {recipe}"):
             models[recipe] = _train_stage(
-                recipe, base, rows, out / "models" / recipe, cfg.tune_steps, cfg.tune_lr, cfg, rcfg
+                recipe, init, rows, out / "models" / recipe, cfg.tune_steps, cfg.tune_lr, cfg, rcfg
             )
 
     _stage("5/5 evaluating on held-out prompts")
