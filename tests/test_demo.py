@@ -1,12 +1,14 @@
 """The demo pipeline end to end, in its reduced configuration (tiny budgets: the numbers mean nothing here)."""
 
 import json
+import shutil
+from dataclasses import asdict
 
 import pytest
 
 from derta.cli.main import main
 from derta.recipes.demo.config import DemoConfig
-from derta.recipes.demo.pipeline import run_demo
+from derta.recipes.demo.pipeline import run_demo, same_run
 from derta.recipes.demo.report import demo_checks
 
 
@@ -97,6 +99,35 @@ def test_demo_refuses_a_directory_made_with_other_settings(demo_dir, capsys):
     assert main(["demo", "--out", str(demo_dir), "--reduced", "--seed", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0]
+
+
+def test_a_rerun_with_other_recipes_trains_only_the_new_ones(demo_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    first = json.loads((run / "report.json").read_text())["recipes"]
+    trained = (run / "models" / "derta" / "model.safetensors").stat().st_mtime_ns
+    assert main(["demo", "--out", str(run), "--reduced", "--recipes", "derta,derta-cliff,derta-random"]) == 0
+    again = json.loads((run / "report.json").read_text())["recipes"]
+    assert list(again) == ["derta", "derta-cliff", "derta-random"] and again["derta"] == first["derta"]
+    assert (run / "models" / "derta" / "model.safetensors").stat().st_mtime_ns == trained
+    # The subset recipes train on a tenth of the safety triples (prefix + RTO rows each), all the helpful rows.
+    triples = len((run / "data" / "harmful_train.jsonl").read_text().splitlines())
+    selection = json.loads((run / "cliff" / "derta-cliff.json").read_text())
+    assert selection["n"] == triples and selection["kept"] == -(-triples // 10)
+    assert selection["mean_kept_cliff"] >= selection["mean_cliff"]
+    for name in ("derta-cliff", "derta-random"):
+        rows = [json.loads(r) for r in (run / "models" / f"{name}.train.jsonl").read_text().splitlines()]
+        assert sum(r["kind"] == "prefix" for r in rows) == sum(r["kind"] == "rto" for r in rows) == selection["kept"]
+    # The recorded settings now name the recipes of the last run; the others still make it another run.
+    assert json.loads((run / "demo_config.json").read_text())["recipes"] == ["derta", "derta-cliff", "derta-random"]
+    recorded, now = (
+        json.loads((run / "demo_config.json").read_text()),
+        json.loads(json.dumps(asdict(DemoConfig.reduced()))),
+    )
+    assert same_run(recorded, now) and not same_run({**recorded, "tune_steps": 1}, now)
+    # A run recorded before cpu_bf16 existed ran in float32.
+    del recorded["cpu_bf16"]
+    assert same_run(recorded, {**now, "cpu_bf16": "off"}) and not same_run(recorded, {**now, "cpu_bf16": "on"})
 
 
 def test_checks_follow_the_numbers():

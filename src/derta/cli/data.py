@@ -209,9 +209,10 @@ def _add_build(dsub) -> None:
     t.add_argument(
         "--recipe",
         required=True,
-        choices=list(RECIPES),
+        choices=[r for r, recipe in RECIPES.items() if recipe.subset is None],  # subsets here: --select-by-cliff
         help="what the rows teach: derta (the paper's method), its parts prefix and rto, vanilla (plain "
-        "refusals), derta-tokens, and the baselines recovery and dpo (docs/data.md)",
+        "refusals), derta-tokens, the baselines recovery and dpo, the defences circuit-breakers, backtrack and "
+        "backtrack-dpo (docs/data.md, docs/baselines.md)",
     )
     i.add_argument(
         "--safety",
@@ -238,9 +239,7 @@ def _add_build(dsub) -> None:
         default=d.no_prefix_ratio,
         help="share of prefix rows with an empty harmful prefix",
     )
-    t.add_argument(
-        "--cut", choices=["word", "token"], default=d.cut, help="cut harmful prefixes at word or token boundaries"
-    )
+    t.add_argument("--cut", choices=["word", "token"], default=d.cut, help="cut harmful prefixes at word or token ends")
     t.add_argument(
         "--rto-keep-ratio",
         type=float,

@@ -41,6 +41,7 @@ class Recipe:
     title: str
     refusal_tokens: str = "none"  # a recipe that always trains refusal tokens (RecipeConfig.refusal_tokens)
     after: str | None = None  # a second stage: it trains the model this recipe made, not the untuned one
+    subset: str | None = None  # the demo trains it on SUBSET_SHARE of the triples: "cliff" (largest first) or "random"
 
 
 RECIPES = {
@@ -50,6 +51,10 @@ RECIPES = {
     "derta": Recipe(("prefix", "rto"), "DeRTa (prefix + RTO)"),
     # DeRTa whose refusals start with a per-category refusal token, thresholded by `derta calibrate`.
     "derta-tokens": Recipe(("prefix", "rto"), "DeRTa + refusal tokens (calibrated)", refusal_tokens="category"),
+    # Cliff-as-a-Judge in the demo (recipes.demo.subsets): DeRTa on the tenth of the triples with the largest refusal
+    # cliff under the untuned model, and on a random tenth.
+    "derta-cliff": Recipe(("prefix", "rto"), "DeRTa, 10 % of triples by cliff", subset="cliff"),
+    "derta-random": Recipe(("prefix", "rto"), "DeRTa, a random 10 % of triples", subset="random"),
     # Baselines (docs/baselines.md): Qi et al.'s safety recovery examples, and DPO on the same triples.
     "recovery": Recipe(("prefix",), "Recovery (Qi et al.)"),
     "dpo": Recipe(("pair",), "DPO"),
@@ -62,6 +67,7 @@ RECIPES = {
 KINDS = ("helpful", "safe", "prefix", "rto", "pair", "reroute", "backtrack")
 # The kinds trained by cross-entropy on their labels through DertaTrainer (counted in the labelled-token shares).
 CE_KINDS = ("helpful", "safe", "prefix", "rto", "backtrack")
+SUBSET_SHARE = 0.1  # of the safety triples, for the demo's subset recipes (Cliff-as-a-Judge kept 1.7 % of its data)
 # Qi et al. (shallow-vs-deep-alignment): prefixes of at most 100 harmful tokens, on half of the safety rows.
 RECOVERY_MAX_PREFIX = 100
 RECOVERY_SHARE = 0.5

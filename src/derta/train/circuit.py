@@ -24,6 +24,10 @@ from derta.train.trainer import CompleteCheckpoints
 
 # `cb_layers: auto`: the depths of Zou et al.'s Llama-3-8B run (layers 10 and 20 of 32), on any model.
 AUTO_DEPTHS = (10 / 32, 20 / 32)
+# With LoRA's B at zero the adapted states equal the frozen ones, where ReLU(cos) is at its maximum and has no
+# gradient: the rerouting never starts (measured in float32: cos 1.0000 after 400 steps on the tiny model, after 40
+# on SmolLM2). B starts at small random values instead (std below), so the states start just off the frozen ones.
+LORA_B_INIT_STD = 1e-3
 
 
 def parse_cb_layers(spec: str, num_layers: int) -> list[int]:
@@ -80,6 +84,11 @@ class CircuitBreakerTrainer(CompleteCheckpoints, Trainer):
                 f"--cb-layers: layer {self.cb_layers[0]}'s states cannot move, LoRA adapts only layers {lowest + 1} to "
                 f"{total} (--lora-layers {self.args.lora_layers}); reroute higher layers or adapt more"
             )
+        generator = torch.Generator().manual_seed(self.args.seed)
+        with torch.no_grad():
+            for name, weight in peft_model.named_parameters():
+                if "lora_B" in name:
+                    weight.copy_(torch.randn(weight.shape, generator=generator) * LORA_B_INIT_STD)
         # The loss is a mean per micro-batch: Trainer divides it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._parts = {"reroute_loss": [0.0, 0], "retain_loss": [0.0, 0], "reroute_cos": [0.0, 0]}

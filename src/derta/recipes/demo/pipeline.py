@@ -48,6 +48,7 @@ from derta.recipes.demo.metrics import dial, evaluate_extras, evaluate_model, ge
 from derta.recipes.demo.plots import plot_dial, plot_overrefusal, plot_prefill, plot_probe, plot_real_depth
 from derta.recipes.demo.realdata import real_data_stage, real_evaluations, training_inputs
 from derta.recipes.demo.report import demo_checks, render_markdown
+from derta.recipes.demo.subsets import subset_triples
 from derta.train.config import DertaConfig
 from derta.train.run import train
 
@@ -248,9 +249,17 @@ def _check(out: Path, cfg: DemoConfig) -> None:
         load_overrefusal_prompts(cfg.overrefusal_prompts)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "demo_config.json"
-    if manifest.exists() and json.loads(manifest.read_text()) != json.loads(json.dumps(asdict(cfg))):
+    if manifest.exists() and not same_run(json.loads(manifest.read_text()), json.loads(json.dumps(asdict(cfg)))):
         raise InputError("directory holds a demo run with other settings: choose a new --out", out)
     write_json(manifest, asdict(cfg))
+
+
+def same_run(recorded: dict, now: dict) -> bool:
+    """Whether a directory's recorded settings are this run's. The recipes are not part of a run's identity: each
+    recipe's model and evaluation have their own directories, so a rerun with other recipes reuses those it shares
+    and trains only the new ones. A run recorded before `cpu_bf16` existed ran in float32 (off)."""
+    recorded = {"cpu_bf16": "off", **recorded}
+    return {k: v for k, v in recorded.items() if k != "recipes"} == {k: v for k, v in now.items() if k != "recipes"}
 
 
 def _base_stage(
@@ -386,7 +395,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, progress: bool = Tr
     models = {"base": base}
     for recipe in cfg.recipes:
         rcfg = RecipeConfig(recipe, seed=cfg.seed, rto_keep_ratio=cfg.rto_keep_ratio)
-        rows = build_rows(rcfg, data.harmful_train, helpful)
+        triples, subset = subset_triples(recipe, base, out, data.harmful_train, helpful, cfg.seed)
+        if subset is not None:
+            _stage(f"{recipe}: {subset['kept']} of {subset['n']} safety triples ({subset['subset']})")
+        rows = build_rows(rcfg, triples, helpful)
         init = models[RECIPES[recipe].after or "base"]  # a second stage (backtrack-dpo) trains its first's model
         with timings.stage(f"train {recipe}"):
             models[recipe] = _train_stage(
