@@ -7,6 +7,7 @@ from dataclasses import asdict
 import pytest
 
 from derta.cli.main import main
+from derta.eval.stats import with_interval
 from derta.recipes.demo.config import DemoConfig
 from derta.recipes.demo.pipeline import run_demo, same_run
 from derta.recipes.demo.report import demo_checks
@@ -57,6 +58,11 @@ def test_demo_writes_reports_plots_and_models(demo_dir):
     md = (demo_dir / "report.md").read_text()
     assert "| Vanilla |" in md and "| DeRTa (prefix + RTO) |" in md and "Prefill ASR 50%" in md
     assert "## Refusal tokens" in md and "| DeRTa + refusal tokens (calibrated) |" in md
+    # The rates again with 95 % intervals: a refusal rate of the 'reduced' harmful split, e.g. "100.0 (84-100)".
+    report = json.loads((demo_dir / "report.json").read_text())
+    vanilla, n = report["recipes"]["vanilla"], report["recipes"]["vanilla"]["n"]["harmful"]
+    row = next(line for line in md.split("95 % intervals", 1)[1].splitlines() if line.startswith("| Vanilla |"))
+    assert row.split(" | ")[1] == with_interval(vanilla["refusal_rate"], n) and "(" in row
     for png in ("probe_curve.png", "prefill_asr.png", "dial.png", "calibration/derta-tokens/calibration.png"):
         assert (demo_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ("base", "vanilla", "prefix", "rto", "derta", "derta-tokens"):

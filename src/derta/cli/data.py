@@ -226,12 +226,23 @@ def _add_build(dsub) -> None:
     )
     i.add_argument("--safety-columns", help="column mapping for --safety, ours=theirs,... e.g. instruction=prompt")
     i.add_argument("--helpful-columns", help="column mapping for --helpful, ours=theirs,... e.g. response=output")
-    i.add_argument("--seed", type=int, default=d.seed, help="random seed of prefix cuts, sampling and rephrasings")
+    i.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="random seed of prefix cuts, sampling and rephrasings (as derta train's: transformers' 42)",
+    )
     _add_augment(i)
     group(b, "output").add_argument("--out", required=True, help="output JSONL of training rows")
     m = group(b, "model")
     m.add_argument("--tokenizer", help="directory or hub ID: also write input_ids and labels")
     add_template(m)
+    _add_recipe_settings(t, d)
+    _add_cliff(group(b, "data"))
+
+
+def _add_recipe_settings(t, d: RecipeConfig) -> None:
+    """data build's settings of the rows a recipe writes (RecipeConfig's fields)."""
     t.add_argument("--refusal-phrase", default=d.refusal_phrase, help="the word every refusal starts with")
     t.add_argument(
         "--no-prefix-ratio",
@@ -260,7 +271,6 @@ def _add_build(dsub) -> None:
         "(category, from each triple's 'category'); RTO trains that token at every position "
         "(derta calibrate sets its thresholds)",
     )
-    _add_cliff(group(b, "data"))
 
 
 def _add_cliff(b) -> None:

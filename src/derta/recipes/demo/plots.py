@@ -78,7 +78,7 @@ def plot_prefill(results: dict, cfg: DemoConfig, path: Path) -> None:
     names = [k for k in results if k != "base"]
     fr = [str(f) for f in cfg.prefill_fractions]
     width = 0.8 / len(fr)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names) + 2), 4.5))  # every recipe's label readable
     for j, f in enumerate(fr):
         xs = [i + j * width for i in range(len(names))]
         asr = [results[n]["prefill_asr"][f] for n in names]
@@ -98,11 +98,11 @@ def plot_prefill(results: dict, cfg: DemoConfig, path: Path) -> None:
         for x, a in zip(xs, asr):
             ax.text(x, a + 0.01, f"{100 * a:.0f}", ha="center", fontsize=7)
     ax.set_xticks([i + width * (len(fr) - 1) / 2 for i in range(len(names))])
-    ax.set_xticklabels([RECIPES[n].title for n in names], fontsize=8)
+    ax.set_xticklabels([RECIPES[n].title for n in names], fontsize=8, rotation=30, ha="right")
     ax.set_ylabel("attack success rate")
     ax.set_ylim(0, 1.1)
     ax.set_title("Prefill attack success on held-out harmful prompts")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     write_png(path, fig)

@@ -164,6 +164,24 @@ def _main_table(rows: list[tuple[str, dict]], fr: list[str], cfg: DemoConfig) ->
     return lines
 
 
+def _interval_table(rows: list[tuple[str, dict]], fr: list[str]) -> list[str]:
+    """The main table's rates with their 95 % Wilson intervals (prefill: the cuts' prompts pooled)."""
+    lines = [
+        "The same rates with their 95 % intervals (Wilson; the prefill cuts' prompts pooled):",
+        "",
+        "| Model | Refusal ↑ | Prefill ASR mean ↓ | Helpfulness ↑ | Over-refusal ↓ |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in rows:
+        n = m["n"]
+        lines.append(
+            f"| {name} | {with_interval(m['refusal_rate'], n['harmful'])} | "
+            f"{with_interval(m['prefill_asr_mean'], n['harmful'] * len(fr))} | "
+            f"{with_interval(m['helpfulness'], n['helpful'])} | {with_interval(m['over_refusal'], n['lookalike'])} |"
+        )
+    return lines + [""]
+
+
 def _examples_markdown(rows: list[tuple[str, dict]]) -> list[str]:
     lines = ["", "## Example generations", ""]
     for name, m in rows:
@@ -190,6 +208,7 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
             "",
         ]
     lines += _main_table(rows, fr, cfg)
+    lines += _interval_table(rows, fr)
     lines += _extras_markdown(rows)
     lines += _real_markdown(rows)
     lines += tokens_markdown(report["recipes"], cfg)
