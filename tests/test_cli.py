@@ -63,6 +63,14 @@ def test_unknown_flag_is_named_with_the_nearest_known_one(capsys):
     with pytest.raises(SystemExit):
         main(["evl", "--model", "m"])
     assert "unknown command 'evl' (did you mean derta eval?)" in capsys.readouterr().err
+    # A global flag mistyped before the command is named too, not the command's missing flags.
+    for argv, line in (
+        (["--debg", "eval"], "derta: error: unknown flag --debg (did you mean --debug?)"),
+        (["data", "--foo", "build"], "derta data: error: unknown flag --foo; derta data --help lists them"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == line
 
 
 def test_a_command_group_alone_lists_its_subcommands(capsys):
