@@ -49,10 +49,9 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         self._argv = list(sys.argv[1:] if args is None else args)
+        # A group's own flags end at its command: an unknown one there is named before the command runs.
         if self._commands() and self.unknown_flags():
-            self.error(
-                ""
-            )  # a group's own flags end at its command: an unknown one there is named before the command runs
+            self.error("")
         namespace, extras = super().parse_known_args(args, namespace)
         if extras and not self._commands():  # a leaf command: nothing after it belongs to a parent
             self.error(f"unrecognized arguments: {' '.join(extras)}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from derta.inference.base import left_pad, over_context
+from derta.inference.base import over_context, padded_forward
 from derta.io import InputError, atomic_open, read_text, show_progress, write_json
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 
@@ -60,7 +60,6 @@ def hidden_states(model, tokenizer, seqs: list[list[int]], batch_size: int = 16,
     embeddings left out), float32 on the CPU. Batches of similar lengths, left padded."""
     import torch  # here, not at the top: commands that only read finished runs never load torch
 
-    device = next(model.parameters()).device
     over_context(model, [len(s) for s in seqs], "sequences")
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     was_training = model.training
@@ -68,15 +67,9 @@ def hidden_states(model, tokenizer, seqs: list[list[int]], batch_size: int = 16,
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="hidden states", disable=not show_progress(progress)):
             batch = order[start : start + batch_size]
-            ids, mask, positions = left_pad([seqs[i] for i in batch], tokenizer.pad_token_id)
-            with torch.no_grad():
-                out = model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=positions.to(device),
-                    output_hidden_states=True,
-                    logits_to_keep=1,
-                )
+            out = padded_forward(
+                model, [seqs[i] for i in batch], tokenizer.pad_token_id, output_hidden_states=True, logits_to_keep=1
+            )
             hs = torch.stack(out.hidden_states[1:], 1).float().cpu()  # [batch, layers, width, d]
             for row, i in enumerate(batch):
                 yield i, hs[row, :, hs.shape[2] - len(seqs[i]) :]

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from derta.data.shapes import columns
 from derta.data.sources import prompt_of, read_records
-from derta.inference.base import left_pad, over_context
+from derta.inference.base import over_context, padded_forward
 from derta.io import NUMERIC_RULES, InputError, check_number, pyplot, show_progress, write_png
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
@@ -91,18 +91,10 @@ def _batch_probabilities(model, tokenizer, encoded: list[tuple[list[int], int]],
     """One batch of (ids, response length): each example's probabilities at its response positions."""
     import torch  # here, not at the top: commands that only read finished runs never load torch
 
-    device = next(model.parameters()).device
-    ids, mask, positions = left_pad([e[0] for e in encoded], tokenizer.pad_token_id)
     keep = max(n for _, n in encoded) + 1
-    with torch.no_grad():
-        # Left padding puts every response at the end, so only the last `keep` logits are needed.
-        logits = model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            logits_to_keep=keep,
-        ).logits[:, -keep:]
-        probs = torch.softmax(logits.float(), dim=-1)[..., torch.tensor(token_ids).to(device)].cpu()
+    # Left padding puts every response at the end, so only the last `keep` logits are needed.
+    logits = padded_forward(model, [e[0] for e in encoded], tokenizer.pad_token_id, logits_to_keep=keep).logits
+    probs = torch.softmax(logits[:, -keep:].float(), dim=-1)[..., torch.tensor(token_ids).to(logits.device)].cpu()
     # The last n+1 logits of each row: after the prompt's last token, then after each response token.
     return [probs[row, keep - n - 1 :].tolist() for row, (_, n) in enumerate(encoded)]
 

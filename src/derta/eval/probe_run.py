@@ -141,6 +141,11 @@ def run_probe(
     return combined
 
 
+def kept_count(fraction: float, n: int) -> int:
+    """How many of n rows a selection of `fraction` keeps: rounded up, at least one."""
+    return max(1, math.ceil(fraction * n))
+
+
 def select_by_cliff(
     rows: list[dict], model_path: str, directions: str, fraction: float, template: str = "auto", batch_size: int = 16
 ) -> tuple[list[dict], dict]:
@@ -154,7 +159,7 @@ def select_by_cliff(
     check_fits(model, loaded[0])
     pairs = [(r["instruction"], r["harmful_response"]) for r in rows]
     cliffs = [s["cliff"] for s in position_scores(model, tokenizer, pairs, *loaded, template, batch_size, True)]
-    keep = max(1, math.ceil(fraction * len(rows)))
+    keep = kept_count(fraction, len(rows))
     chosen = sorted(sorted(range(len(rows)), key=lambda i: (-cliffs[i], i))[:keep])
     report = {
         "model": str(model_path),

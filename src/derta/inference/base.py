@@ -102,6 +102,19 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple:
     return ids, mask, positions
 
 
+def padded_forward(model, seqs: list[list[int]], pad_id: int, **kwargs):
+    """The model's output on left-padded sequences (no gradient), on the model's device: every response or target
+    ends at the last column, so `logits_to_keep` and the last hidden states cover them."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids, mask, positions = left_pad(seqs, pad_id)
+    with torch.no_grad():
+        return model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), **kwargs
+        )
+
+
 def context_length(model) -> int | None:
     """The number of positions the model was trained for (None when its config does not say)."""
     config = getattr(model, "config", None)

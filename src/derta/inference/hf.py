@@ -7,7 +7,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
-from derta.inference.base import Backend, GenInput, Sampling, encode_input, left_pad, over_context
+from derta.inference.base import Backend, GenInput, Sampling, encode_input, left_pad, over_context, padded_forward
 from derta.inference.policy import RefusalPolicy, refusal_logits_processor, visible_text
 from derta.inference.shard import Shard
 from derta.io import NUMERIC_RULES, InputError, check_number
@@ -170,15 +170,10 @@ class HFBackend(Backend):
         order = sorted(range(len(seqs)), key=lambda i: -sum(map(len, seqs[i])))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            ids, mask, pos = left_pad([seqs[i][0] + seqs[i][1] for i in idx], self.tokenizer.pad_token_id)
             keep = max(len(seqs[i][1]) for i in idx) + 1
-            with torch.inference_mode():
-                logits = self.model(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    position_ids=pos.to(self.device),
-                    logits_to_keep=keep,
-                ).logits[:, -keep:-1]
+            logits = padded_forward(
+                self.model, [seqs[i][0] + seqs[i][1] for i in idx], self.tokenizer.pad_token_id, logits_to_keep=keep
+            ).logits[:, -keep:-1]
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
             # Left padding puts every target at the end: the logits before the last n tokens predict them.
             for row, i in enumerate(idx):

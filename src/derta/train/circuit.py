@@ -25,8 +25,9 @@ from derta.train.trainer import CompleteCheckpoints
 # `cb_layers: auto`: the depths of Zou et al.'s Llama-3-8B run (layers 10 and 20 of 32), on any model.
 AUTO_DEPTHS = (10 / 32, 20 / 32)
 # With LoRA's B at zero the adapted states equal the frozen ones, where ReLU(cos) is at its maximum and has no
-# gradient: the rerouting never starts (measured in float32: cos 1.0000 after 400 steps on the tiny model, after 40
-# on SmolLM2). B starts at small random values instead (std below), so the states start just off the frozen ones.
+# gradient: in float32 the rerouting never started (the tiny model: cos 1.0000 after 400 steps). B starts at small
+# random values instead, so the states start just off the frozen ones. (On SmolLM2 that is not enough: its massive
+# activations keep cos at 1.0000 after 40 steps; docs/baselines.md.)
 LORA_B_INIT_STD = 1e-3
 
 

@@ -10,13 +10,12 @@ size, drawn with the run's seed, says how much of the result is the choice and h
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
 from derta.data.recipes import RECIPES, SUBSET_SHARE
 from derta.eval.latent import run_directions
-from derta.eval.probe_run import select_by_cliff
+from derta.eval.probe_run import kept_count, select_by_cliff
 from derta.io import write_json, write_jsonl
 
 
@@ -26,7 +25,7 @@ def subset_triples(recipe: str, base: Path, out: Path, triples: list[dict], help
     if kind is None:
         return triples, None
     if kind == "random":
-        keep = max(1, math.ceil(SUBSET_SHARE * len(triples)))
+        keep = kept_count(SUBSET_SHARE, len(triples))
         chosen = sorted(random.Random(seed).sample(range(len(triples)), keep))
         return [triples[i] for i in chosen], {"subset": "random", "n": len(triples), "kept": keep, "seed": seed}
     directions = out / "cliff" / "directions"
