@@ -23,6 +23,7 @@ from derta.io import InputError
 from derta.models.loading import load_model, load_tokenizer
 from derta.models.refusal_tokens import (
     REFUSE_TOKEN,
+    RESET_TOKEN,
     RESPOND_TOKEN,
     add_special_tokens,
     category_name,
@@ -215,6 +216,13 @@ def test_init_new_embeddings_copies_sorry_into_refusal_rows(tiny):
         assert torch.equal(emb[tok.convert_tokens_to_ids(t)], sorry)
     assert not torch.equal(emb[tok.convert_tokens_to_ids(RESPOND_TOKEN)], sorry)
     assert model.config.vocab_size == len(tok)
+
+
+def test_reset_starts_from_sorry_like_a_refusal_token(tiny):
+    model, tok = load_model(str(tiny), dtype="float32"), load_tokenizer(str(tiny))
+    init_new_embeddings(model, tok, add_special_tokens(tok, [RESET_TOKEN]))
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(emb[tok.convert_tokens_to_ids(RESET_TOKEN)], emb[tok.convert_tokens_to_ids("Sorry")])
 
 
 def test_init_new_embeddings_on_an_untied_head_copies_the_head_row_too(tiny):

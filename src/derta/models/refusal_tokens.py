@@ -171,9 +171,12 @@ def add_special_tokens(tokenizer, tokens: list[str]) -> list[str]:
 
 
 def init_new_embeddings(model, tokenizer, added: list[str], refusal_phrase: str = REFUSAL_PHRASE) -> None:
-    """Make room for `added` tokens and give each refusal token the embedding (input and output) of the refusal
-    phrase's first token, so it starts out as likely as "Sorry" where a refusal begins; `[respond]` and `[RESET]`
-    keep the mean embedding transformers gives new rows."""
+    """Make room for `added` tokens and give each refusal token, and `[RESET]`, the embedding (input and output) of
+    the refusal phrase's first token, so it starts out as likely as "Sorry" where a refusal begins; `[respond]`
+    keeps the mean embedding transformers gives new rows.
+
+    `[RESET]` starts a refusal inside a response. From the mean row its logit is far below the text's, and a small
+    LoRA budget does not lift it (SmolLM2-135M, 1,300 rows: still ranked 326th-1472nd where it was trained)."""
     import torch
 
     if not added:
@@ -185,5 +188,5 @@ def init_new_embeddings(model, tokenizer, added: list[str], refusal_phrase: str 
             id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None
         }.values():
             for token in added:
-                if token not in (RESPOND_TOKEN, RESET_TOKEN):
+                if token != RESPOND_TOKEN:
                     emb.weight[tokenizer.convert_tokens_to_ids(token)] = emb.weight[source]
