@@ -131,6 +131,9 @@ def test_a_rerun_with_other_recipes_trains_only_the_new_ones(demo_dir, tmp_path)
         json.loads(json.dumps(asdict(DemoConfig.reduced()))),
     )
     assert same_run(recorded, now) and not same_run({**recorded, "tune_steps": 1}, now)
+    # The trunk cache's budget changes speed, not results; a run recorded before it existed is the same run.
+    assert same_run({**recorded, "trunk_cache_gb": 0.0}, now)
+    assert same_run({k: v for k, v in recorded.items() if k != "trunk_cache_gb"}, now)
     # A run recorded before cpu_bf16 existed ran in float32.
     del recorded["cpu_bf16"]
     assert same_run(recorded, {**now, "cpu_bf16": "off"}) and not same_run(recorded, {**now, "cpu_bf16": "on"})

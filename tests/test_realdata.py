@@ -218,6 +218,10 @@ def test_real_model_demo_trains_and_tests_on_real_prompts(tmp_path):
     assert own["depth"]["depths"] == [5, 10, 20, 40, 80, 160] and 0.0 <= own["depth"]["auc"] <= 1.0
     assert set(real["donotanswer"]["by_category"]["none"]) <= set(AREAS)
     assert "depth area" in (out / "report.md").read_text() and (out / "real_depth.png").exists()
+    # Each training records whether the frozen layers' states were reused, or why not (LoRA on all 8 layers here).
+    trunk = report["speedups"]["training_trunk_cache"]
+    assert trunk == {name: {"used": False, "off": "the lowest decoder layer trains"} for name in ("vanilla", "derta")}
+    assert "Frozen-trunk cache (`--trunk-cache-gb 4`)" in (out / "report.md").read_text()
     train = [json.loads(line) for line in (out / "data" / "real" / "triples_train.jsonl").read_text().splitlines()]
     assert {t["instruction"] for t in train} <= {p for ps in AREAS.values() for p in ps}
     # The untuned model's harmful answers stay in the demo directory's data and run files, never in the report.

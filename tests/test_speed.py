@@ -265,6 +265,12 @@ def test_bench_smoke_writes_json_and_table(tmp_path, tiny_dir):
         assert result["loss"][impl]["peak_memory_mb"] >= 0 and result["loss"][impl]["step_s"] > 0
     assert result["packing"]["packed"]["positions_computed"] < result["packing"]["padded"]["positions_computed"]
     assert "| measure |" in (out / "bench.md").read_text()
+    # The trunk part: LoRA on the top quarter, a later epoch from kept states, the same loss as recomputed.
+    trunk = result["trunk"]
+    assert (trunk["lora_layers"], trunk["layers"]) == (1, 4) and trunk["abs_loss_diff"] <= 1e-5
+    assert trunk["cached"]["cache"]["used"] and trunk["cached"]["cache"]["batches"]["cached"] == 1
+    assert "frozen trunk recomputed → kept from the first" in (out / "bench.md").read_text()
+    assert {"trunk recomputed" in p["path"] for p in result["limit"]["paths"]} == {True, False}
     # The machine's limit: a peak per precision the hardware has, and each path's fraction of it well-formed.
     limit = result["limit"]
     assert set(limit["peak"]) == ({"float32", "bfloat16"} if cpu_bf16_features() else {"float32"})

@@ -57,6 +57,7 @@ def demo_config(args) -> DemoConfig:
         cfg.recipes = recipes or cfg.recipes
         cfg.tune_steps = args.steps or cfg.tune_steps
     cfg.cpu_bf16 = args.cpu_bf16 or cfg.cpu_bf16
+    cfg.trunk_cache_gb = cfg.trunk_cache_gb if args.trunk_cache_gb is None else args.trunk_cache_gb
     unknown = [r for r in cfg.recipes if r not in RECIPES]
     if unknown or not cfg.recipes:
         raise InputError(
@@ -148,15 +149,26 @@ def _add_demo(sub) -> None:
     )
     e.add_argument("--eval-limit", type=int, help="only the first N of --eval-prompts")
     e.add_argument("--overrefusal-prompts", help="with --model: XSTest's CSV or JSONL {prompt, label: safe|unsafe}")
-    group(p, "training").add_argument(
+    _add_speedups(group(p, "training"), tiny, real)
+    _add_real_data(group(p, "data"))
+    group(p, "output").add_argument(
+        "--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)"
+    )
+
+
+def _add_speedups(t, tiny: DemoConfig, real: dict) -> None:
+    """The demo's switches for CPU bf16 and the frozen trunk's cache."""
+    t.add_argument(
         "--cpu-bf16",
         choices=CPU_BF16_CHOICES,
         help=f"bf16 autocast for training and evaluation generation on the CPU (default {tiny.cpu_bf16}, "
         f"{real['cpu_bf16']} with --model: on when the CPU does bf16 in hardware)",
     )
-    _add_real_data(group(p, "data"))
-    group(p, "output").add_argument(
-        "--out", default="demo-out", help="output directory (rerun to resume an interrupted demo)"
+    t.add_argument(
+        "--trunk-cache-gb",
+        type=float,
+        help=f"GiB for the frozen layers' states, computed once per row and reused in later epochs (with --model's "
+        f"LoRA on the top layers; default {tiny.trunk_cache_gb}; 0: off)",
     )
 
 
@@ -210,6 +222,11 @@ def _add_bench(sub) -> None:
     )
     t.add_argument("--short", help="helpful row lengths MIN-MAX (default {}-{})".format(*d.short))
     t.add_argument("--long", help="RTO row lengths MIN-MAX (default {}-{})".format(*d.long))
+    t.add_argument(
+        "--lora-layers",
+        type=int,
+        help="trunk part: LoRA on this many top layers, the frozen ones below cached (default: a quarter of them)",
+    )
     t.add_argument("--seed", type=int, default=d.seed, help="random seed of the rows and the model")
     g.add_argument("--prompts", type=int, default=d.prompts, help="generation prompts")
     g.add_argument("--gen-batch", type=int, default=d.gen_batch, help="batch size of batched generation and the probe")

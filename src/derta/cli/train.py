@@ -62,6 +62,12 @@ def add_train_arguments(p) -> None:
         choices=CPU_BF16_CHOICES,
         help="bf16 autocast on the CPU; default auto: on when the CPU does bf16 in hardware (AVX512-BF16, AMX)",
     )
+    t.add_argument(
+        "--trunk-cache-gb",
+        type=float,
+        help="GiB for the frozen layers' hidden states, computed once per row and reused when only the top layers "
+        "train (--lora-layers); 0: off; " + _default("trunk_cache_gb"),
+    )
     _add_lora(t)
     _add_objectives(t)
     _add_output(group(p, "output"))

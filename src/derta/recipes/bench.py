@@ -10,6 +10,8 @@ Four comparisons, each new against old on the same model and data:
     probe       derta.eval.probe's one teacher-forced pass vs probing by generation (one greedy step
                 per response position, the same positions and probabilities)
     generation  HFBackend batched vs one prompt at a time (prompts/s)
+    trunk       LoRA on the top layers (the top quarter, or --lora-layers): training tokens/s of an epoch after the
+                first with the frozen layers recomputed vs their states kept from the first (train.trunk)
 
 Writes OUT/bench.json (raw figures, ratios new ÷ old) and OUT/bench.md (a table).
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -35,11 +36,12 @@ from derta.inference.base import GenInput
 from derta.inference.hf import HFBackend
 from derta.io import NUMERIC_RULES, InputError, check_number, show_progress, write_json, write_text
 from derta.models.loading import load_model, load_tokenizer
-from derta.models.precision import cpu_autocast, cpu_bf16_features, resolve_cpu_bf16
+from derta.models.precision import cpu_bf16_features
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 from derta.models.tiny import build_tiny, random_model
 from derta.recipes.limit import flop_profile, fraction_row, limit_markdown, machine_peak, step_flops
+from derta.recipes.throughput import packing_throughput, skewed_rows, to_device, trunk_throughput
 
 
 @dataclass
@@ -57,6 +59,7 @@ class BenchConfig:
     gen_batch: int = 16
     max_new_tokens: int = 32
     probe_pairs: int = 16
+    lora_layers: int | None = None  # trunk part: LoRA on this many top layers (None: a quarter of them)
     seed: int = 0
 
 
@@ -127,32 +130,6 @@ def loss_batch(cfg: BenchConfig, vocab: int) -> dict:
     }
 
 
-def skewed_rows(cfg: BenchConfig, vocab: int) -> list[dict]:
-    """The DeRTa mix in miniature: per batch, 3 of 4 rows short helpful ones, 1 of 4 a long RTO row."""
-    rng = random.Random(cfg.seed)
-    rows = []
-    for i in range(cfg.batch * cfg.pack_batches):
-        rto = i % 4 == 3 or (cfg.batch < 4 and i % cfg.batch == cfg.batch - 1)
-        n = rng.randint(*(cfg.long if rto else cfg.short))
-        ids = [rng.randrange(3, vocab) for _ in range(n)]
-        prompt = n // 2 if rto else n // 3
-        labels = [-100] * prompt + ([5] * (n - prompt) if rto else ids[prompt:])
-        rows.append(
-            {
-                "input_ids": ids,
-                "labels": labels,
-                "loss_weight": 0.5 if rto else 1.0,
-                "kind": "rto" if rto else "helpful",
-            }
-        )
-    rng.shuffle(rows)
-    return rows
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def loss_step(cfg: BenchConfig, impl: str) -> dict:
     """Peak memory and time of a training step with one loss implementation (run in its own process)."""
     from derta.train.losses import batch_loss  # the training stack loads only when a step is timed
@@ -160,7 +137,7 @@ def loss_step(cfg: BenchConfig, impl: str) -> dict:
     model, _ = _load(cfg)
     model.train()
     device = next(model.parameters()).device
-    batch = _to(loss_batch(cfg, model.config.vocab_size), device)
+    batch = to_device(loss_batch(cfg, model.config.vocab_size), device)
     memory, times, loss = PeakMemory(device), [], None
     for _ in range(cfg.steps):
         model.zero_grad(set_to_none=True)
@@ -198,62 +175,6 @@ def _loss_step_subprocess(cfg: BenchConfig, impl: str) -> dict:
     return json.loads(line[len("BENCH ") :])
 
 
-def packing_throughput(cfg: BenchConfig, model) -> dict:
-    """Training tokens/s (forward + backward + SGD step), padded batches vs packed, same rows in the same batches.
-
-    Both start from the same weights each pass; the first batch's loss is compared (same loss, row by row).
-    """
-    import torch
-
-    from derta.train.collators import PackCollator, PadCollator
-    from derta.train.losses import batch_loss
-
-    rows = skewed_rows(cfg, model.config.vocab_size)
-    device = next(model.parameters()).device
-    batches = [rows[i : i + cfg.batch] for i in range(0, len(rows), cfg.batch)]
-    tokens = sum(len(r["input_ids"]) for r in rows)
-    result, first_loss = {}, {}
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    variants = [("padded", PadCollator(0), False), ("packed", PackCollator(), False)]
-    if resolve_cpu_bf16("auto", device):
-        variants.append(("packed_bf16", PackCollator(), True))  # bf16 autocast, as derta train does by default
-    for name, collate, bf16 in variants:
-        collated = [_to(collate(b), device) for b in batches]
-        # One untimed warm-up step, then the faster of `repeats` timed passes: the CPU is shared.
-        passes = []
-        for timed in [False] + [True] * cfg.repeats:
-            model.load_state_dict(state)
-            model.train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-            start = time.perf_counter()
-            for i, batch in enumerate(collated if timed else collated[:1]):
-                with cpu_autocast(bf16):
-                    loss, _ = batch_loss(model, batch, "chunked")
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if i == 0:
-                    first_loss[name] = float(loss.detach())
-            if timed:
-                passes.append(time.perf_counter() - start)
-        seconds = min(passes)
-        padded_tokens = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
-        result[name] = {
-            "precision": "bfloat16" if bf16 else "float32",
-            "seconds": round(seconds, 3),
-            "pass_seconds": [round(t, 3) for t in passes],
-            "tokens_per_s": round(tokens / seconds, 1),
-            "positions_computed": padded_tokens if name == "padded" else tokens,
-            "first_batch_loss": first_loss[name],
-        }
-    model.load_state_dict(state)
-    result["real_tokens"] = tokens
-    result["abs_loss_diff"] = abs(first_loss["packed"] - first_loss["padded"])
-    if "packed_bf16" in result:
-        result["bf16_abs_loss_diff"] = abs(first_loss["packed_bf16"] - first_loss["packed"])
-    return result
-
-
 def limit(cfg: BenchConfig, results: dict, model) -> dict:
     """The machine's matmul peak and each timed training path's model FLOP/s as a fraction of it (recipes.limit)."""
     device = next(model.parameters()).device
@@ -278,6 +199,25 @@ def limit(cfg: BenchConfig, results: dict, model) -> dict:
         if isinstance(r, dict) and "tokens_per_s" in r:
             flops = step_flops(profile, skewed)
             paths.append(fraction_row(f"skewed mix + SGD, {name}", flops, r["seconds"], r["precision"], peak))
+    if trunk := results.get("trunk"):
+        # The cached epoch computes no forward below the trained layers: its FLOPs are the trained layers' share.
+        p, frozen = trunk["profile"], trunk["layers"] - trunk["lora_layers"]
+        computed = {
+            **p,
+            "body_forward": p["body_forward"] * trunk["lora_layers"] / trunk["layers"],
+            "attention_layers": p["attention_layers"] - frozen,
+        }
+        top = f"LoRA top {trunk['lora_layers']} of {trunk['layers']} layers"
+        for name, prof in (("recomputed", p), ("cached", computed)):
+            paths.append(
+                fraction_row(
+                    f"skewed mix + SGD, {top}, trunk {name}",
+                    step_flops(prof, skewed),
+                    trunk[name]["seconds"],
+                    "float32",
+                    peak,
+                )
+            )
     return {"peak": peak, "cpu_bf16_features": cpu_bf16_features(), "profile": profile, "paths": paths}
 
 
@@ -360,6 +300,8 @@ def generation_throughput(cfg: BenchConfig, model, tokenizer) -> dict:
 def _check(cfg: BenchConfig) -> None:
     for name in ("batch", "seq", "steps", "prompts", "probe_pairs", "pack_batches", "repeats"):
         check_number(getattr(cfg, name), "--" + name.replace("_", "-"), NUMERIC_RULES[name])
+    if cfg.lora_layers is not None:
+        check_number(cfg.lora_layers, "--lora-layers", NUMERIC_RULES["lora_layers"])
     if cfg.seq < 4:
         raise InputError("--seq must be at least 4 (half of each row is unlabelled)")
     if cfg.model and not Path(cfg.model).is_dir():
@@ -388,6 +330,9 @@ def _ratios(results: dict) -> dict:
             generation["batched"]["prompts_per_s"] / generation["one_at_a_time"]["prompts_per_s"], 3
         ),
         "probe_time": round(results["probe"]["probe_s"] / results["probe"]["generation_s"], 4),
+        "trunk_cache_tokens_per_s": round(
+            results["trunk"]["cached"]["tokens_per_s"] / results["trunk"]["recomputed"]["tokens_per_s"], 3
+        ),
         **(
             {"bf16_tokens_per_s": round(packing["packed_bf16"]["tokens_per_s"] / packing["packed"]["tokens_per_s"], 3)}
             if "packed_bf16" in packing
@@ -416,6 +361,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     bar.set_postfix_str("packing")
     model, _ = _load(cfg)
     results["packing"] = packing_throughput(cfg, model)
+    bar.set_postfix_str("trunk cache")
+    results["trunk"] = trunk_throughput(cfg, model)
     bar.set_postfix_str("machine peak")
     results["limit"] = limit(cfg, results, model)
     del model
@@ -439,6 +386,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
 
 def markdown_table(r: dict) -> str:
     c, lo, pk, pr, ge, ra = r["config"], r["loss"], r["packing"], r["probe"], r["generation"], r["ratios"]
+    tr = r["trunk"]
     model = c["model"] or f"build_tiny architecture, vocab {c['vocab']} (random weights)"
     lines = [
         f"# derta bench ({r['device']}, {r['torch_threads']} torch threads)",
@@ -460,6 +408,9 @@ def markdown_table(r: dict) -> str:
             if "packed_bf16" in pk
             else []
         ),
+        f"| training tokens/s, LoRA top {tr['lora_layers']} of {tr['layers']} layers, a later epoch: frozen trunk "
+        f"recomputed → kept from the first | {tr['recomputed']['tokens_per_s']} | {tr['cached']['tokens_per_s']} | "
+        f"{ra['trunk_cache_tokens_per_s']} |",
         f"| generation prompts/s, one at a time → batched ({ge['prompts']} prompts, {c['max_new_tokens']} new tokens) | "
         f"{ge['one_at_a_time']['prompts_per_s']} | {ge['batched']['prompts_per_s']} | {ra['batched_generation']} |",
         f"| refusal probe time (s), generation per position → one forward ({pr['pairs']} pairs, {pr['positions']} positions) | "
@@ -468,7 +419,8 @@ def markdown_table(r: dict) -> str:
         f"Max abs loss difference, labelled positions vs full logits (same batch): {r['max_abs_loss_diff']:.2e}. "
         f"Packed vs padded first-batch loss: {pk['abs_loss_diff']:.2e}. "
         f"Probe vs generation probabilities: {pr['max_abs_probability_diff']:.2e}. "
-        f"Batched vs one-at-a-time identical texts: {ge['same_text_share']:.0%}."
+        f"Batched vs one-at-a-time identical texts: {ge['same_text_share']:.0%}. "
+        f"Trunk kept vs recomputed first-batch loss: {tr['abs_loss_diff']:.2e}."
         + (f" bf16 vs float32 packed first-batch loss: {pk['bf16_abs_loss_diff']:.2e}." if "packed_bf16" in pk else ""),
         "",
         "## Against the machine's limit",

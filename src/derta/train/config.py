@@ -59,6 +59,13 @@ class DertaConfig(TrainingArguments):
         default="auto",
         metadata={"help": "bf16 autocast on the CPU: auto (when the CPU has AVX512-BF16 or AMX) | on | off (float32)"},
     )
+    trunk_cache_gb: float = field(
+        default=D["trunk_cache_gb"],
+        metadata={
+            "help": "memory for the frozen layers' hidden states, kept per row and reused when only the top layers "
+            "train (train.trunk); 0: off"
+        },
+    )
     allow_nonfinite_loss: bool = field(
         default=False,
         metadata={"help": "go on when the loss is NaN or infinite (default: stop with an error, no model saved)"},

@@ -36,6 +36,7 @@ DEFAULTS = {
     # (`auto`: the same depths, 5/16 and 10/16, on any model).
     "cb_alpha": 10.0,
     "cb_layers": "auto",
+    "trunk_cache_gb": 4.0,
 }
 
 # derta train's flags (argparse dests) and the DertaConfig fields they set; a flag given on the command line wins
@@ -66,4 +67,5 @@ CLI_TO_CONFIG = {
     "cb_alpha": "cb_alpha",
     "cb_layers": "cb_layers",
     "cpu_bf16": "cpu_bf16",
+    "trunk_cache_gb": "trunk_cache_gb",
 }

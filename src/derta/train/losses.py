@@ -35,13 +35,15 @@ def _chunk_nll(hidden, targets, head, softcap):
     return F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1)
 
 
-def labelled_hidden(model, inputs: dict, labels: torch.Tensor):
-    """Decoder-body hidden states at the positions whose next-token label is not -100.
+def labelled_hidden(model, inputs: dict, labels: torch.Tensor, trunk=None):
+    """Decoder-body hidden states at the positions whose next-token label is not -100 (through `trunk`, a
+    train.trunk.TrunkCache, when given).
 
     Returns (hidden (N, H), targets (N,), mask (B, T-1), output projection, final-logit softcap or None).
     """
     body, head, lm = _causal_lm_parts(model)
-    hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    hidden = trunk(body, inputs) if trunk is not None else body(**inputs, use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1]
     targets = labels[:, 1:]
     mask = targets.ne(IGNORE)
     return hidden[mask], targets[mask], mask, head, getattr(lm.config, "final_logit_softcapping", None)
@@ -169,11 +171,13 @@ def batch_loss(
     num_items_in_batch=None,
     reference=None,
     constraint_beta: float = 0.1,
+    trunk=None,
 ) -> tuple[torch.Tensor, dict]:
     """Σ w·NLL over labelled tokens / (number of labelled tokens), and the per-part sums for logging.
 
     `inputs` is a collator batch (padded or packed); it is not modified. With a `reference` model each
     token's NLL is also weighted by Qi et al.'s constraint (`constraint_weights`, beta from `constraint_betas`).
+    `trunk` (train.trunk.TrunkCache, unwrapped models only) reuses the frozen layers' states of rows seen before.
     """
     if loss_impl != "full" and isinstance(model, torch.nn.DataParallel):
         loss_impl = "full"  # its replicas run only inside its own forward: nothing to gather hidden states from
@@ -190,7 +194,7 @@ def batch_loss(
     if loss_impl == "full":
         nll, argmax, mask = full_logits_nll(model, inputs, labels)
     else:
-        hidden, targets, mask, head, softcap = labelled_hidden(model, inputs, labels)
+        hidden, targets, mask, head, softcap = labelled_hidden(model, inputs, labels, trunk)
     # The label at t+1 is predicted at t: a target's weight and kind are those of its own token.
     token_weight = weight[:, 1:][mask].float()
     token_rto = is_rto[:, 1:][mask]

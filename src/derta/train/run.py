@@ -35,7 +35,7 @@ from derta.train.circuit import CircuitBreakerTrainer
 from derta.train.collators import PACKING_ATTENTION, EpochCallback, EpochRows, PackCollator, PadCollator
 from derta.train.config import DertaConfig
 from derta.train.dpo import dpo_examples, dpo_trainer
-from derta.train.trainer import CHECKPOINT_MARKER, DertaTrainer, last_complete_checkpoint
+from derta.train.trainer import CHECKPOINT_MARKER, DertaTrainer, last_complete_checkpoint, trunk_record
 
 
 def prepare_rows(
@@ -416,6 +416,7 @@ def _record(config: DertaConfig, trainer, model_name: str, data_path: str, data:
         "padding_free": packing,
         "cpu_bf16": getattr(trainer, "cpu_bf16", False),  # resolved: whether autocast ran (never for DPO)
         "cpu_bf16_features": cpu_bf16_features(),
+        "trunk_cache": trunk_record(trainer),
         "processes": config.world_size,
         "steps": trainer.state.global_step,
         "train_loss": loss,

@@ -20,6 +20,7 @@ from derta.io import InputError, write_json
 from derta.models.loading import describe_nonfinite, nonfinite_tensors, safetensors_problem
 from derta.models.precision import cpu_autocast, resolve_cpu_bf16
 from derta.train.losses import batch_loss
+from derta.train.trunk import TrunkCache, trunk_start
 
 
 class CompleteCheckpoints:
@@ -64,6 +65,9 @@ class DertaTrainer(CompleteCheckpoints, Trainer):
         )
         if reference_model is not None:
             reference_model.requires_grad_(False).eval().to(self.args.device)
+        self.trunk, self.trunk_off = None, ""
+        if getattr(self.args, "trunk_cache_gb", 0) > 0:
+            self.trunk, self.trunk_off = _trunk_cache(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The chunked loss calls the decoder body itself, past the autocast accelerate wraps around
@@ -76,6 +80,7 @@ class DertaTrainer(CompleteCheckpoints, Trainer):
                 num_items_in_batch,
                 self.reference_model,
                 getattr(self.args, "constraint_beta", 0.1),
+                self.trunk if model is self.model else None,  # not through DDP / FSDP / DeepSpeed wrappers
             )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch is then the label count of all processes, and DDP / FSDP / DeepSpeed average
@@ -116,6 +121,26 @@ class DertaTrainer(CompleteCheckpoints, Trainer):
                     logs[f"{key}_tokens"] = count
             self._parts = {k: [0.0, 0] for k in self._parts}
         super().log(logs, start_time)
+
+
+def _trunk_cache(trainer) -> tuple[TrunkCache | None, str]:
+    """The frozen trunk's cache for this run, or (None, why not)."""
+    args = trainer.args
+    if args.world_size > 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return None, "more than one process, or DeepSpeed / FSDP"
+    if getattr(args, "loss_impl", "chunked") == "full":
+        return None, "loss_impl full"
+    start, why = trunk_start(trainer.model)
+    return (TrunkCache(start, int(args.trunk_cache_gb * 2**30)), "") if start is not None else (None, why)
+
+
+def trunk_record(trainer) -> dict:
+    """derta_train.json's trunk_cache: whether the frozen layers' states were reused, how much, or why not."""
+    if not hasattr(trainer, "trunk"):
+        return {"used": False, "off": "DPO and Circuit Breakers run the whole model"}
+    if trainer.trunk is not None:
+        return trainer.trunk.summary()
+    return {"used": False, "off": trainer.trunk_off or "trunk_cache_gb 0"}
 
 
 CHECKPOINT_MARKER = "derta_state.json"

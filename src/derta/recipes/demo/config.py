@@ -75,6 +75,8 @@ class DemoConfig:
     # bf16 autocast for training and evaluation generation on the CPU (models.precision): auto | on | off. Off for
     # the tiny model, whose small matmuls `derta bench` measures slower in bf16; auto with --model.
     cpu_bf16: str = "off"
+    # GiB for the frozen layers' states kept per row (train.trunk; with --model's LoRA on the top layers); 0: off.
+    trunk_cache_gb: float = 4.0
     max_length: int = 256
     rto_keep_ratio: float = 1.0
     max_rto_share: float | None = None

@@ -146,6 +146,7 @@ def _train_stage(
         data_seed=cfg.seed,
         max_length=cfg.max_length,
         cpu_bf16=cfg.cpu_bf16,
+        trunk_cache_gb=cfg.trunk_cache_gb,
         disable_tqdm=False,
         **lora,
     )
@@ -257,9 +258,11 @@ def _check(out: Path, cfg: DemoConfig) -> None:
 def same_run(recorded: dict, now: dict) -> bool:
     """Whether a directory's recorded settings are this run's. The recipes are not part of a run's identity: each
     recipe's model and evaluation have their own directories, so a rerun with other recipes reuses those it shares
-    and trains only the new ones. A run recorded before `cpu_bf16` existed ran in float32 (off)."""
+    and trains only the new ones. Nor is the trunk cache's budget, which changes speed, not results. A run recorded
+    before `cpu_bf16` existed ran in float32 (off)."""
     recorded = {"cpu_bf16": "off", **recorded}
-    return {k: v for k, v in recorded.items() if k != "recipes"} == {k: v for k, v in now.items() if k != "recipes"}
+    neutral = ("recipes", "trunk_cache_gb")
+    return {k: v for k, v in recorded.items() if k not in neutral} == {k: v for k, v in now.items() if k not in neutral}
 
 
 def _base_stage(
@@ -318,13 +321,18 @@ def _evaluate_stage(name: str, path: Path, out: Path, cfg: DemoConfig, data, fac
 
 
 def speedups(cfg: DemoConfig, models: dict[str, Path]) -> dict:
-    """Which speedups this run used: CPU bf16 as set and as each training resolved it (derta_train.json)."""
-    trained = {}
+    """Which speedups this run used: CPU bf16 as set and as each training resolved it, and the trunk cache as each
+    training used it or why not (derta_train.json)."""
+    trained, trunk = {}, {}
     for name, path in models.items():
         info = path / "derta_train.json"
         if name != "base" and info.is_file():
-            trained[name] = bool(json.loads(info.read_text()).get("cpu_bf16", False))
+            record = json.loads(info.read_text())
+            trained[name] = bool(record.get("cpu_bf16", False))
+            trunk[name] = record.get("trunk_cache", {"used": False, "off": "trained before the cache existed"})
     return {
+        "trunk_cache_gb": cfg.trunk_cache_gb,
+        "training_trunk_cache": trunk,
         "cpu_bf16_setting": cfg.cpu_bf16,
         "cpu_bf16_features": cpu_bf16_features(),
         "generation_cpu_bf16": resolve_cpu_bf16(

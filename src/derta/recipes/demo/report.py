@@ -207,6 +207,22 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
             f"{'bf16 autocast' if sp['generation_cpu_bf16'] else 'float32'}.",
             "",
         ]
+        if trunk := sp.get("training_trunk_cache"):
+            used = [name for name, t in trunk.items() if t["used"]]
+            unused = [f"{name} ({t.get('off') or 'no batch reused'})" for name, t in trunk.items() if not t["used"]]
+            lines += [
+                f"Frozen-trunk cache (`--trunk-cache-gb {sp['trunk_cache_gb']:g}`): "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"reused the frozen layers' states for {', '.join(used)}" if used else "",
+                        f"not for {', '.join(unused)}" if unused else "",
+                    )
+                    if part
+                )
+                + ".",
+                "",
+            ]
     lines += _main_table(rows, fr, cfg)
     lines += _interval_table(rows, fr)
     lines += _extras_markdown(rows)

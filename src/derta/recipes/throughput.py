@@ -1,0 +1,153 @@
+"""`derta bench`'s training-throughput parts: tokens/s of the same rows trained two ways.
+
+packing     padded batches vs padding-free (packed) ones, on a length-skewed DeRTa-like mixture
+trunk       LoRA on the top layers: a later epoch with the frozen layers recomputed vs their states kept from
+            the first (train.trunk)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from derta.io import InputError
+from derta.models.precision import cpu_autocast, resolve_cpu_bf16
+from derta.recipes.limit import flop_profile
+
+
+def skewed_rows(cfg, vocab: int) -> list[dict]:
+    """The DeRTa mix in miniature: per batch, 3 of 4 rows short helpful ones, 1 of 4 a long RTO row."""
+    rng = random.Random(cfg.seed)
+    rows = []
+    for i in range(cfg.batch * cfg.pack_batches):
+        rto = i % 4 == 3 or (cfg.batch < 4 and i % cfg.batch == cfg.batch - 1)
+        n = rng.randint(*(cfg.long if rto else cfg.short))
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
+        prompt = n // 2 if rto else n // 3
+        labels = [-100] * prompt + ([5] * (n - prompt) if rto else ids[prompt:])
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "loss_weight": 0.5 if rto else 1.0,
+                "kind": "rto" if rto else "helpful",
+            }
+        )
+    rng.shuffle(rows)
+    return rows
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def packing_throughput(cfg, model) -> dict:
+    """Training tokens/s (forward + backward + SGD step), padded batches vs packed, same rows in the same batches.
+
+    Both start from the same weights each pass; the first batch's loss is compared (same loss, row by row).
+    """
+    import torch
+
+    from derta.train.collators import PackCollator, PadCollator
+    from derta.train.losses import batch_loss
+
+    rows = skewed_rows(cfg, model.config.vocab_size)
+    device = next(model.parameters()).device
+    batches = [rows[i : i + cfg.batch] for i in range(0, len(rows), cfg.batch)]
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    result, first_loss = {}, {}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    variants = [("padded", PadCollator(0), False), ("packed", PackCollator(), False)]
+    if resolve_cpu_bf16("auto", device):
+        variants.append(("packed_bf16", PackCollator(), True))  # bf16 autocast, as derta train does by default
+    for name, collate, bf16 in variants:
+        collated = [to_device(collate(b), device) for b in batches]
+        # One untimed warm-up step, then the faster of `repeats` timed passes: the CPU is shared.
+        passes = []
+        for timed in [False] + [True] * cfg.repeats:
+            model.load_state_dict(state)
+            model.train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+            start = time.perf_counter()
+            for i, batch in enumerate(collated if timed else collated[:1]):
+                with cpu_autocast(bf16):
+                    loss, _ = batch_loss(model, batch, "chunked")
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if i == 0:
+                    first_loss[name] = float(loss.detach())
+            if timed:
+                passes.append(time.perf_counter() - start)
+        seconds = min(passes)
+        padded_tokens = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
+        result[name] = {
+            "precision": "bfloat16" if bf16 else "float32",
+            "seconds": round(seconds, 3),
+            "pass_seconds": [round(t, 3) for t in passes],
+            "tokens_per_s": round(tokens / seconds, 1),
+            "positions_computed": padded_tokens if name == "padded" else tokens,
+            "first_batch_loss": first_loss[name],
+        }
+    model.load_state_dict(state)
+    result["real_tokens"] = tokens
+    result["abs_loss_diff"] = abs(first_loss["packed"] - first_loss["padded"])
+    if "packed_bf16" in result:
+        result["bf16_abs_loss_diff"] = abs(first_loss["packed_bf16"] - first_loss["packed"])
+    return result
+
+
+def trunk_throughput(cfg, model) -> dict:
+    """Training tokens/s of a later epoch with LoRA on the top layers: the frozen trunk recomputed vs kept from the
+    first epoch (train.trunk.TrunkCache), packed skewed mix, float32, SGD; the same first-batch loss either way."""
+    import copy
+
+    import torch
+
+    from derta.train.collators import PackCollator
+    from derta.train.config import DertaConfig
+    from derta.train.losses import batch_loss
+    from derta.train.run import _with_lora
+    from derta.train.trunk import TrunkCache, trunk_start
+
+    total = model.config.num_hidden_layers
+    top = cfg.lora_layers or max(1, total // 4)
+    if top >= total:
+        raise InputError(f"--lora-layers {top}: the trunk part needs frozen layers below (the model has {total})")
+    lora = _with_lora(copy.deepcopy(model), DertaConfig(output_dir="unused", use_lora=True, lora_layers=top))
+    start, _ = trunk_start(lora)
+    rows = skewed_rows(cfg, model.config.vocab_size)
+    device = next(model.parameters()).device
+    collated = [to_device(PackCollator()(rows[i : i + cfg.batch]), device) for i in range(0, len(rows), cfg.batch)]
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    state = {k: v.clone() for k, v in lora.state_dict().items()}
+    result, first_loss = {"lora_layers": top, "layers": total}, {}
+    for name in ("recomputed", "cached"):
+        cache = TrunkCache(start, 2**40) if name == "cached" else None
+        # The first pass is the first epoch (it fills the cache, untimed); then the faster of `repeats` timed ones.
+        passes = []
+        for timed in [False] + [True] * cfg.repeats:
+            lora.load_state_dict(state)
+            lora.train()
+            optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
+            begin = time.perf_counter()
+            for i, batch in enumerate(collated):
+                loss, _ = batch_loss(lora, batch, "chunked", trunk=cache)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if timed and i == 0:
+                    first_loss[name] = float(loss.detach())
+            if timed:
+                passes.append(time.perf_counter() - begin)
+        seconds = min(passes)
+        result[name] = {
+            "seconds": round(seconds, 3),
+            "pass_seconds": [round(t, 3) for t in passes],
+            "tokens_per_s": round(tokens / seconds, 1),
+            **({"cache": cache.summary()} if cache else {}),
+        }
+    result["real_tokens"] = tokens
+    result["abs_loss_diff"] = abs(first_loss["cached"] - first_loss["recomputed"])
+    result["profile"] = flop_profile(lora)
+    return result
