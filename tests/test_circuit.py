@@ -9,7 +9,7 @@ from derta.cli.main import main
 from derta.data.recipes import RecipeConfig, build_rows
 from derta.data.tokenize import IGNORE, tokenize_row
 from derta.io import InputError
-from derta.train.circuit import cb_coefficients, parse_cb_layers, rerouting_loss, retain_loss
+from derta.train.circuit import cb_coefficients, massive_dims, parse_cb_layers, rerouting_loss, retain_loss
 from helpers import HELPFUL, TRIPLE, write_jsonl
 
 
@@ -25,6 +25,24 @@ def test_rerouting_loss_is_zero_once_states_are_orthogonal_or_opposed_and_counts
     assert rerouting_loss(same, frozen, mask)[0].item() == pytest.approx(1.0)
     half = torch.tensor([[[[1.0, 1.0], [0.0, -1.0], [0.0, 0.0]]]])  # cos 1/sqrt2 and -1: mean of ReLU = 0.3536
     assert rerouting_loss(half, frozen, mask)[0].item() == pytest.approx(0.5 / 2**0.5, abs=1e-6)
+
+
+def test_rerouting_cosine_can_leave_out_massive_dimensions():
+    # Dimension 0 is massive (RMS 100 against a median of ~1) and equal in both states: over every dimension the
+    # states look aligned, without it they are orthogonal.
+    frozen = torch.tensor([[[[100.0, 1.0, 0.0, 1.0], [100.0, 0.0, 1.0, 1.0]]]])
+    live = torch.tensor([[[[100.0, -1.0, 0.0, 1.0], [100.0, 0.0, -1.0, 1.0]]]])
+    mask = torch.tensor([[True, True]])
+    assert massive_dims(frozen[:, mask], 10.0).tolist() == [[True, False, False, False]]
+    assert rerouting_loss(live, frozen, mask)[1] > 0.99
+    loss, cos = rerouting_loss(live, frozen, mask, skip_massive=10.0)
+    assert cos == pytest.approx(0.0, abs=1e-6) and loss.item() == pytest.approx(0.0, abs=1e-6)
+    # Without massive dimensions nothing is left out: the paper's cosine, to the bit.
+    torch.manual_seed(0)
+    plain = torch.randn(1, 2, 3, 8)
+    moved = plain + 0.5 * torch.randn(1, 2, 3, 8)
+    full = torch.ones(2, 3, dtype=torch.bool)
+    assert rerouting_loss(moved, plain, full, 10.0)[0].item() == rerouting_loss(moved, plain, full)[0].item()
 
 
 def test_retain_loss_is_zero_for_identical_states_and_the_mean_distance_otherwise():

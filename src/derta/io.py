@@ -263,6 +263,7 @@ NUMERIC_RULES = {
     "dpo_beta": "nonneg",
     "dpo_sft_weight": "nonneg",
     "cb_alpha": "positive",
+    "cb_skip_massive": "nonneg",
     "trunk_cache_gb": "nonneg",
     "vocab": "count",
     "batch": "count",

@@ -151,3 +151,9 @@ def _add_objectives(p) -> None:
         help="layers whose hidden states are rerouted, e.g. 10,20 (auto: 5/16 and 10/16 of the depth); "
         + _default("cb_layers"),
     )
+    p.add_argument(
+        "--cb-skip-massive",
+        type=float,
+        help="rerouting cosine without the dimensions whose RMS exceeds this many times the median's (massive "
+        "activations); " + _default("cb_skip_massive") + "; 0: every dimension, as the paper",
+    )

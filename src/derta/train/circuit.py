@@ -3,9 +3,17 @@ trained so that the hidden states of harmful responses are rerouted away from th
 hidden states of everything else stay where they were. No cross-entropy: the two losses below are the objective.
 
     rerouting  ReLU(cos(h_θ, h_frozen)), averaged over the harmful-response tokens of `reroute` rows at the
-               `cb_layers` (pushed to orthogonal or beyond; below zero nothing is left to push)
+               `cb_layers` (pushed to orthogonal or beyond; below zero nothing is left to push); with
+               `cb_skip_massive` k > 0 the cosine leaves out the massive dimensions (below)
     retain     ‖h_θ − h_frozen‖₂, averaged over every token of the other rows (helpful and refusal) at every layer
     loss       c_rr(t) · rerouting + c_retain(t) · retain, c_rr = α(1 − t/2T), c_retain = α·t/2T (their Algorithm 1)
+
+Massive activations (Sun et al., 2024): a few hidden dimensions, the same ones at almost every token, many times
+larger than the rest. In SmolLM2-135M at layers 9 and 19, 3-5 of 576 dimensions carry 87-99 % of the states'
+squared norm, so any two tokens' states have cosine ~0.6 and moving the cosine means moving those dimensions,
+which LoRA on a small budget does not (cos stayed 0.9999). With `cb_skip_massive` k, the cosine is taken over the
+dimensions whose RMS over the batch's rerouted frozen states is at most k times the median dimension's; there two
+tokens' states have cosine ~0.1, as in models without them.
 
 h_frozen comes from the same model with its adapter switched off (peft's `disable_adapter`), so the frozen
 model costs a forward pass without gradient, never a second copy of the weights.
@@ -50,9 +58,22 @@ def cb_coefficients(step: int, total: int, alpha: float) -> tuple[float, float]:
     return alpha * (1 - progress), alpha * progress
 
 
-def rerouting_loss(live: torch.Tensor, frozen: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Mean ReLU(cosine) between (layers, B, T, H) states at the `mask` (B, T) positions, and the mean cosine."""
-    cos = F.cosine_similarity(live.float(), frozen.float(), dim=-1)[:, mask]  # (layers, N)
+def massive_dims(frozen: torch.Tensor, factor: float) -> torch.Tensor:
+    """(layers, H) True where a dimension's RMS over the (layers, N, H) states exceeds `factor` x the median's."""
+    rms = frozen.pow(2).mean(1).sqrt()
+    return rms > factor * rms.median(-1, keepdim=True).values
+
+
+def rerouting_loss(
+    live: torch.Tensor, frozen: torch.Tensor, mask: torch.Tensor, skip_massive: float = 0.0
+) -> tuple[torch.Tensor, float]:
+    """Mean ReLU(cosine) between (layers, B, T, H) states at the `mask` (B, T) positions, and the mean cosine; with
+    `skip_massive` k > 0 the cosine leaves out the dimensions `massive_dims(frozen, k)` finds."""
+    live, frozen = live.float()[:, mask], frozen.float()[:, mask]  # (layers, N, H)
+    if skip_massive > 0 and frozen.shape[1]:
+        keep = ~massive_dims(frozen, skip_massive)[:, None]
+        live, frozen = live * keep, frozen * keep
+    cos = F.cosine_similarity(live, frozen, dim=-1)  # (layers, N)
     n = max(cos.numel(), 1)
     return torch.relu(cos).sum() / n, float(cos.detach().sum()) / n
 
@@ -110,7 +131,7 @@ class CircuitBreakerTrainer(CompleteCheckpoints, Trainer):
                 frozen = all_hidden_states(peft_model, inputs)
             live = all_hidden_states(model, inputs)
         picked = [k - 1 for k in self.cb_layers]
-        rr, cos = rerouting_loss(live[picked], frozen[picked], reroute_mask)
+        rr, cos = rerouting_loss(live[picked], frozen[picked], reroute_mask, self.args.cb_skip_massive)
         keep = retain_loss(live, frozen, retain_mask)
         loss = c_rr * rr + c_retain * keep
         if not torch.isfinite(loss.detach()):

@@ -112,6 +112,13 @@ class DertaConfig(TrainingArguments):
         default=D["cb_layers"],
         metadata={"help": "comma-separated layers whose hidden states are rerouted (1 = first layer's output); auto"},
     )
+    cb_skip_massive: float = field(
+        default=D["cb_skip_massive"],
+        metadata={
+            "help": "rerouting cosine without the dimensions whose RMS exceeds this many times the median's "
+            "(massive activations; train.circuit); 0: every dimension, as the paper"
+        },
+    )
 
 
 # Every numeric setting's flag and range rule (io.NUMERIC_RULES), checked whether it came from a flag or the

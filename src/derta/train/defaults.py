@@ -36,6 +36,9 @@ DEFAULTS = {
     # (`auto`: the same depths, 5/16 and 10/16, on any model).
     "cb_alpha": 10.0,
     "cb_layers": "auto",
+    # The rerouting cosine leaves out dimensions 10x the median's RMS (massive activations, train.circuit): none in
+    # the tiny model (max 1.7x), so there it is the paper's cosine; SmolLM2's rerouting never starts without it.
+    "cb_skip_massive": 10.0,
     "trunk_cache_gb": 4.0,
 }
 
@@ -66,6 +69,7 @@ CLI_TO_CONFIG = {
     "dpo_sft_weight": "dpo_sft_weight",
     "cb_alpha": "cb_alpha",
     "cb_layers": "cb_layers",
+    "cb_skip_massive": "cb_skip_massive",
     "cpu_bf16": "cpu_bf16",
     "trunk_cache_gb": "trunk_cache_gb",
 }

@@ -201,6 +201,7 @@ RESUME_SETTINGS = (
     "dpo_sft_weight",
     "cb_alpha",
     "cb_layers",
+    "cb_skip_massive",
     "world_size",
 )
 RUN_MANIFEST = "manifest.json"  # OUTPUT/manifest.json: the settings and inputs a --resume must match
@@ -221,6 +222,7 @@ def _start_run(config: DertaConfig, out: Path, model_name: str, data_path: str, 
         old = loads(read_text(path), path)
         if isinstance(old, dict):
             old.setdefault("cpu_bf16", "off")  # runs recorded before the setting existed trained in float32
+            old.setdefault("cb_skip_massive", 0.0)  # and rerouted over every dimension
             compare_manifest(old, manifest, path)
     if config.should_save:
         lock_dir(out, "--output")
