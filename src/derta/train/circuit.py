@@ -9,11 +9,11 @@ hidden states of everything else stay where they were. No cross-entropy: the two
     loss       c_rr(t) · rerouting + c_retain(t) · retain, c_rr = α(1 − t/2T), c_retain = α·t/2T (their Algorithm 1)
 
 Massive activations (Sun et al., 2024): a few hidden dimensions, the same ones at almost every token, many times
-larger than the rest. In SmolLM2-135M at layers 9 and 19, 3-5 of 576 dimensions carry 87-99 % of the states'
-squared norm, so any two tokens' states have cosine ~0.6 and moving the cosine means moving those dimensions,
-which LoRA on a small budget does not (cos stayed 0.9999). With `cb_skip_massive` k, the cosine is taken over the
-dimensions whose RMS over the batch's rerouted frozen states is at most k times the median dimension's; there two
-tokens' states have cosine ~0.1, as in models without them.
+larger than the rest. In SmolLM2-135M at layers 9 and 19, three of 576 dimensions carry 43-47 % of a typical
+token's squared norm, so any two tokens' states have cosine ~0.6 and turning one orthogonal means cancelling those
+dimensions, which every other token keeps. With `cb_skip_massive` k, the cosine is taken over the dimensions whose
+RMS over the batch's rerouted frozen states is at most k times the median dimension's; there two tokens' states
+have cosine ~0.1, as in models without them (docs/baselines.md: what it does and does not fix on SmolLM2).
 
 h_frozen comes from the same model with its adapter switched off (peft's `disable_adapter`), so the frozen
 model costs a forward pass without gradient, never a second copy of the weights.
