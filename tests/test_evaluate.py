@@ -459,3 +459,17 @@ def test_eval_config_is_what_the_cli_builds_and_what_the_manifest_is_written_fro
     ):
         with pytest.raises(InputError, match=flag):
             EvalConfig("o", "p", model="m", **bad).check()
+
+
+def test_eval_quiet_turns_the_progress_bar_off(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run_eval(cfg, progress=None):
+        seen.append(progress)
+        return {"asr": {"none": 0.0}, "n": {"none": 1}, "judge": "keyword"}
+
+    monkeypatch.setattr(safety, "run_eval", fake_run_eval)
+    prompts = _prompts(tmp_path)
+    base = ["eval", "--model", "m", "--prompts", str(prompts), "--out", str(tmp_path / "o")]
+    assert main(base) == 0 and main([*base, "--quiet"]) == 0
+    assert seen == [None, False]  # default: on when the output is a terminal

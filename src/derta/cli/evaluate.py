@@ -72,7 +72,7 @@ def cmd_eval(args) -> None:
 
     cfg = eval_config(args)
     restart_runs(args, args.out)
-    s = run_eval(cfg)
+    s = run_eval(cfg, progress=False if args.quiet else None)
     asr = ", ".join(f"{a} {pct(x)}%" for a, x in s["asr"].items())
     if s.get("not_scored") and len(s["not_scored"]) == len(s["asr"]):
         raise InputError(
@@ -340,6 +340,7 @@ def _add_eval(sub) -> None:
         help="keep [refuse...] / [respond] in the responses (hidden by default)",
     )
     o.add_argument("--out", required=True, help="run directory; rerunning the same command resumes it")
+    o.add_argument("--quiet", action="store_true", help="no progress bar while responses are generated and judged")
     add_restart(o)
 
 
