@@ -84,7 +84,7 @@ def test_the_cache_turns_itself_off_when_the_top_layers_disagree(tiny_dir, rows_
             return False
 
     monkeypatch.setattr(trunk, "_top_layers_only", AllLayers)
-    loss, _, record = _train(tiny_dir, data, tmp_path / "broken", *[])
+    loss, _, record = _train(tiny_dir, data, tmp_path / "broken")
     cache = record["trunk_cache"]
     assert not cache["used"] and cache["off"].startswith("the top layers from kept states differ")
     assert cache["rows_kept"] == 0 and cache["batches"]["cached"] == 0

@@ -1,6 +1,6 @@
 """`derta bench`: training and evaluation speed, measured side by side in one run.
 
-Four comparisons, each new against old on the same model and data:
+Five comparisons, each new against old on the same model and data:
 
     loss        one training step (forward + backward) with the labelled-positions loss vs the
                 full-logits loss: peak memory and time; each variant runs in a fresh subprocess

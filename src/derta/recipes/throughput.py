@@ -41,13 +41,41 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def timed_passes(model, state: dict, batches: list[dict], repeats: int, warm_up: int, loss_of, tokens: int):
+    """SGD passes over `batches` with `loss_of(batch)`, each from the weights `state`: one untimed warm-up over the
+    first `warm_up` batches, then `repeats` timed ones, the fastest of which counts (the CPU may be shared).
+    Returns ({seconds, pass_seconds, tokens_per_s}, the timed passes' first-batch loss)."""
+    import torch
+
+    passes, first = [], None
+    for timed in [False] + [True] * repeats:
+        model.load_state_dict(state)
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        start = time.perf_counter()
+        for i, batch in enumerate(batches if timed else batches[:warm_up]):
+            loss = loss_of(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if timed and i == 0:
+                first = float(loss.detach())
+        if timed:
+            passes.append(time.perf_counter() - start)
+    seconds = min(passes)
+    figures = {
+        "seconds": round(seconds, 3),
+        "pass_seconds": [round(t, 3) for t in passes],
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
+    return figures, first
+
+
 def packing_throughput(cfg, model) -> dict:
     """Training tokens/s (forward + backward + SGD step), padded batches vs packed, same rows in the same batches.
 
     Both start from the same weights each pass; the first batch's loss is compared (same loss, row by row).
     """
-    import torch
-
     from derta.train.collators import PackCollator, PadCollator
     from derta.train.losses import batch_loss
 
@@ -62,30 +90,17 @@ def packing_throughput(cfg, model) -> dict:
         variants.append(("packed_bf16", PackCollator(), True))  # bf16 autocast, as derta train does by default
     for name, collate, bf16 in variants:
         collated = [to_device(collate(b), device) for b in batches]
-        # One untimed warm-up step, then the faster of `repeats` timed passes: the CPU is shared.
-        passes = []
-        for timed in [False] + [True] * cfg.repeats:
-            model.load_state_dict(state)
-            model.train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-            start = time.perf_counter()
-            for i, batch in enumerate(collated if timed else collated[:1]):
-                with cpu_autocast(bf16):
-                    loss, _ = batch_loss(model, batch, "chunked")
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if i == 0:
-                    first_loss[name] = float(loss.detach())
-            if timed:
-                passes.append(time.perf_counter() - start)
-        seconds = min(passes)
+
+        def loss_of(batch, bf16=bf16):
+            with cpu_autocast(bf16):
+                return batch_loss(model, batch, "chunked")[0]
+
+        # One untimed warm-up step, then the timed passes.
+        figures, first_loss[name] = timed_passes(model, state, collated, cfg.repeats, 1, loss_of, tokens)
         padded_tokens = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
         result[name] = {
             "precision": "bfloat16" if bf16 else "float32",
-            "seconds": round(seconds, 3),
-            "pass_seconds": [round(t, 3) for t in passes],
-            "tokens_per_s": round(tokens / seconds, 1),
+            **figures,
             "positions_computed": padded_tokens if name == "padded" else tokens,
             "first_batch_loss": first_loss[name],
         }
@@ -101,8 +116,6 @@ def trunk_throughput(cfg, model) -> dict:
     """Training tokens/s of a later epoch with LoRA on the top layers: the frozen trunk recomputed vs kept from the
     first epoch (train.trunk.TrunkCache), packed skewed mix, float32, SGD; the same first-batch loss either way."""
     import copy
-
-    import torch
 
     from derta.train.collators import PackCollator
     from derta.train.config import DertaConfig
@@ -124,29 +137,17 @@ def trunk_throughput(cfg, model) -> dict:
     result, first_loss = {"lora_layers": top, "layers": total}, {}
     for name in ("recomputed", "cached"):
         cache = TrunkCache(start, 2**40) if name == "cached" else None
-        # The first pass is the first epoch (it fills the cache, untimed); then the faster of `repeats` timed ones.
-        passes = []
-        for timed in [False] + [True] * cfg.repeats:
-            lora.load_state_dict(state)
-            lora.train()
-            optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
-            begin = time.perf_counter()
-            for i, batch in enumerate(collated):
-                loss, _ = batch_loss(lora, batch, "chunked", trunk=cache)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if timed and i == 0:
-                    first_loss[name] = float(loss.detach())
-            if timed:
-                passes.append(time.perf_counter() - begin)
-        seconds = min(passes)
-        result[name] = {
-            "seconds": round(seconds, 3),
-            "pass_seconds": [round(t, 3) for t in passes],
-            "tokens_per_s": round(tokens / seconds, 1),
-            **({"cache": cache.summary()} if cache else {}),
-        }
+        # The warm-up pass is the first epoch (it fills the cache); the timed ones are later epochs.
+        figures, first_loss[name] = timed_passes(
+            lora,
+            state,
+            collated,
+            cfg.repeats,
+            len(collated),
+            lambda b, cache=cache: batch_loss(lora, b, "chunked", trunk=cache)[0],
+            tokens,
+        )
+        result[name] = {**figures, **({"cache": cache.summary()} if cache else {})}
     result["real_tokens"] = tokens
     result["abs_loss_diff"] = abs(first_loss["cached"] - first_loss["recomputed"])
     result["profile"] = flop_profile(lora)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from derta.data.distill import DISTILL_MAX_NEW_TOKENS
+from derta.train.defaults import DEFAULTS as TRAIN_DEFAULTS
 
 # `DemoConfig.for_model`'s settings: sized for a 2-core CPU (SmolLM2-135M: about an hour).
 REAL_MODEL_SETTINGS = dict(
@@ -76,7 +77,7 @@ class DemoConfig:
     # the tiny model, whose small matmuls `derta bench` measures slower in bf16; auto with --model.
     cpu_bf16: str = "off"
     # GiB for the frozen layers' states kept per row (train.trunk; with --model's LoRA on the top layers); 0: off.
-    trunk_cache_gb: float = 4.0
+    trunk_cache_gb: float = TRAIN_DEFAULTS["trunk_cache_gb"]
     max_length: int = 256
     rto_keep_ratio: float = 1.0
     max_rto_share: float | None = None

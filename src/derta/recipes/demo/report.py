@@ -210,19 +210,9 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
         if trunk := sp.get("training_trunk_cache"):
             used = [name for name, t in trunk.items() if t["used"]]
             unused = [f"{name} ({t.get('off') or 'no batch reused'})" for name, t in trunk.items() if not t["used"]]
-            lines += [
-                f"Frozen-trunk cache (`--trunk-cache-gb {sp['trunk_cache_gb']:g}`): "
-                + "; ".join(
-                    part
-                    for part in (
-                        f"reused the frozen layers' states for {', '.join(used)}" if used else "",
-                        f"not for {', '.join(unused)}" if unused else "",
-                    )
-                    if part
-                )
-                + ".",
-                "",
-            ]
+            parts = [f"reused the frozen layers' states for {', '.join(used)}"] if used else []
+            parts += [f"not for {', '.join(unused)}"] if unused else []
+            lines += [f"Frozen-trunk cache (`--trunk-cache-gb {sp['trunk_cache_gb']:g}`): {'; '.join(parts)}.", ""]
     lines += _main_table(rows, fr, cfg)
     lines += _interval_table(rows, fr)
     lines += _extras_markdown(rows)
