@@ -100,3 +100,19 @@ def test_cli_bad_prompts_file_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{bad}:2" in err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_cli_distill_cpu_bf16_is_part_of_the_run(tiny_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a fruit.", "Say hello."]))
+    out = tmp_path / "a.jsonl"
+    argv = ["data", "distill", "--model", str(tiny_dir), "--prompts", str(prompts), "--out", str(out)]
+    argv += ["--max-new-tokens", "4"]
+    assert main([*argv, "--cpu-bf16", "on"]) == 2  # the random model's answers are dropped; the run is kept
+    manifest = json.loads((tmp_path / "a.jsonl.parts" / "manifest.json").read_text())
+    assert manifest["cpu_bf16"] is True
+    capsys.readouterr()
+    # Resuming it in float32 would mix the two precisions' answers: refused, naming the setting.
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cpu_bf16=true" in err and "--restart" in err

@@ -152,3 +152,23 @@ def test_backend_specs():
             parse_backend_spec(bad)
     with pytest.raises(InputError, match="unknown backend"):
         make_backend("tgi", "x")
+
+
+def test_cpu_bf16_generation_is_a_switch_and_a_recorded_setting(tiny_model, tiny_tokenizer):
+    from derta.eval.safety import EvalConfig
+    from derta.models.precision import generation_precision
+
+    inputs = [GenInput(q) for q in QUESTIONS]
+    plain = HFBackend(tiny_model, tiny_tokenizer, batch_size=4, max_new_tokens=6).generate(inputs)
+    off = make_backend("hf", tiny_model, tiny_tokenizer, 4, 6, cpu_bf16="off")
+    assert off.cpu_bf16 is False and off.generate(inputs) == plain  # off is float32 exactly
+    on = make_backend("hf", tiny_model, tiny_tokenizer, 4, 6, cpu_bf16="on")
+    texts = on.generate(inputs)
+    assert on.cpu_bf16 is True and len(texts) == len(inputs) and all(isinstance(t, str) for t in texts)
+    assert next(tiny_model.parameters()).dtype == torch.float32  # autocast, not a cast of the weights
+    # A run's manifest gets the key only when bf16 is used, so float32 runs made before the setting still resume.
+    assert generation_precision("off") == {} and generation_precision("on", "openai") == {}
+    assert generation_precision("on", device=torch.device("cpu")) == {"cpu_bf16": True}
+    base = dict(out="o", prompts=["q"], model="m")
+    assert "cpu_bf16" not in EvalConfig(**base).manifest(["q"], ["none"], "keyword", None)
+    assert EvalConfig(**base, cpu_bf16="on").manifest(["q"], ["none"], "keyword", None)["cpu_bf16"] is True

@@ -279,6 +279,12 @@ def test_bench_smoke_writes_json_and_table(tmp_path, tiny_dir):
         assert path["model_flops"] > 0 and path["peak_flops"] == limit["peak"][path["precision"]]["flops"]
         assert 0 < path["fraction_of_peak"] < 100 and math.isfinite(path["fraction_of_peak"])
     assert "| training path |" in (out / "bench.md").read_text()
+    # Generation under bf16 autocast is timed where the CPU does bf16 in hardware, with its texts' agreement.
+    generation = result["generation"]
+    assert ("batched_bf16" in generation) == bool(cpu_bf16_features()) == ("bf16_generation" in result["ratios"])
+    if cpu_bf16_features():
+        assert 0 <= generation["bf16_same_text_share"] <= 1
+        assert "batched float32 → bf16 autocast" in (out / "bench.md").read_text()
 
 
 def test_grouped_fused_loss_path_equals_chunked(tiny_dir, tiny_tokenizer, synthetic, monkeypatch):

@@ -17,6 +17,7 @@ import sys
 from derta.inference.backends import BACKENDS
 from derta.io import InputError, loads
 from derta.models.loading import DTYPES
+from derta.models.precision import CPU_BF16_CHOICES
 from derta.models.templates import TEMPLATES
 
 
@@ -188,6 +189,18 @@ def add_generation(p, max_new_tokens: int, why: str, batch_size: int = 16) -> No
     )
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"length cap of a response: {why}")
     g.add_argument("--batch-size", type=int, default=batch_size, help="prompts generated at once")
+    add_cpu_bf16(g)
+
+
+def add_cpu_bf16(g) -> None:
+    """--cpu-bf16 of a command that generates: off by default, since bf16's greedy text can differ from float32's."""
+    g.add_argument(
+        "--cpu-bf16",
+        default="off",
+        choices=CPU_BF16_CHOICES,
+        help="bf16 autocast for the hf backend on a CPU (auto: when the CPU does bf16 in hardware, AVX512-BF16 or "
+        "AMX); faster there, and its greedy text can differ from float32's",
+    )
 
 
 def add_restart(p, what: str = "--out") -> None:

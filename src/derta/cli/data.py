@@ -5,7 +5,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from derta.cli.common import HelpFormatter, add_command, add_restart, add_template, from_args, group, restart_runs
+from derta.cli.common import (
+    HelpFormatter,
+    add_command,
+    add_cpu_bf16,
+    add_restart,
+    add_template,
+    from_args,
+    group,
+    restart_runs,
+)
 from derta.data.distill import DISTILL_MAX_NEW_TOKENS
 from derta.data.exclude import NEAR_DUPLICATE_JACCARD
 from derta.data.recipes import RECIPES, RecipeConfig
@@ -341,6 +350,7 @@ def _add_distill(dsub) -> None:
     g.add_argument(
         "--trim-cut", action="store_true", help="keep answers the length cap cut, up to their last finished sentence"
     )
+    add_cpu_bf16(g)
     add_restart(o, "OUT.parts")
 
 
@@ -398,3 +408,4 @@ def _add_triples(dsub) -> None:
         help="length cap of each answer (a harmful prefix needs only its start)",
     )
     g.add_argument("--batch-size", type=int, default=c.batch_size, help="prompts generated at once")
+    add_cpu_bf16(g)

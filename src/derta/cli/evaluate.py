@@ -116,6 +116,7 @@ def cmd_eval_overrefusal(args) -> None:
     from derta.eval.runner import file_sha256
     from derta.inference.backends import make_backend
     from derta.inference.policy import RefusalPolicy
+    from derta.models.precision import generation_precision
 
     load_overrefusal_prompts(args.prompts)  # bad rows fail before the model loads
     restart_runs(args, args.out)
@@ -132,6 +133,7 @@ def cmd_eval_overrefusal(args) -> None:
             dtype=args.dtype,
             base_url=args.base_url,
             policy=policy,
+            cpu_bf16=args.cpu_bf16,
         )
 
     settings = {
@@ -141,7 +143,7 @@ def cmd_eval_overrefusal(args) -> None:
         "system": args.system,
         "dtype": args.dtype,
         "calibration_sha256": file_sha256(args.calibration) if args.calibration else None,
-    }
+    } | generation_precision(args.cpu_bf16, args.backend)
     s = run_overrefusal(args.out, args.prompts, backend, args.model, limit=args.limit, settings=settings)
     if s.get("not_scored"):
         raise InputError(

@@ -34,6 +34,7 @@ from derta.eval.runner import RunDir, ordered_rows, run_task, text_sha256
 from derta.inference.base import GenInput
 from derta.inference.hf import HFBackend
 from derta.io import InputError, loads, read_text, write_json, write_jsonl
+from derta.models.precision import generation_precision
 from derta.models.templates import encode_text
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
@@ -79,6 +80,7 @@ def run_distill(
     progress: bool | None = None,
     trim_cut: bool = False,
     allow_empty: bool = False,
+    cpu_bf16: str = "off",
 ) -> dict:
     """Write `out_path` (JSONL {"instruction", "response"}) and its `.distill.json` sidecar; returns the sidecar.
 
@@ -87,12 +89,15 @@ def run_distill(
     instead of dropped: chat models answer at length, and at 128 tokens SmolLM2 finished only about
     a third of its answers. The raw responses stay in the run directory `<out>.parts/` (resumable).
     Keeping no answer is one line saying why (unless `allow_empty`), not an empty file data build fails on.
+    `cpu_bf16`: generation under bf16 autocast on a CPU (`models.precision`).
     """
     if not prompts:
         raise InputError("no prompts to distil")
     out_path = Path(out_path)
     sidecar = out_path.with_name(out_path.name.removesuffix(".jsonl") + ".distill.json")
-    run = RunDir(out_path.with_name(out_path.name + ".parts"), _settings(model, prompts, max_new_tokens, template))
+    run = RunDir(
+        out_path.with_name(out_path.name + ".parts"), _settings(model, prompts, max_new_tokens, template, cpu_bf16)
+    )
     settings = run.manifest  # with the model's fingerprint: a finished run of another model's is not reused
     run.check()
     if (previous := _finished(out_path, sidecar, {**settings, "trim_cut": trim_cut})) is not None:
@@ -100,17 +105,8 @@ def run_distill(
     resumed_from = len(run.read_rows(lambda r: r["index"]))
     started = time.time()
 
-    done = run_task(
-        run,
-        [(i, GenInput(p)) for i, p in enumerate(prompts)],
-        lambda: HFBackend(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, template=template),
-        lambda batch, texts, backend: [
-            {"index": i, "prompt": inp.text, "response": text, "n_tokens": len(encode_text(backend.tokenizer, text))}
-            for (i, inp), text in zip(batch, texts)
-        ],
-        desc="distil",
-        progress=progress,
-    )
+    backend = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, template=template, cpu_bf16=cpu_bf16)
+    done = _generate(run, prompts, lambda: HFBackend(model, tokenizer, **backend), progress)
     kept, dropped, trimmed = _keep(ordered_rows(run, done, range(len(prompts))), max_new_tokens, trim_cut)
     if not kept and not allow_empty:
         raise InputError(nothing_kept(len(prompts), dropped))
@@ -130,6 +126,21 @@ def run_distill(
     return summary
 
 
+def _generate(run: RunDir, prompts: list[str], make_backend, progress) -> dict:
+    """Each prompt's response and its length in tokens, appended to `run` batch by batch (resumable)."""
+    return run_task(
+        run,
+        [(i, GenInput(p)) for i, p in enumerate(prompts)],
+        make_backend,
+        lambda batch, texts, backend: [
+            {"index": i, "prompt": inp.text, "response": text, "n_tokens": len(encode_text(backend.tokenizer, text))}
+            for (i, inp), text in zip(batch, texts)
+        ],
+        desc="distil",
+        progress=progress,
+    )
+
+
 # Why a response was dropped, and what keeps more of them.
 DROP_FIXES = {
     "truncated": "the length cap cut them mid-sentence: raise --max-new-tokens or add --trim-cut",
@@ -144,9 +155,9 @@ def nothing_kept(n: int, dropped: dict) -> str:
     return f"data distill kept none of {n} responses ({counts}), so it wrote nothing; {DROP_FIXES[reason]}"
 
 
-def _settings(model, prompts: list[str], max_new_tokens: int, template: str) -> dict:
+def _settings(model, prompts: list[str], max_new_tokens: int, template: str, cpu_bf16: str) -> dict:
     """What a distillation run is (its run directory's manifest): a resume with other settings is refused."""
-    return {
+    return generation_precision(cpu_bf16) | {
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
         "n_prompts": len(prompts),
         "prompts_sha256": text_sha256(prompts),

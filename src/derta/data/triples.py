@@ -37,6 +37,7 @@ from derta.inference.base import GenInput, Sampling
 from derta.inference.hf import HFBackend
 from derta.io import InputError, write_json, write_jsonl
 from derta.models.loading import load_model, load_tokenizer
+from derta.models.precision import generation_precision
 
 REFUSAL_INSTRUCTION = (
     "You are a careful assistant. The user's request could cause harm. Do not carry it out. In one or two "
@@ -74,6 +75,7 @@ class TriplesConfig:
     max_new_tokens: int = 96
     batch_size: int = 16
     template: str = "auto"
+    cpu_bf16: str = "off"  # bf16 autocast on a CPU (models.precision); recorded only when on
 
 
 def load_prompt_rows(path: str) -> list[dict]:
@@ -172,6 +174,7 @@ def _backend_factory(model, tokenizer, cfg: TriplesConfig):
             template=cfg.template,
             system=system,
             sampling=sampling,
+            cpu_bf16=cfg.cpu_bf16,
         )
 
     return make_backend
@@ -218,7 +221,8 @@ def run_triples(
         "model": str(model) if isinstance(model, str) else type(model).__name__,
         "n_prompts": len(prompts),
         "prompts_sha256": text_sha256([f"{r['decision']}\x00{r['prompt']}" for r in rows]),
-        **asdict(cfg),
+        **{k: v for k, v in asdict(cfg).items() if k != "cpu_bf16"},
+        **generation_precision(cfg.cpu_bf16),
     }
     started = time.time()
     make_backend = _backend_factory(model, tokenizer, cfg)

@@ -24,6 +24,7 @@ from derta.eval.stats import bootstrap_mean, ci95, with_ci
 from derta.inference.backends import make_backend
 from derta.inference.base import GenInput
 from derta.io import InputError, write_json, write_text
+from derta.models.precision import generation_precision
 from derta.models.templates import encode_text
 
 TASKS = ("gsm8k", "mmlu", "alpaca")
@@ -200,6 +201,7 @@ def run_helpful(
     progress: bool | None = None,
     prompt_format: str = "plain",
     mmlu_method: str = "generate",
+    cpu_bf16: str = "off",
 ) -> dict:
     """Generate (resumably), score, write DIR/summary.json and DIR/report.md; returns the summary."""
     rows = load_task(task, data, reference)[:limit]
@@ -210,12 +212,24 @@ def run_helpful(
         out,
         _manifest(
             task, name, backend, judge_obj, max_new_tokens, template, system, dtype, rows, prompt_format, mmlu_method
-        ),
+        )
+        | generation_precision(cpu_bf16, backend),
     )
     run.check()
 
     def make_target():
-        return make_backend(backend, model, tokenizer, batch_size, max_new_tokens, template, system, dtype, base_url)
+        return make_backend(
+            backend,
+            model,
+            tokenizer,
+            batch_size,
+            max_new_tokens,
+            template,
+            system,
+            dtype,
+            base_url,
+            cpu_bf16=cpu_bf16,
+        )
 
     if mmlu_method == "loglik":
         done = _run_loglik(run, rows, make_target, prompt_format, progress)

@@ -28,6 +28,7 @@ from derta.inference.backends import BACKENDS, make_backend, parse_backend_spec
 from derta.inference.policy import RefusalPolicy
 from derta.inference.shard import Shard
 from derta.io import InputError, check_fields, check_number, write_json, write_text
+from derta.models.precision import generation_precision
 
 OFFLINE_ATTACKS = "completion,prefill,codeattack,jailbreak,selfcipher,pasttense"  # the six that need no search loop
 
@@ -93,6 +94,7 @@ class EvalConfig:
     # position, hf and vllm backends), and whether the responses show the tokens (hidden by default).
     calibration: str | os.PathLike | None = None
     show_refusal_tokens: bool = False
+    cpu_bf16: str = "off"  # the hf backend's bf16 autocast on a CPU (models.precision)
 
     def check(self) -> None:
         """Settings that are wrong whatever the files say; one InputError naming the flag."""
@@ -137,6 +139,7 @@ class EvalConfig:
             extra["calibration_sha256"] = file_sha256(self.calibration)
         if self.show_refusal_tokens:
             extra["show_refusal_tokens"] = True
+        extra |= generation_precision(self.cpu_bf16, self.backend)
         if wild:
             extra["jailbreak_wild"] = wild
         return extra | {
@@ -289,6 +292,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress: bool | None 
                 tensor_parallel_size=cfg.tensor_parallel_size,
                 policy=plan.policy,
                 show_refusal_tokens=cfg.show_refusal_tokens,
+                cpu_bf16=cfg.cpu_bf16,
             )
             _run_static(plan, todo, target, record, shard)
             _run_search(cfg, plan, todo, target, record, shard)

@@ -35,15 +35,27 @@ def make_backend(
     tensor_parallel_size: int = 1,
     policy: RefusalPolicy | None = None,
     show_refusal_tokens: bool = False,
+    cpu_bf16: str = "off",
 ) -> Backend:
     """A backend by name; `model` is a path or hub ID (hf, vllm), a loaded model (hf), or a model name (openai).
 
     `device`: where the hf backend loads the model (default cuda if there is one, else cpu);
-    `tensor_parallel_size`: GPUs vLLM splits the model over; `policy`: thresholds / biases on the refusal tokens.
+    `tensor_parallel_size`: GPUs vLLM splits the model over; `policy`: thresholds / biases on the refusal tokens;
+    `cpu_bf16`: the hf backend's bf16 autocast on a CPU (auto | on | off, `models.precision`).
     """
     if kind == "hf":
         return HFBackend(
-            model, tokenizer, batch_size, max_new_tokens, template, system, dtype, device, policy, show_refusal_tokens
+            model,
+            tokenizer,
+            batch_size,
+            max_new_tokens,
+            template,
+            system,
+            dtype,
+            device,
+            policy,
+            show_refusal_tokens,
+            cpu_bf16=cpu_bf16,
         )
     if kind == "vllm":
         return VLLMBackend(

@@ -55,3 +55,15 @@ def cpu_autocast(enabled: bool):
     import torch
 
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def generation_precision(setting: str, backend: str = "hf", device=None) -> dict:
+    """What a generation run's manifest records about precision: {"cpu_bf16": True} when the hf backend generates
+    under bf16 autocast (its greedy text can differ from float32's, so a resume must not mix the two), else {} (so
+    the manifests of float32 runs stay as they were before the setting existed)."""
+    import torch
+
+    if backend != "hf":
+        return {}
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"cpu_bf16": True} if resolve_cpu_bf16(setting, device) else {}

@@ -9,7 +9,8 @@ Five comparisons, each new against old on the same model and data:
                 length-skewed DeRTa-like mixture: short helpful rows, long RTO rows
     probe       derta.eval.probe's one teacher-forced pass vs probing by generation (one greedy step
                 per response position, the same positions and probabilities)
-    generation  HFBackend batched vs one prompt at a time (prompts/s)
+    generation  HFBackend batched vs one prompt at a time (prompts/s); where the CPU does bf16 in hardware, batched
+                float32 vs batched under bf16 autocast
     trunk       LoRA on the top layers (the top quarter, or --lora-layers): training tokens/s of an epoch after the
                 first with the frozen layers recomputed vs their states kept from the first (train.trunk)
 
@@ -36,7 +37,7 @@ from derta.inference.base import GenInput
 from derta.inference.hf import HFBackend
 from derta.io import NUMERIC_RULES, InputError, check_number, show_progress, write_json, write_text
 from derta.models.loading import load_model, load_tokenizer
-from derta.models.precision import cpu_bf16_features
+from derta.models.precision import cpu_bf16_features, resolve_cpu_bf16
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 from derta.models.tiny import build_tiny, random_model
@@ -274,13 +275,17 @@ def probe_vs_generation(cfg: BenchConfig, model, tokenizer) -> dict:
 
 
 def generation_throughput(cfg: BenchConfig, model, tokenizer) -> dict:
-    """HFBackend prompts/s, batched (longest first) vs one prompt at a time; greedy, so the same texts."""
+    """HFBackend prompts/s, batched (longest first) vs one prompt at a time; greedy, so the same texts. Where the
+    CPU does bf16 in hardware, batched under bf16 autocast too (`--cpu-bf16`), with its texts' agreement."""
 
     data_pairs = probe_pairs(BenchConfig(**{**asdict(cfg), "probe_pairs": cfg.prompts}))
     inputs = [GenInput(instruction) for instruction, _ in data_pairs][: cfg.prompts]
+    variants = [("one_at_a_time", 1, "off"), ("batched", cfg.gen_batch, "off")]
+    if resolve_cpu_bf16("auto", next(model.parameters()).device):
+        variants.append(("batched_bf16", cfg.gen_batch, "on"))
     result, texts = {}, {}
-    for name, batch_size in (("one_at_a_time", 1), ("batched", cfg.gen_batch)):
-        backend = HFBackend(model, tokenizer, batch_size=batch_size, max_new_tokens=cfg.max_new_tokens)
+    for name, batch_size, bf16 in variants:
+        backend = HFBackend(model, tokenizer, batch_size=batch_size, max_new_tokens=cfg.max_new_tokens, cpu_bf16=bf16)
         start = time.perf_counter()
         texts[name] = backend.generate(inputs)
         seconds = time.perf_counter() - start
@@ -290,10 +295,10 @@ def generation_throughput(cfg: BenchConfig, model, tokenizer) -> dict:
             "prompts_per_s": round(len(inputs) / seconds, 3),
         }
     result["prompts"] = len(inputs)
-    # Padding can flip a near-tie in greedy decoding, so agreement is reported rather than assumed.
-    result["same_text_share"] = round(
-        sum(a == b for a, b in zip(texts["batched"], texts["one_at_a_time"])) / len(inputs), 3
-    )
+    # Padding (and bf16's rounding) can flip a near-tie in greedy decoding, so agreement is reported, not assumed.
+    for name, other in (("same_text_share", "one_at_a_time"), ("bf16_same_text_share", "batched_bf16")):
+        if other in texts:
+            result[name] = round(sum(a == b for a, b in zip(texts["batched"], texts[other])) / len(inputs), 3)
     return result
 
 
@@ -336,6 +341,15 @@ def _ratios(results: dict) -> dict:
         **(
             {"bf16_tokens_per_s": round(packing["packed_bf16"]["tokens_per_s"] / packing["packed"]["tokens_per_s"], 3)}
             if "packed_bf16" in packing
+            else {}
+        ),
+        **(
+            {
+                "bf16_generation": round(
+                    generation["batched_bf16"]["prompts_per_s"] / generation["batched"]["prompts_per_s"], 3
+                )
+            }
+            if "batched_bf16" in generation
             else {}
         ),
     }
@@ -413,6 +427,14 @@ def markdown_table(r: dict) -> str:
         f"{ra['trunk_cache_tokens_per_s']} |",
         f"| generation prompts/s, one at a time → batched ({ge['prompts']} prompts, {c['max_new_tokens']} new tokens) | "
         f"{ge['one_at_a_time']['prompts_per_s']} | {ge['batched']['prompts_per_s']} | {ra['batched_generation']} |",
+        *(
+            [
+                f"| generation prompts/s, batched float32 → bf16 autocast | {ge['batched']['prompts_per_s']} | "
+                f"{ge['batched_bf16']['prompts_per_s']} | {ra['bf16_generation']} |"
+            ]
+            if "batched_bf16" in ge
+            else []
+        ),
         f"| refusal probe time (s), generation per position → one forward ({pr['pairs']} pairs, {pr['positions']} positions) | "
         f"{pr['generation_s']} | {pr['probe_s']} | {ra['probe_time']} |",
         "",
@@ -421,7 +443,12 @@ def markdown_table(r: dict) -> str:
         f"Probe vs generation probabilities: {pr['max_abs_probability_diff']:.2e}. "
         f"Batched vs one-at-a-time identical texts: {ge['same_text_share']:.0%}. "
         f"Trunk kept vs recomputed first-batch loss: {tr['abs_loss_diff']:.2e}."
-        + (f" bf16 vs float32 packed first-batch loss: {pk['bf16_abs_loss_diff']:.2e}." if "packed_bf16" in pk else ""),
+        + (f" bf16 vs float32 packed first-batch loss: {pk['bf16_abs_loss_diff']:.2e}." if "packed_bf16" in pk else "")
+        + (
+            f" bf16 vs float32 batched identical texts: {ge['bf16_same_text_share']:.0%}."
+            if "batched_bf16" in ge
+            else ""
+        ),
         "",
         "## Against the machine's limit",
         "",

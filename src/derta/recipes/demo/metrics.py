@@ -27,6 +27,7 @@ from derta.eval.search import make_attacks
 from derta.inference.base import GenInput
 from derta.inference.hf import HFBackend
 from derta.inference.policy import RefusalPolicy
+from derta.models.precision import generation_precision
 from derta.models.refusal_tokens import marker_tokens, refusal_tokens
 from derta.recipes.demo.config import DemoConfig
 
@@ -286,6 +287,7 @@ def evaluate_extras(
             batch_size=cfg.eval_batch_size,
             limit=cfg.eval_limit,
             calibration=calibration,
+            cpu_bf16=cfg.cpu_bf16,
         )
         summary = run_eval(run, model=model, tokenizer=tokenizer, progress=progress)
         extras["eval"], extras["eval_n"] = summary["asr"], summary["n"]
@@ -293,7 +295,7 @@ def evaluate_extras(
         settings = {
             "max_new_tokens": cfg.max_new_tokens,
             "calibration_sha256": file_sha256(calibration) if calibration is not None else None,
-        }
+        } | generation_precision(cfg.cpu_bf16)
         summary = run_overrefusal(
             out / "overrefusal" / name,
             cfg.overrefusal_prompts,

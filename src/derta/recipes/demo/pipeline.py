@@ -194,6 +194,7 @@ def _anchor_stage(base: Path, out: Path, cfg: DemoConfig) -> list[dict]:
             batch_size=cfg.eval_batch_size,
             trim_cut=True,
             allow_empty=True,  # the report counts the anchors kept; the look-alike tasks still train helpfulness
+            cpu_bf16=cfg.cpu_bf16,
         )
     return [json.loads(line) for line in path.read_text().splitlines()]
 

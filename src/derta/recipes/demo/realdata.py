@@ -69,6 +69,7 @@ def real_data_stage(base: Path, out: Path, cfg: DemoConfig, progress: bool, stag
         seed=cfg.seed,
         max_new_tokens=cfg.triples_max_new_tokens,
         batch_size=cfg.eval_batch_size,
+        cpu_bf16=cfg.cpu_bf16,
     )
     for name, prompts in (("train", train_prompts), ("test", d / "refuse_test.jsonl")):
         if not (d / f"triples_{name}.jsonl").exists():
@@ -141,6 +142,7 @@ def real_evaluations(
             batch_size=cfg.eval_batch_size,
             harmful_responses=responses,
             categories=categories,
+            cpu_bf16=cfg.cpu_bf16,
         )
         summary = run_eval(run, model=model, tokenizer=tokenizer, progress=progress)
         results[set_name] = {k: summary[k] for k in ("asr", "n", "ci95", "depth", "by_category") if k in summary}

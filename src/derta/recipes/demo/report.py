@@ -203,7 +203,7 @@ def render_markdown(report: dict, cfg: DemoConfig) -> str:
         lines += [
             f"Precision (`--cpu-bf16 {sp['cpu_bf16_setting']}`; CPU bf16 hardware: "
             f"{', '.join(sp['cpu_bf16_features']) or 'none'}): training in "
-            f"{'bf16 autocast for ' + ', '.join(bf16) if bf16 else 'float32'}, evaluation generation in "
+            f"{'bf16 autocast for ' + ', '.join(bf16) if bf16 else 'float32'}, generation (evaluation, anchors, triples) in "
             f"{'bf16 autocast' if sp['generation_cpu_bf16'] else 'float32'}.",
             "",
         ]
