@@ -105,8 +105,8 @@ def run_distill(
     resumed_from = len(run.read_rows(lambda r: r["index"]))
     started = time.time()
 
-    backend = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, template=template, cpu_bf16=cpu_bf16)
-    done = _generate(run, prompts, lambda: HFBackend(model, tokenizer, **backend), progress)
+    generation = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, template=template, cpu_bf16=cpu_bf16)
+    done = _generate(run, prompts, lambda: HFBackend(model, tokenizer, **generation), progress)
     kept, dropped, trimmed = _keep(ordered_rows(run, done, range(len(prompts))), max_new_tokens, trim_cut)
     if not kept and not allow_empty:
         raise InputError(nothing_kept(len(prompts), dropped))

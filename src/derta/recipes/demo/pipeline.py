@@ -41,7 +41,7 @@ from derta.inference.base import GenInput
 from derta.inference.policy import RefusalPolicy
 from derta.io import InputError, write_json, write_jsonl, write_text
 from derta.models.loading import load_model, load_tokenizer
-from derta.models.precision import cpu_bf16_features, resolve_cpu_bf16
+from derta.models.precision import cpu_bf16_features, generation_precision
 from derta.models.tiny import build_tiny
 from derta.recipes.demo.config import DemoConfig
 from derta.recipes.demo.metrics import dial, evaluate_extras, evaluate_model, generate
@@ -336,9 +336,7 @@ def speedups(cfg: DemoConfig, models: dict[str, Path]) -> dict:
         "training_trunk_cache": trunk,
         "cpu_bf16_setting": cfg.cpu_bf16,
         "cpu_bf16_features": cpu_bf16_features(),
-        "generation_cpu_bf16": resolve_cpu_bf16(
-            cfg.cpu_bf16, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        ),
+        "generation_cpu_bf16": bool(generation_precision(cfg.cpu_bf16)),
         "training_cpu_bf16": trained,
     }
 
