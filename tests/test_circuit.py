@@ -63,6 +63,13 @@ def test_schedule_runs_from_all_rerouting_to_an_even_split():
     assert all(a > b for a, b in zip(c_rr, c_rr[1:]))
 
 
+def test_warmup_leaves_the_retain_weight_at_zero_then_joins_the_papers_schedule():
+    warm = [cb_coefficients(t, 100, 10.0, warmup=20) for t in range(101)]
+    assert all(c_retain == 0.0 for _, c_retain in warm[:20])
+    assert warm[20:] == [cb_coefficients(t, 100, 10.0) for t in range(20, 101)]
+    assert [c_rr for c_rr, _ in warm] == [cb_coefficients(t, 100, 10.0)[0] for t in range(101)]
+
+
 def test_layers_auto_are_the_papers_depths_and_bad_layers_are_one_line():
     assert parse_cb_layers("auto", 32) == [10, 20]
     assert parse_cb_layers("auto", 4) == [1, 2] and parse_cb_layers("3, 1", 4) == [1, 3]
@@ -104,7 +111,9 @@ def test_circuit_breaker_training_reroutes_harmful_states_and_needs_lora(tmp_pat
         tmp_path / "low", tiny_dir, synthetic, ["--lora", "--lora-layers", "1", "--cb-layers", "1"]
     )
     assert code == 2 and "cannot move" in capsys.readouterr().err  # layer 1 lies below the one adapted layer
-    code, out = _build_and_train(tmp_path, tiny_dir, synthetic, ["--lora", "--lora-r", "8", "--cb-layers", "1,2"])
+    code, out = _build_and_train(
+        tmp_path, tiny_dir, synthetic, ["--lora", "--lora-r", "8", "--cb-layers", "1,2", "--cb-warmup-steps", "10"]
+    )
     assert code == 0
     info = json.loads((out / "derta_train.json").read_text())
     assert info["trainer"] == "circuit-breakers" and info["rows"]["reroute"] == 16 and info["steps"] == 30
@@ -114,4 +123,8 @@ def test_circuit_breaker_training_reroutes_harmful_states_and_needs_lora(tmp_pat
     assert last["reroute_loss"] < 0.5 * first["reroute_loss"] and last["reroute_cos"] < first["reroute_cos"]
     assert first["c_rr"] > last["c_rr"] and first["c_retain"] < last["c_retain"]
     assert info["config"]["cb_layers"] == "1,2" and info["config"]["cb_alpha"] == 10.0
+    # --cb-warmup-steps: the rerouting alone for 10 steps, then the paper's retain weight (logged every 5 steps).
+    retain_weight = {e["step"]: e["c_retain"] for e in log if "c_retain" in e}
+    assert retain_weight[5] == 0.0 and retain_weight[10] == pytest.approx(10.0 * 10 / 60, abs=1e-3)
+    assert info["config"]["cb_warmup_steps"] == 10
     assert (out / "adapter_model.safetensors").exists()

@@ -137,6 +137,11 @@ def test_a_rerun_with_other_recipes_trains_only_the_new_ones(demo_dir, tmp_path)
     # A run recorded before cpu_bf16 existed ran in float32.
     del recorded["cpu_bf16"]
     assert same_run(recorded, {**now, "cpu_bf16": "off"}) and not same_run(recorded, {**now, "cpu_bf16": "on"})
+    # Circuit Breakers' warm-up is the run's only once the directory holds a Circuit Breakers model.
+    warm = {**now, "cpu_bf16": "off", "cb_warmup_steps": 70}
+    assert same_run(recorded, warm, run)
+    (run / "models" / "circuit-breakers").mkdir(parents=True)
+    assert not same_run(recorded, warm, run) and same_run(recorded, {**warm, "cb_warmup_steps": 0}, run)
 
 
 def test_checks_follow_the_numbers():

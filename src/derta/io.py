@@ -264,6 +264,7 @@ NUMERIC_RULES = {
     "dpo_sft_weight": "nonneg",
     "cb_alpha": "positive",
     "cb_skip_massive": "nonneg",
+    "cb_warmup_steps": "count0",
     "trunk_cache_gb": "nonneg",
     "vocab": "count",
     "batch": "count",

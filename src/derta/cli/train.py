@@ -157,3 +157,10 @@ def _add_objectives(p) -> None:
         help="rerouting cosine without the dimensions whose RMS exceeds this many times the median's (massive "
         "activations); " + _default("cb_skip_massive") + "; 0: every dimension, as the paper",
     )
+    p.add_argument(
+        "--cb-warmup-steps",
+        type=int,
+        help="optimizer steps of rerouting alone before the retain loss enters (models with large hidden states); "
+        + _default("cb_warmup_steps")
+        + ": the paper's schedule",
+    )

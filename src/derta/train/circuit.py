@@ -6,7 +6,8 @@ hidden states of everything else stay where they were. No cross-entropy: the two
                `cb_layers` (pushed to orthogonal or beyond; below zero nothing is left to push); with
                `cb_skip_massive` k > 0 the cosine leaves out the massive dimensions (below)
     retain     ‖h_θ − h_frozen‖₂, averaged over every token of the other rows (helpful and refusal) at every layer
-    loss       c_rr(t) · rerouting + c_retain(t) · retain, c_rr = α(1 − t/2T), c_retain = α·t/2T (their Algorithm 1)
+    loss       c_rr(t) · rerouting + c_retain(t) · retain, c_rr = α(1 − t/2T), c_retain = α·t/2T (their Algorithm 1);
+               with `cb_warmup_steps` W, c_retain = 0 for t < W (below)
 
 Massive activations (Sun et al., 2024): a few hidden dimensions, the same ones at almost every token, many times
 larger than the rest. In SmolLM2-135M at layers 9 and 19, three of 576 dimensions carry 43-47 % of a typical
@@ -14,6 +15,12 @@ token's squared norm, so any two tokens' states have cosine ~0.6 and turning one
 dimensions, which every other token keeps. With `cb_skip_massive` k, the cosine is taken over the dimensions whose
 RMS over the batch's rerouted frozen states is at most k times the median dimension's; there two tokens' states
 have cosine ~0.1, as in models without them (docs/baselines.md: what it does and does not fix on SmolLM2).
+
+At the frozen states ReLU(cos) is at its maximum: its gradient grows with the distance δ as δ/|h|², while the
+retain loss has a gradient of length one at any distance. Where |h| is large (SmolLM2: 125-200 at the rerouted
+layers) the retain term outweighs the rerouting by 10^5 from the first step in which it has any weight, and the
+states never leave. `cb_warmup_steps` W trains the rerouting alone for W steps, so it can leave the maximum before
+the retain loss holds the benign states in place; 0 is the paper's schedule.
 
 h_frozen comes from the same model with its adapter switched off (peft's `disable_adapter`), so the frozen
 model costs a forward pass without gradient, never a second copy of the weights.
@@ -34,8 +41,8 @@ from derta.train.trainer import CompleteCheckpoints
 AUTO_DEPTHS = (10 / 32, 20 / 32)
 # With LoRA's B at zero the adapted states equal the frozen ones, where ReLU(cos) is at its maximum and has no
 # gradient: in float32 the rerouting never started (the tiny model: cos 1.0000 after 400 steps). B starts at small
-# random values instead, so the states start just off the frozen ones. (On SmolLM2 that is not enough: its massive
-# activations keep cos at 1.0000 after 40 steps; docs/baselines.md.)
+# random values instead, so the states start just off the frozen ones. (On SmolLM2 that is not enough: the retain
+# loss holds them there unless `cb_warmup_steps` leaves it out at first; docs/baselines.md.)
 LORA_B_INIT_STD = 1e-3
 
 
@@ -52,10 +59,11 @@ def parse_cb_layers(spec: str, num_layers: int) -> list[int]:
     return layers
 
 
-def cb_coefficients(step: int, total: int, alpha: float) -> tuple[float, float]:
-    """(c_rr, c_retain) at optimizer step `step` of `total`: α(1 − t/2T) falling to α/2, α·t/2T rising to α/2."""
+def cb_coefficients(step: int, total: int, alpha: float, warmup: int = 0) -> tuple[float, float]:
+    """(c_rr, c_retain) at optimizer step `step` of `total`: α(1 − t/2T) falling to α/2, α·t/2T rising to α/2;
+    c_retain is 0 for the first `warmup` steps (the rerouting alone)."""
     progress = min(max(step, 0), total) / (2 * max(total, 1))
-    return alpha * (1 - progress), alpha * progress
+    return alpha * (1 - progress), (alpha * progress if step >= warmup else 0.0)
 
 
 def massive_dims(frozen: torch.Tensor, factor: float) -> torch.Tensor:
@@ -115,6 +123,10 @@ class CircuitBreakerTrainer(CompleteCheckpoints, Trainer):
         self.model_accepts_loss_kwargs = False
         self._parts = {"reroute_loss": [0.0, 0], "retain_loss": [0.0, 0], "reroute_cos": [0.0, 0]}
 
+    def _coefficients(self) -> tuple[float, float]:
+        args = self.args
+        return cb_coefficients(self.state.global_step, self.state.max_steps, args.cb_alpha, args.cb_warmup_steps)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels, reroute = inputs.pop("labels"), inputs.pop("is_reroute")
@@ -124,7 +136,7 @@ class CircuitBreakerTrainer(CompleteCheckpoints, Trainer):
             reroute = reroute[:, None].expand_as(labels)
         present = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(reroute)
         reroute_mask, retain_mask = reroute & labels.ne(IGNORE), ~reroute & present
-        c_rr, c_retain = cb_coefficients(self.state.global_step, self.state.max_steps, self.args.cb_alpha)
+        c_rr, c_retain = self._coefficients()
         peft_model = getattr(model, "module", model)
         with self.accelerator.autocast():  # as DertaTrainer: the decoder body is called past accelerate's wrapper
             with torch.no_grad(), peft_model.disable_adapter():
@@ -157,6 +169,6 @@ class CircuitBreakerTrainer(CompleteCheckpoints, Trainer):
                 if count:
                     logs[name] = round(total / count, 4)
             self._parts = {k: [0.0, 0] for k in self._parts}
-            c_rr, c_retain = cb_coefficients(self.state.global_step, self.state.max_steps, self.args.cb_alpha)
+            c_rr, c_retain = self._coefficients()
             logs["c_rr"], logs["c_retain"] = round(c_rr, 4), round(c_retain, 4)
         super().log(logs, start_time)

@@ -119,6 +119,13 @@ class DertaConfig(TrainingArguments):
             "(massive activations; train.circuit); 0: every dimension, as the paper"
         },
     )
+    cb_warmup_steps: int = field(
+        default=D["cb_warmup_steps"],
+        metadata={
+            "help": "optimizer steps of rerouting alone before the retain loss enters the schedule "
+            "(train.circuit: large hidden states); 0: the paper's schedule"
+        },
+    )
 
 
 # Every numeric setting's flag and range rule (io.NUMERIC_RULES), checked whether it came from a flag or the

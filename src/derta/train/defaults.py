@@ -39,6 +39,8 @@ DEFAULTS = {
     # The rerouting cosine leaves out dimensions 10x the median's RMS (massive activations, train.circuit): none in
     # the tiny model (max 1.7x), so there it is the paper's cosine; SmolLM2's rerouting never starts without it.
     "cb_skip_massive": 10.0,
+    # The paper's schedule: the retain loss has weight from the first step on.
+    "cb_warmup_steps": 0,
     "trunk_cache_gb": 4.0,
 }
 
@@ -70,6 +72,7 @@ CLI_TO_CONFIG = {
     "cb_alpha": "cb_alpha",
     "cb_layers": "cb_layers",
     "cb_skip_massive": "cb_skip_massive",
+    "cb_warmup_steps": "cb_warmup_steps",
     "cpu_bf16": "cpu_bf16",
     "trunk_cache_gb": "trunk_cache_gb",
 }

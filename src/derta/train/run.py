@@ -202,6 +202,7 @@ RESUME_SETTINGS = (
     "cb_alpha",
     "cb_layers",
     "cb_skip_massive",
+    "cb_warmup_steps",
     "world_size",
 )
 RUN_MANIFEST = "manifest.json"  # OUTPUT/manifest.json: the settings and inputs a --resume must match
@@ -223,6 +224,7 @@ def _start_run(config: DertaConfig, out: Path, model_name: str, data_path: str, 
         if isinstance(old, dict):
             old.setdefault("cpu_bf16", "off")  # runs recorded before the setting existed trained in float32
             old.setdefault("cb_skip_massive", 0.0)  # and rerouted over every dimension
+            old.setdefault("cb_warmup_steps", 0)  # with the paper's schedule
             compare_manifest(old, manifest, path)
     if config.should_save:
         lock_dir(out, "--output")

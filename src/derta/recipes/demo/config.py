@@ -29,6 +29,7 @@ REAL_MODEL_SETTINGS = dict(
     lora_alpha=32,
     lora_layers=8,
     cpu_bf16="auto",
+    cb_warmup_steps=70,
     max_length=192,
     max_rto_share=0.02,
     max_new_tokens=48,
@@ -78,6 +79,10 @@ class DemoConfig:
     cpu_bf16: str = "off"
     # GiB for the frozen layers' states kept per row (train.trunk; with --model's LoRA on the top layers); 0: off.
     trunk_cache_gb: float = TRAIN_DEFAULTS["trunk_cache_gb"]
+    # Circuit Breakers: steps of rerouting alone before the retain loss enters (train.circuit). 0 on the tiny model,
+    # whose rerouting starts under the paper's schedule; with --model a fifth of the steps: SmolLM2's large hidden
+    # states keep the rerouting at the frozen states otherwise (docs/baselines.md).
+    cb_warmup_steps: int = 0
     max_length: int = 256
     rto_keep_ratio: float = 1.0
     max_rto_share: float | None = None

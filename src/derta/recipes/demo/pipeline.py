@@ -74,7 +74,7 @@ def _lora_settings(cfg: DemoConfig, recipe: RecipeConfig | None) -> dict:
         else {}
     )
     if recipe is not None and "reroute" in recipe.kinds:
-        lora = {**(lora or CB_LORA), "lora_layers": None}
+        lora = {**(lora or CB_LORA), "lora_layers": None, "cb_warmup_steps": cfg.cb_warmup_steps}
     return lora
 
 
@@ -251,18 +251,22 @@ def _check(out: Path, cfg: DemoConfig) -> None:
         load_overrefusal_prompts(cfg.overrefusal_prompts)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "demo_config.json"
-    if manifest.exists() and not same_run(json.loads(manifest.read_text()), json.loads(json.dumps(asdict(cfg)))):
+    recorded = json.loads(manifest.read_text()) if manifest.exists() else None
+    if recorded is not None and not same_run(recorded, json.loads(json.dumps(asdict(cfg))), out):
         raise InputError("directory holds a demo run with other settings: choose a new --out", out)
     write_json(manifest, asdict(cfg))
 
 
-def same_run(recorded: dict, now: dict) -> bool:
+def same_run(recorded: dict, now: dict, out: Path | None = None) -> bool:
     """Whether a directory's recorded settings are this run's. The recipes are not part of a run's identity: each
     recipe's model and evaluation have their own directories, so a rerun with other recipes reuses those it shares
-    and trains only the new ones. Nor is the trunk cache's budget, which changes speed, not results. A run recorded
-    before `cpu_bf16` existed ran in float32 (off)."""
-    recorded = {"cpu_bf16": "off", **recorded}
+    and trains only the new ones. Nor is the trunk cache's budget, which changes speed, not results, nor Circuit
+    Breakers' warm-up while the directory `out` holds no Circuit Breakers model (no model in it read the setting).
+    A run recorded before `cpu_bf16` existed ran in float32 (off)."""
+    recorded = {"cpu_bf16": "off", "cb_warmup_steps": 0, **recorded}
     neutral = ("recipes", "trunk_cache_gb")
+    if out is None or not (out / "models" / "circuit-breakers").exists():
+        neutral += ("cb_warmup_steps",)
     return {k: v for k, v in recorded.items() if k not in neutral} == {k: v for k, v in now.items() if k not in neutral}
 
 
