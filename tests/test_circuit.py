@@ -1,6 +1,7 @@
 """Circuit Breakers (train.circuit): the rerouting and retain losses, the schedule, the rows, a short LoRA run."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -112,7 +113,10 @@ def test_circuit_breaker_training_reroutes_harmful_states_and_needs_lora(tmp_pat
     )
     assert code == 2 and "cannot move" in capsys.readouterr().err  # layer 1 lies below the one adapted layer
     code, out = _build_and_train(
-        tmp_path, tiny_dir, synthetic, ["--lora", "--lora-r", "8", "--cb-layers", "1,2", "--cb-warmup-steps", "10"]
+        tmp_path,
+        tiny_dir,
+        synthetic,
+        ["--lora", "--lora-r", "8", "--cb-layers", "1,2", "--cb-warmup-steps", "10", "--cpu-bf16", "off"],
     )
     assert code == 0
     info = json.loads((out / "derta_train.json").read_text())
@@ -127,4 +131,12 @@ def test_circuit_breaker_training_reroutes_harmful_states_and_needs_lora(tmp_pat
     retain_weight = {e["step"]: e["c_retain"] for e in log if "c_retain" in e}
     assert retain_weight[5] == 0.0 and retain_weight[10] == pytest.approx(10.0 * 10 / 60, abs=1e-3)
     assert info["config"]["cb_warmup_steps"] == 10
+    assert info["cpu_bf16"] is False
+
+
+def test_circuit_breakers_train_under_cpu_bf16_when_asked(tmp_path, tiny_dir, synthetic):
+    code, out = _build_and_train(tmp_path, tiny_dir, synthetic, ["--lora", "--cb-layers", "1,2", "--cpu-bf16", "on"])
+    assert code == 0
+    info = json.loads((out / "derta_train.json").read_text())
+    assert info["cpu_bf16"] is True and all(math.isfinite(e["reroute_cos"]) for e in info["log_history"][:-1])
     assert (out / "adapter_model.safetensors").exists()

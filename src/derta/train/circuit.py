@@ -34,8 +34,9 @@ from transformers import Trainer
 
 from derta.data.tokenize import IGNORE
 from derta.io import InputError
+from derta.models.precision import cpu_autocast
 from derta.train.losses import _causal_lm_parts
-from derta.train.trainer import CompleteCheckpoints
+from derta.train.trainer import CompleteCheckpoints, uses_cpu_bf16
 
 # `cb_layers: auto`: the depths of Zou et al.'s Llama-3-8B run (layers 10 and 20 of 32), on any model.
 AUTO_DEPTHS = (10 / 32, 20 / 32)
@@ -119,6 +120,7 @@ class CircuitBreakerTrainer(CompleteCheckpoints, Trainer):
             for name, weight in peft_model.named_parameters():
                 if "lora_B" in name:
                     weight.copy_(torch.randn(weight.shape, generator=generator) * LORA_B_INIT_STD)
+        self.cpu_bf16 = uses_cpu_bf16(self.args)
         # The loss is a mean per micro-batch: Trainer divides it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
         self._parts = {"reroute_loss": [0.0, 0], "retain_loss": [0.0, 0], "reroute_cos": [0.0, 0]}
@@ -138,7 +140,8 @@ class CircuitBreakerTrainer(CompleteCheckpoints, Trainer):
         reroute_mask, retain_mask = reroute & labels.ne(IGNORE), ~reroute & present
         c_rr, c_retain = self._coefficients()
         peft_model = getattr(model, "module", model)
-        with self.accelerator.autocast():  # as DertaTrainer: the decoder body is called past accelerate's wrapper
+        # As DertaTrainer: the decoder body is called past accelerate's wrapper, so both autocasts are entered here.
+        with self.accelerator.autocast(), cpu_autocast(self.cpu_bf16):
             with torch.no_grad(), peft_model.disable_adapter():
                 frozen = all_hidden_states(peft_model, inputs)
             live = all_hidden_states(model, inputs)

@@ -51,6 +51,12 @@ class CompleteCheckpoints:
             )
 
 
+def uses_cpu_bf16(args) -> bool:
+    """Whether a trainer runs its forward passes under bf16 autocast on the CPU (`cpu_bf16`); under Trainer's own
+    mixed precision (--bf16, --fp16) that one rules."""
+    return not (args.bf16 or args.fp16) and resolve_cpu_bf16(getattr(args, "cpu_bf16", "off"), args.device)
+
+
 class DertaTrainer(CompleteCheckpoints, Trainer):
     """Trainer whose loss is Σ w·NLL over labelled tokens / (number of labelled tokens)."""
 
@@ -59,10 +65,7 @@ class DertaTrainer(CompleteCheckpoints, Trainer):
         self._parts = {"mle": [0.0, 0], "rto": [0.0, 0], "rto_hit": [0.0, 0], "constraint": [0.0, 0]}
         # The constrained objective's reference (--constrain-to): frozen, on the training device.
         self.reference_model = reference_model
-        # bf16 autocast on the CPU (`cpu_bf16`); under Trainer's own mixed precision (--bf16, --fp16) that one rules.
-        self.cpu_bf16 = not (self.args.bf16 or self.args.fp16) and resolve_cpu_bf16(
-            getattr(self.args, "cpu_bf16", "off"), self.args.device
-        )
+        self.cpu_bf16 = uses_cpu_bf16(self.args)
         if reference_model is not None:
             reference_model.requires_grad_(False).eval().to(self.args.device)
         self.trunk, self.trunk_off = None, ""
