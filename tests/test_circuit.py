@@ -132,6 +132,7 @@ def test_circuit_breaker_training_reroutes_harmful_states_and_needs_lora(tmp_pat
     assert retain_weight[5] == 0.0 and retain_weight[10] == pytest.approx(10.0 * 10 / 60, abs=1e-3)
     assert info["config"]["cb_warmup_steps"] == 10
     assert info["cpu_bf16"] is False
+    assert (out / "adapter_model.safetensors").exists()
 
 
 def test_circuit_breakers_train_under_cpu_bf16_when_asked(tmp_path, tiny_dir, synthetic):
@@ -139,4 +140,3 @@ def test_circuit_breakers_train_under_cpu_bf16_when_asked(tmp_path, tiny_dir, sy
     assert code == 0
     info = json.loads((out / "derta_train.json").read_text())
     assert info["cpu_bf16"] is True and all(math.isfinite(e["reroute_cos"]) for e in info["log_history"][:-1])
-    assert (out / "adapter_model.safetensors").exists()

@@ -80,8 +80,8 @@ class DemoConfig:
     # GiB for the frozen layers' states kept per row (train.trunk; with --model's LoRA on the top layers); 0: off.
     trunk_cache_gb: float = TRAIN_DEFAULTS["trunk_cache_gb"]
     # Circuit Breakers: steps of rerouting alone before the retain loss enters (train.circuit). 0 on the tiny model,
-    # whose rerouting starts under the paper's schedule; with --model a fifth of the steps: SmolLM2's large hidden
-    # states keep the rerouting at the frozen states otherwise (docs/baselines.md).
+    # whose rerouting starts under the paper's schedule; with --model 70 (a fifth of its 350 steps): SmolLM2's large
+    # hidden states keep the rerouting at the frozen states otherwise (docs/baselines.md).
     cb_warmup_steps: int = 0
     max_length: int = 256
     rto_keep_ratio: float = 1.0

@@ -251,8 +251,7 @@ def _check(out: Path, cfg: DemoConfig) -> None:
         load_overrefusal_prompts(cfg.overrefusal_prompts)
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "demo_config.json"
-    recorded = json.loads(manifest.read_text()) if manifest.exists() else None
-    if recorded is not None and not same_run(recorded, json.loads(json.dumps(asdict(cfg))), out):
+    if manifest.exists() and not same_run(json.loads(manifest.read_text()), json.loads(json.dumps(asdict(cfg))), out):
         raise InputError("directory holds a demo run with other settings: choose a new --out", out)
     write_json(manifest, asdict(cfg))
 
