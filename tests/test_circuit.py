@@ -140,3 +140,17 @@ def test_circuit_breakers_train_under_cpu_bf16_when_asked(tmp_path, tiny_dir, sy
     assert code == 0
     info = json.loads((out / "derta_train.json").read_text())
     assert info["cpu_bf16"] is True and all(math.isfinite(e["reroute_cos"]) for e in info["log_history"][:-1])
+
+
+def test_the_demo_reroutes_the_vanilla_model_for_vanilla_circuit_breakers(tmp_path, capsys):
+    argv = ["demo", "--reduced", "--out", str(tmp_path / "d"), "--recipes"]
+    assert main([*argv, "vanilla-circuit-breakers"]) == 2
+    assert (
+        "vanilla-circuit-breakers trains the vanilla model further: list vanilla before it" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "d").exists()
+    main([*argv, "vanilla,vanilla-circuit-breakers"])
+    info = json.loads((tmp_path / "d" / "models" / "vanilla-circuit-breakers" / "derta_train.json").read_text())
+    assert info["model"] == str(tmp_path / "d" / "models" / "vanilla") and info["trainer"] == "circuit-breakers"
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert "vanilla-circuit-breakers" in report["models"]

@@ -221,7 +221,8 @@ def _add_build(dsub) -> None:
         choices=[r for r, recipe in RECIPES.items() if recipe.subset is None],  # subsets here: --select-by-cliff
         help="what the rows teach: derta (the paper's method), its parts prefix and rto, vanilla (plain "
         "refusals), derta-tokens, the baselines recovery and dpo, the defences circuit-breakers, backtrack and "
-        "backtrack-dpo (docs/data.md, docs/baselines.md)",
+        "backtrack-dpo; vanilla-circuit-breakers makes circuit-breakers' rows, to train from a vanilla model "
+        "(docs/data.md, docs/baselines.md)",
     )
     i.add_argument(
         "--safety",

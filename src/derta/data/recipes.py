@@ -10,6 +10,7 @@ triple into training rows; helpful (instruction, response) rows pass through unc
     recovery-> prefix            Qi et al.'s safety recovery rows: half get k ~ U{1..min(100, |r̂|)}, half k = 0
     dpo     -> pair              a preference pair (chosen r, rejected r̂), trained with TRL's DPOTrainer
     circuit-breakers -> safe + reroute   Zou et al.: hidden states of q + r̂ rerouted, the others retained (train.circuit)
+    vanilla-circuit-breakers             the same rows, trained from the vanilla model (one that already refuses)
     backtrack -> safe + backtrack        Zhang et al.: q + r̂<k + [RESET] + r, loss on [RESET] and r (k >= 1)
     backtrack-dpo -> pair                Zhang et al.'s DPO stage: after q + r̂<k, [RESET] + r preferred over the rest of r̂
 
@@ -60,6 +61,9 @@ RECIPES = {
     "dpo": Recipe(("pair",), "DPO"),
     # The representation-level and reset defences (docs/baselines.md): Circuit Breakers and Backtracking.
     "circuit-breakers": Recipe(("safe", "reroute"), "Circuit Breakers (Zou et al.)"),
+    # Zou et al. reroute a model that refuses plain requests already (Llama-3-8B-Instruct); a small chat model that
+    # answers them gets that starting point from the vanilla recipe.
+    "vanilla-circuit-breakers": Recipe(("safe", "reroute"), "Vanilla + Circuit Breakers", after="vanilla"),
     "backtrack": Recipe(("safe", "backtrack"), "Backtracking (Zhang et al.)"),
     # Its DPO stage, trained from the backtrack SFT model: pairs that share a harmful prefix, resetting preferred.
     "backtrack-dpo": Recipe(("pair",), "Backtracking + DPO (Zhang et al.)", after="backtrack"),

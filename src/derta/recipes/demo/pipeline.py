@@ -260,11 +260,12 @@ def same_run(recorded: dict, now: dict, out: Path | None = None) -> bool:
     """Whether a directory's recorded settings are this run's. The recipes are not part of a run's identity: each
     recipe's model and evaluation have their own directories, so a rerun with other recipes reuses those it shares
     and trains only the new ones. Nor is the trunk cache's budget, which changes speed, not results, nor Circuit
-    Breakers' warm-up while the directory `out` holds no Circuit Breakers model (no model in it read the setting).
+    Breakers' warm-up while the directory `out` holds no rerouted model (no model in it read the setting).
     A run recorded before `cpu_bf16` existed ran in float32 (off)."""
     recorded = {"cpu_bf16": "off", "cb_warmup_steps": 0, **recorded}
     neutral = ("recipes", "trunk_cache_gb")
-    if out is None or not (out / "models" / "circuit-breakers").exists():
+    rerouted = [name for name, recipe in RECIPES.items() if "reroute" in recipe.kinds]
+    if out is None or not any((out / "models" / name).exists() for name in rerouted):
         neutral += ("cb_warmup_steps",)
     return {k: v for k, v in recorded.items() if k not in neutral} == {k: v for k, v in now.items() if k not in neutral}
 
