@@ -10,6 +10,8 @@ from derta.cli.main import main
 from derta.data.recipes import RecipeConfig, build_rows
 from derta.data.tokenize import IGNORE, tokenize_row
 from derta.io import InputError
+from derta.recipes.demo.config import DemoConfig
+from derta.recipes.demo.pipeline import _lora_settings
 from derta.train.circuit import cb_coefficients, massive_dims, parse_cb_layers, rerouting_loss, retain_loss
 from helpers import HELPFUL, TRIPLE, write_jsonl
 
@@ -74,7 +76,8 @@ def test_warmup_leaves_the_retain_weight_at_zero_then_joins_the_papers_schedule(
 def test_layers_auto_are_the_papers_depths_and_bad_layers_are_one_line():
     assert parse_cb_layers("auto", 32) == [10, 20]
     assert parse_cb_layers("auto", 4) == [1, 2] and parse_cb_layers("3, 1", 4) == [1, 3]
-    for bad in ("0", "5", "x", ","):
+    assert parse_cb_layers("top:8", 30) == [24, 27] and parse_cb_layers("top:32", 32) == [10, 20]
+    for bad in ("0", "5", "x", ",", "top:0", "top:5", "top:x"):
         with pytest.raises(InputError, match="--cb-layers"):
             parse_cb_layers(bad, 4)
 
@@ -140,6 +143,14 @@ def test_circuit_breakers_train_under_cpu_bf16_when_asked(tmp_path, tiny_dir, sy
     assert code == 0
     info = json.loads((out / "derta_train.json").read_text())
     assert info["cpu_bf16"] is True and all(math.isfinite(e["reroute_cos"]) for e in info["log_history"][:-1])
+
+
+def test_rerouting_a_model_tuned_on_its_top_layers_happens_within_them():
+    real = DemoConfig(model="m", lora_r=16, lora_layers=8)
+    after = _lora_settings(real, RecipeConfig(recipe="vanilla-circuit-breakers"))
+    assert after["cb_layers"] == "top:8" and after["lora_layers"] is None
+    assert "cb_layers" not in _lora_settings(real, RecipeConfig(recipe="circuit-breakers"))  # the paper's depths
+    assert "cb_layers" not in _lora_settings(DemoConfig(), RecipeConfig(recipe="vanilla-circuit-breakers"))
 
 
 def test_the_demo_reroutes_the_vanilla_model_for_vanilla_circuit_breakers(tmp_path, capsys):

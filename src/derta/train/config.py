@@ -110,7 +110,10 @@ class DertaConfig(TrainingArguments):
     )
     cb_layers: str = field(
         default=D["cb_layers"],
-        metadata={"help": "comma-separated layers whose hidden states are rerouted (1 = first layer's output); auto"},
+        metadata={
+            "help": "comma-separated layers whose hidden states are rerouted (1 = first layer's output); auto (the "
+            "paper's depths) or top:N (those depths within the top N layers)"
+        },
     )
     cb_skip_massive: float = field(
         default=D["cb_skip_massive"],

@@ -75,6 +75,10 @@ def _lora_settings(cfg: DemoConfig, recipe: RecipeConfig | None) -> dict:
     )
     if recipe is not None and "reroute" in recipe.kinds:
         lora = {**(lora or CB_LORA), "lora_layers": None, "cb_warmup_steps": cfg.cb_warmup_steps}
+        if RECIPES[recipe.recipe].after and cfg.lora_layers:
+            # The first stage changed only the top layers: rerouting below them would train the adapter that
+            # rerouting the untuned model trains, blind to the refusals the first stage added.
+            lora["cb_layers"] = f"top:{cfg.lora_layers}"
     return lora
 
 
