@@ -33,7 +33,8 @@ _REQUEST_WORDS = (
     r"describe|list|make|create|draft|teach me)"
 )
 _SPLIT = re.compile(
-    rf"(?<=[?!.])\s+|;\s+|,?\s+(?:and|then)\s+(?:also\s+)?(?={_REQUEST_WORDS}\b)|,\s+(?=also\b)", re.IGNORECASE
+    rf"(?<=[?!.])\s+|;\s+|,?\s+(?:and\s+then|and|then)\s+(?:also\s+)?(?={_REQUEST_WORDS}\b)|,\s+(?=also\b)",
+    re.IGNORECASE,
 )
 _REQUEST = re.compile(rf"\b{_REQUEST_WORDS}\b", re.IGNORECASE)
 # A refusal that names the part it declines: "the second part", "your other question", "that part".
