@@ -214,24 +214,21 @@ CONTRAST_WORDS = 4  # words of its own a contrasting clause needs to count as an
 
 
 def _contrast(t: str, start: int) -> str | None:
-    """The first clause after t[start] that turns against the refusal and answers (see _CONTRAST_RE)."""
+    """The first clause after t[start] that turns against the refusal and answers (see _CONTRAST_RE): long enough,
+    and neither a refusal, a pointer to help, an offer, a question nor advice."""
     for m in _CLAUSE_RE.finditer(t, start):
         turn = _CONTRAST_RE.search(m.group(0))
-        if turn is not None and _answers(t, m.start() + turn.start(), m.end(), CONTRAST_WORDS + 1):
-            return m.group(0)[turn.start() :].strip()
+        if turn is None:
+            continue
+        answer = m.group(0)[turn.start() :]
+        if (
+            _words(answer) - 1 >= CONTRAST_WORDS  # the turn word itself not counted
+            and not _NOT_AN_ANSWER_RE.search(answer)
+            and not _signals(answer)
+            and not _resource_near(t, m.start() + turn.start(), m.end())
+        ):
+            return answer.strip()
     return None
-
-
-def _answers(t: str, start: int, end: int, words: int) -> bool:
-    """Whether t[start:end] reads as an answer: long enough, and neither a refusal, a pointer to help, an offer, a
-    question nor advice."""
-    clause = t[start:end]
-    return (
-        _words(clause) >= words
-        and not _NOT_AN_ANSWER_RE.search(clause)
-        and not _signals(clause)
-        and not _resource_near(t, start, end)
-    )
 
 
 def _intro_line(t: str, pos: int) -> tuple[int, int]:

@@ -51,14 +51,12 @@ def parse_cb_layers(spec: str, num_layers: int) -> list[int]:
     """The layers whose outputs are rerouted (1 = the first decoder layer's output, as in `hidden_states[l]`):
     "auto" is the paper's depths; "top:N" the same depths within the top N layers (where a model tuned on its top N
     layers differs from its base); else comma-separated numbers."""
-    if spec.strip() == "auto":
-        return sorted({min(num_layers, max(1, round(d * num_layers))) for d in AUTO_DEPTHS})
-    if spec.strip().startswith("top:"):
-        n = spec.strip()[4:]
+    top = f"top:{num_layers}" if spec.strip() == "auto" else spec.strip()
+    if top.startswith("top:"):
+        n = top[4:]
         if not n.isdigit() or not 1 <= int(n) <= num_layers:
             raise InputError(f"--cb-layers '{spec}': top:N needs N from 1 to the model's {num_layers} layers")
-        below = num_layers - int(n)
-        return sorted({below + max(1, round(d * int(n))) for d in AUTO_DEPTHS})
+        return sorted({num_layers - int(n) + max(1, round(d * int(n))) for d in AUTO_DEPTHS})
     try:
         layers = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
