@@ -58,6 +58,7 @@ def demo_config(args) -> DemoConfig:
         cfg.tune_steps = args.steps or cfg.tune_steps
     cfg.cpu_bf16 = args.cpu_bf16 or cfg.cpu_bf16
     cfg.trunk_cache_gb = cfg.trunk_cache_gb if args.trunk_cache_gb is None else args.trunk_cache_gb
+    cfg.row_attention = cfg.row_attention if args.row_attention is None else args.row_attention == "on"
     _check_recipes(cfg)
     return cfg
 
@@ -171,7 +172,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_speedups(t, tiny: DemoConfig, real: dict) -> None:
-    """The demo's switches for CPU bf16 and the frozen trunk's cache."""
+    """The demo's switches for CPU bf16, the frozen trunk's cache and row attention."""
     t.add_argument(
         "--cpu-bf16",
         choices=CPU_BF16_CHOICES,
@@ -183,6 +184,11 @@ def _add_speedups(t, tiny: DemoConfig, real: dict) -> None:
         type=float,
         help=f"GiB for the frozen layers' states, computed once per row and reused in later epochs (with --model's "
         f"LoRA on the top layers; default {tiny.trunk_cache_gb}; 0: off)",
+    )
+    t.add_argument(
+        "--row-attention",
+        choices=("on", "off"),
+        help="packed training batches attend row by row instead of under one block mask (default on)",
     )
 
 

@@ -68,6 +68,12 @@ def add_train_arguments(p) -> None:
         help="GiB for the frozen layers' hidden states, computed once per row and reused when only the top layers "
         "train (--lora-layers); 0: off; " + _default("trunk_cache_gb"),
     )
+    t.add_argument(
+        "--row-attention",
+        choices=("on", "off"),
+        help="packed batches attend row by row (causal, no mask) instead of over the whole packed sequence under a "
+        "block mask; default on (sdpa models)",
+    )
     _add_lora(t)
     _add_objectives(t)
     _add_output(group(p, "output"))

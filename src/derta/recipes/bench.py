@@ -6,13 +6,15 @@ Five comparisons, each new against old on the same model and data:
                 full-logits loss: peak memory and time; each variant runs in a fresh subprocess
                 so its peak memory is its own (CUDA max allocated on GPU, VmHWM - VmRSS on CPU)
     packing     training tokens/s with padding-free (packed) batches vs padded batches, on a
-                length-skewed DeRTa-like mixture: short helpful rows, long RTO rows
+                length-skewed DeRTa-like mixture: short helpful rows, long RTO rows; packed rows under one
+                block mask vs attended row by row (train.attention); float32 vs bf16 autocast where supported
     probe       derta.eval.probe's one teacher-forced pass vs probing by generation (one greedy step
                 per response position, the same positions and probabilities)
     generation  HFBackend batched vs one prompt at a time (prompts/s); where the CPU does bf16 in hardware, batched
                 float32 vs batched under bf16 autocast
     trunk       LoRA on the top layers (the top quarter, or --lora-layers): training tokens/s of an epoch after the
-                first with the frozen layers recomputed vs their states kept from the first (train.trunk)
+                first with the frozen layers recomputed vs their states kept from the first (train.trunk), and the
+                kept one in float32 vs under bf16 autocast where the CPU does it (the real-model demo's path)
 
 Writes OUT/bench.json (raw figures, ratios new ÷ old) and OUT/bench.md (a table).
 """
@@ -37,11 +39,11 @@ from derta.inference.base import GenInput
 from derta.inference.hf import HFBackend
 from derta.io import NUMERIC_RULES, InputError, check_number, show_progress, write_json, write_text
 from derta.models.loading import load_model, load_tokenizer
-from derta.models.precision import cpu_bf16_features, resolve_cpu_bf16
+from derta.models.precision import resolve_cpu_bf16
 from derta.models.refusal_tokens import REFUSAL_PHRASE, refusal_token_ids
 from derta.models.templates import encode_prompt, encode_text, format_prompt, resolve_template
 from derta.models.tiny import build_tiny, random_model
-from derta.recipes.limit import flop_profile, fraction_row, limit_markdown, machine_peak, step_flops
+from derta.recipes.limit import limit, limit_markdown
 from derta.recipes.throughput import packing_throughput, skewed_rows, to_device, trunk_throughput
 
 
@@ -176,52 +178,6 @@ def _loss_step_subprocess(cfg: BenchConfig, impl: str) -> dict:
     return json.loads(line[len("BENCH ") :])
 
 
-def limit(cfg: BenchConfig, results: dict, model) -> dict:
-    """The machine's matmul peak and each timed training path's model FLOP/s as a fraction of it (recipes.limit)."""
-    device = next(model.parameters()).device
-    profile = flop_profile(model)
-    peak = machine_peak(getattr(model.config, "intermediate_size", model.config.hidden_size), cfg.repeats, device)
-    loss_rows = [(cfg.seq, cfg.seq - cfg.seq // 2)] * cfg.batch
-    skewed = [
-        (len(r["input_ids"]), sum(x != -100 for x in r["labels"][1:]))
-        for r in skewed_rows(cfg, model.config.vocab_size)
-    ]
-    paths = [
-        fraction_row(
-            f"one step, {name} (batch {cfg.batch} x {cfg.seq})",
-            step_flops(profile, loss_rows),
-            r["step_s"],
-            "float32",
-            peak,
-        )
-        for name, r in (("full logits", results["loss"]["full"]), ("labelled positions", results["loss"]["chunked"]))
-    ]
-    for name, r in results["packing"].items():
-        if isinstance(r, dict) and "tokens_per_s" in r:
-            flops = step_flops(profile, skewed)
-            paths.append(fraction_row(f"skewed mix + SGD, {name}", flops, r["seconds"], r["precision"], peak))
-    if trunk := results.get("trunk"):
-        # The cached epoch computes no forward below the trained layers: its FLOPs are the trained layers' share.
-        p, frozen = trunk["profile"], trunk["layers"] - trunk["lora_layers"]
-        computed = {
-            **p,
-            "body_forward": p["body_forward"] * trunk["lora_layers"] / trunk["layers"],
-            "attention_layers": p["attention_layers"] - frozen,
-        }
-        top = f"LoRA top {trunk['lora_layers']} of {trunk['layers']} layers"
-        for name, prof in (("recomputed", p), ("cached", computed)):
-            paths.append(
-                fraction_row(
-                    f"skewed mix + SGD, {top}, trunk {name}",
-                    step_flops(prof, skewed),
-                    trunk[name]["seconds"],
-                    "float32",
-                    peak,
-                )
-            )
-    return {"peak": peak, "cpu_bf16_features": cpu_bf16_features(), "profile": profile, "paths": paths}
-
-
 def probe_pairs(cfg: BenchConfig) -> list[tuple[str, str]]:
 
     harmful = make_data(seed=cfg.seed).harmful_test
@@ -326,7 +282,8 @@ def _text_model(cfg: BenchConfig, results: dict):
 
 def _ratios(results: dict) -> dict:
     """New ÷ old for each comparison."""
-    loss, packing, generation = results["loss"], results["packing"], results["generation"]
+    loss, packing, generation, trunk = results["loss"], results["packing"], results["generation"], results["trunk"]
+    float32 = packing.get("packed_rows", packing["packed"])  # what packed_bf16 differs from in precision only
     return {
         "loss_peak_memory": round(loss["chunked"]["peak_memory_mb"] / max(loss["full"]["peak_memory_mb"], 1e-9), 3),
         "loss_step_time": round(loss["chunked"]["step_s"] / loss["full"]["step_s"], 3),
@@ -339,8 +296,22 @@ def _ratios(results: dict) -> dict:
             results["trunk"]["cached"]["tokens_per_s"] / results["trunk"]["recomputed"]["tokens_per_s"], 3
         ),
         **(
-            {"bf16_tokens_per_s": round(packing["packed_bf16"]["tokens_per_s"] / packing["packed"]["tokens_per_s"], 3)}
+            {"row_attention_tokens_per_s": round(rows["tokens_per_s"] / packing["packed"]["tokens_per_s"], 3)}
+            if (rows := packing.get("packed_rows"))
+            else {}
+        ),
+        **(
+            {"bf16_tokens_per_s": round(packing["packed_bf16"]["tokens_per_s"] / float32["tokens_per_s"], 3)}
             if "packed_bf16" in packing
+            else {}
+        ),
+        **(
+            {
+                "trunk_bf16_tokens_per_s": round(
+                    trunk["cached_bf16"]["tokens_per_s"] / trunk["cached"]["tokens_per_s"], 3
+                )
+            }
+            if "cached_bf16" in trunk
             else {}
         ),
         **(
@@ -378,7 +349,11 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     bar.set_postfix_str("trunk cache")
     results["trunk"] = trunk_throughput(cfg, model)
     bar.set_postfix_str("machine peak")
-    results["limit"] = limit(cfg, results, model)
+    skewed = [
+        (len(r["input_ids"]), sum(x != -100 for x in r["labels"][1:]))
+        for r in skewed_rows(cfg, model.config.vocab_size)
+    ]
+    results["limit"] = limit(results, model, cfg.repeats, cfg.batch, cfg.seq, skewed)
     del model
     bar.update()
     bar.set_postfix_str("model with tokenizer")
@@ -398,6 +373,42 @@ def run_bench(cfg: BenchConfig, out: str | Path, progress: bool = True) -> dict:
     return results
 
 
+def _training_rows(pk: dict, tr: dict, ra: dict) -> list[str]:
+    """bench.md's training-throughput rows: packing, row attention, bf16, the kept trunk."""
+    return [
+        f"| training tokens/s, padded → padding-free (skewed mix, {pk['real_tokens']} tokens) | "
+        f"{pk['padded']['tokens_per_s']} | {pk['packed']['tokens_per_s']} | {ra['packing_tokens_per_s']} |",
+        *(
+            [
+                f"| training tokens/s, packed: one block mask → row attention | {pk['packed']['tokens_per_s']} | "
+                f"{pk['packed_rows']['tokens_per_s']} | {ra['row_attention_tokens_per_s']} |"
+            ]
+            if "packed_rows" in pk
+            else []
+        ),
+        *(
+            [
+                f"| training tokens/s, packed float32 → bf16 autocast | "
+                f"{pk.get('packed_rows', pk['packed'])['tokens_per_s']} | "
+                f"{pk['packed_bf16']['tokens_per_s']} | {ra['bf16_tokens_per_s']} |"
+            ]
+            if "packed_bf16" in pk
+            else []
+        ),
+        f"| training tokens/s, LoRA top {tr['lora_layers']} of {tr['layers']} layers, a later epoch: frozen trunk "
+        f"recomputed → kept from the first | {tr['recomputed']['tokens_per_s']} | {tr['cached']['tokens_per_s']} | "
+        f"{ra['trunk_cache_tokens_per_s']} |",
+        *(
+            [
+                f"| training tokens/s, the same kept-trunk epoch, float32 → bf16 autocast | "
+                f"{tr['cached']['tokens_per_s']} | {tr['cached_bf16']['tokens_per_s']} | {ra['trunk_bf16_tokens_per_s']} |"
+            ]
+            if "cached_bf16" in tr
+            else []
+        ),
+    ]
+
+
 def markdown_table(r: dict) -> str:
     c, lo, pk, pr, ge, ra = r["config"], r["loss"], r["packing"], r["probe"], r["generation"], r["ratios"]
     tr = r["trunk"]
@@ -412,19 +423,7 @@ def markdown_table(r: dict) -> str:
         f"| training-step peak memory (MB), full logits → labelled positions | {lo['full']['peak_memory_mb']} | "
         f"{lo['chunked']['peak_memory_mb']} | {ra['loss_peak_memory']} |",
         f"| training-step time (s, median of {c['steps']}) | {lo['full']['step_s']} | {lo['chunked']['step_s']} | {ra['loss_step_time']} |",
-        f"| training tokens/s, padded → padding-free (skewed mix, {pk['real_tokens']} tokens) | "
-        f"{pk['padded']['tokens_per_s']} | {pk['packed']['tokens_per_s']} | {ra['packing_tokens_per_s']} |",
-        *(
-            [
-                f"| training tokens/s, packed float32 → bf16 autocast | {pk['packed']['tokens_per_s']} | "
-                f"{pk['packed_bf16']['tokens_per_s']} | {ra['bf16_tokens_per_s']} |"
-            ]
-            if "packed_bf16" in pk
-            else []
-        ),
-        f"| training tokens/s, LoRA top {tr['lora_layers']} of {tr['layers']} layers, a later epoch: frozen trunk "
-        f"recomputed → kept from the first | {tr['recomputed']['tokens_per_s']} | {tr['cached']['tokens_per_s']} | "
-        f"{ra['trunk_cache_tokens_per_s']} |",
+        *_training_rows(pk, tr, ra),
         f"| generation prompts/s, one at a time → batched ({ge['prompts']} prompts, {c['max_new_tokens']} new tokens) | "
         f"{ge['one_at_a_time']['prompts_per_s']} | {ge['batched']['prompts_per_s']} | {ra['batched_generation']} |",
         *(
@@ -440,7 +439,8 @@ def markdown_table(r: dict) -> str:
         "",
         f"Max abs loss difference, labelled positions vs full logits (same batch): {r['max_abs_loss_diff']:.2e}. "
         f"Packed vs padded first-batch loss: {pk['abs_loss_diff']:.2e}. "
-        f"Probe vs generation probabilities: {pr['max_abs_probability_diff']:.2e}. "
+        + (f"Row attention vs block mask: {pk['rows_abs_loss_diff']:.2e}. " if "packed_rows" in pk else "")
+        + f"Probe vs generation probabilities: {pr['max_abs_probability_diff']:.2e}. "
         f"Batched vs one-at-a-time identical texts: {ge['same_text_share']:.0%}. "
         f"Trunk kept vs recomputed first-batch loss: {tr['abs_loss_diff']:.2e}."
         + (f" bf16 vs float32 packed first-batch loss: {pk['bf16_abs_loss_diff']:.2e}." if "packed_bf16" in pk else "")

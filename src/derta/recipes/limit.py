@@ -152,6 +152,53 @@ def fraction_row(name: str, flops: float, seconds: float, precision: str, peak: 
     }
 
 
+def limit(results: dict, model, repeats: int, batch: int, seq: int, skewed: list[tuple[int, int]]) -> dict:
+    """The machine's matmul peak and each timed training path's model FLOP/s as a fraction of it: the loss step's
+    `batch` rows of `seq` tokens (half labelled), and the packing and trunk parts' `skewed` rows, as
+    [(tokens, labelled positions)]."""
+    from derta.models.precision import cpu_bf16_features
+
+    device = next(model.parameters()).device
+    profile = flop_profile(model)
+    peak = machine_peak(getattr(model.config, "intermediate_size", model.config.hidden_size), repeats, device)
+    loss_rows = [(seq, seq - seq // 2)] * batch
+    paths = [
+        fraction_row(
+            f"one step, {name} (batch {batch} x {seq})",
+            step_flops(profile, loss_rows),
+            r["step_s"],
+            "float32",
+            peak,
+        )
+        for name, r in (("full logits", results["loss"]["full"]), ("labelled positions", results["loss"]["chunked"]))
+    ]
+    for name, r in results["packing"].items():
+        if isinstance(r, dict) and "tokens_per_s" in r:
+            flops = step_flops(profile, skewed)
+            paths.append(fraction_row(f"skewed mix + SGD, {name}", flops, r["seconds"], r["precision"], peak))
+    if trunk := results.get("trunk"):
+        # The cached epoch computes no forward below the trained layers: its FLOPs are the trained layers' share.
+        p, frozen = trunk["profile"], trunk["layers"] - trunk["lora_layers"]
+        computed = {
+            **p,
+            "body_forward": p["body_forward"] * trunk["lora_layers"] / trunk["layers"],
+            "attention_layers": p["attention_layers"] - frozen,
+        }
+        top = f"LoRA top {trunk['lora_layers']} of {trunk['layers']} layers"
+        for name in ("recomputed", "cached", "cached_bf16"):
+            if name in trunk:
+                paths.append(
+                    fraction_row(
+                        f"skewed mix + SGD, {top}, trunk {name.replace('_', ', ')}",
+                        step_flops(p if name == "recomputed" else computed, skewed),
+                        trunk[name]["seconds"],
+                        trunk[name]["precision"],
+                        peak,
+                    )
+                )
+    return {"peak": peak, "cpu_bf16_features": cpu_bf16_features(), "profile": profile, "paths": paths}
+
+
 def limit_markdown(limit: dict) -> list[str]:
     """The fraction-of-peak table of bench.md."""
     peak = ", ".join(

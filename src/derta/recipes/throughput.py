@@ -1,14 +1,16 @@
 """`derta bench`'s training-throughput parts: tokens/s of the same rows trained two ways.
 
-packing     padded batches vs padding-free (packed) ones, on a length-skewed DeRTa-like mixture
+packing     padded batches vs padding-free (packed) ones, on a length-skewed DeRTa-like mixture; packed under
+            one block mask vs attended row by row (train.attention); float32 vs bf16 autocast where the CPU does it
 trunk       LoRA on the top layers: a later epoch with the frozen layers recomputed vs their states kept from
-            the first (train.trunk)
+            the first (train.trunk); the kept one also under bf16 autocast, as the real-model demo trains
 """
 
 from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 
 from derta.io import InputError
 from derta.models.precision import cpu_autocast, resolve_cpu_bf16
@@ -71,10 +73,25 @@ def timed_passes(model, state: dict, batches: list[dict], repeats: int, warm_up:
     return figures, first
 
 
+@contextmanager
+def attention(model, rows: bool):
+    """`model` attends packed rows one by one (train.attention) or under sdpa's block mask, restored afterwards;
+    yields whether row attention is on (only an sdpa model can take it)."""
+    from derta.train.attention import use_row_attention
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    try:
+        yield rows and use_row_attention(base)
+    finally:
+        base.set_attn_implementation(before)
+
+
 def packing_throughput(cfg, model) -> dict:
     """Training tokens/s (forward + backward + SGD step), padded batches vs packed, same rows in the same batches.
 
-    Both start from the same weights each pass; the first batch's loss is compared (same loss, row by row).
+    Every variant starts from the same weights each pass; the first batch's loss is compared (same loss, row by
+    row). packed_rows attends row by row, and so does packed_bf16 (derta train's defaults).
     """
     from derta.train.collators import PackCollator, PadCollator
     from derta.train.losses import batch_loss
@@ -85,21 +102,26 @@ def packing_throughput(cfg, model) -> dict:
     tokens = sum(len(r["input_ids"]) for r in rows)
     result, first_loss = {}, {}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    variants = [("padded", PadCollator(0), False), ("packed", PackCollator(), False)]
+    variants = [("padded", PadCollator(0), False, False), ("packed", PackCollator(), False, False)]
+    variants.append(("packed_rows", PackCollator(), False, True))
     if resolve_cpu_bf16("auto", device):
-        variants.append(("packed_bf16", PackCollator(), True))  # bf16 autocast, as derta train does by default
-    for name, collate, bf16 in variants:
+        variants.append(("packed_bf16", PackCollator(), True, True))  # bf16 autocast, as derta train does by default
+    for name, collate, bf16, rows_on in variants:
         collated = [to_device(collate(b), device) for b in batches]
 
         def loss_of(batch, bf16=bf16):
             with cpu_autocast(bf16):
                 return batch_loss(model, batch, "chunked")[0]
 
-        # One untimed warm-up step, then the timed passes.
-        figures, first_loss[name] = timed_passes(model, state, collated, cfg.repeats, 1, loss_of, tokens)
+        with attention(model, rows_on) as used:
+            if rows_on and not used:
+                continue  # not an sdpa model: derta train attends as the model does
+            # One untimed warm-up step, then the timed passes.
+            figures, first_loss[name] = timed_passes(model, state, collated, cfg.repeats, 1, loss_of, tokens)
         padded_tokens = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
         result[name] = {
             "precision": "bfloat16" if bf16 else "float32",
+            "row_attention": rows_on,
             **figures,
             "positions_computed": padded_tokens if name == "padded" else tokens,
             "first_batch_loss": first_loss[name],
@@ -107,14 +129,18 @@ def packing_throughput(cfg, model) -> dict:
     model.load_state_dict(state)
     result["real_tokens"] = tokens
     result["abs_loss_diff"] = abs(first_loss["packed"] - first_loss["padded"])
+    if "packed_rows" in result:
+        result["rows_abs_loss_diff"] = abs(first_loss["packed_rows"] - first_loss["packed"])
     if "packed_bf16" in result:
-        result["bf16_abs_loss_diff"] = abs(first_loss["packed_bf16"] - first_loss["packed"])
+        float32 = first_loss.get("packed_rows", first_loss["packed"])
+        result["bf16_abs_loss_diff"] = abs(first_loss["packed_bf16"] - float32)
     return result
 
 
 def trunk_throughput(cfg, model) -> dict:
     """Training tokens/s of a later epoch with LoRA on the top layers: the frozen trunk recomputed vs kept from the
-    first epoch (train.trunk.TrunkCache), packed skewed mix, float32, SGD; the same first-batch loss either way."""
+    first epoch (train.trunk.TrunkCache), packed skewed mix attended row by row, float32, SGD, the same first-batch
+    loss either way; and the kept one under bf16 autocast where the CPU does it (the real-model demo's path)."""
     import copy
 
     from derta.train.collators import PackCollator
@@ -135,19 +161,25 @@ def trunk_throughput(cfg, model) -> dict:
     tokens = sum(len(r["input_ids"]) for r in rows)
     state = {k: v.clone() for k, v in lora.state_dict().items()}
     result, first_loss = {"lora_layers": top, "layers": total}, {}
-    for name in ("recomputed", "cached"):
-        cache = TrunkCache(start, 2**40) if name == "cached" else None
+    variants = [("recomputed", False), ("cached", False)]
+    if resolve_cpu_bf16("auto", device):
+        variants.append(("cached_bf16", True))
+    for name, bf16 in variants:
+        cache = TrunkCache(start, 2**40) if name != "recomputed" else None
+
+        def loss_of(batch, cache=cache, bf16=bf16):
+            with cpu_autocast(bf16):
+                return batch_loss(lora, batch, "chunked", trunk=cache)[0]
+
         # The warm-up pass is the first epoch (it fills the cache); the timed ones are later epochs.
-        figures, first_loss[name] = timed_passes(
-            lora,
-            state,
-            collated,
-            cfg.repeats,
-            len(collated),
-            lambda b, cache=cache: batch_loss(lora, b, "chunked", trunk=cache)[0],
-            tokens,
-        )
-        result[name] = {**figures, **({"cache": cache.summary()} if cache else {})}
+        with attention(lora, True) as rows_on:
+            figures, first_loss[name] = timed_passes(lora, state, collated, cfg.repeats, len(collated), loss_of, tokens)
+        result[name] = {
+            "precision": "bfloat16" if bf16 else "float32",
+            "row_attention": rows_on,
+            **figures,
+            **({"cache": cache.summary()} if cache else {}),
+        }
     result["real_tokens"] = tokens
     result["abs_loss_diff"] = abs(first_loss["cached"] - first_loss["recomputed"])
     result["profile"] = flop_profile(lora)

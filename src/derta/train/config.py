@@ -66,6 +66,13 @@ class DertaConfig(TrainingArguments):
             "train (train.trunk); 0: off"
         },
     )
+    row_attention: bool = field(
+        default=D["row_attention"],
+        metadata={
+            "help": "with packing on sdpa: attention runs once per packed row, causal, instead of over the whole "
+            "packed sequence under a block mask (train.attention); false: transformers' sdpa"
+        },
+    )
     allow_nonfinite_loss: bool = field(
         default=False,
         metadata={"help": "go on when the loss is NaN or infinite (default: stop with an error, no model saved)"},
@@ -251,6 +258,8 @@ def config_from_cli(args) -> DertaConfig:
     for flag, name in CLI_TO_CONFIG.items():
         if getattr(args, flag, None) is not None:
             values[name] = getattr(args, flag)
+    if getattr(args, "row_attention", None) is not None:
+        values["row_attention"] = args.row_attention == "on"
     if args.max_steps is not None:
         values["num_train_epochs"] = 1  # ignored by Trainer when max_steps > 0
     if args.lora:

@@ -42,6 +42,7 @@ DEFAULTS = {
     # The paper's schedule: the retain loss has weight from the first step on.
     "cb_warmup_steps": 0,
     "trunk_cache_gb": 4.0,
+    "row_attention": True,
 }
 
 # derta train's flags (argparse dests) and the DertaConfig fields they set; a flag given on the command line wins

@@ -31,6 +31,7 @@ from derta.models.loading import check_model_files, describe_nonfinite, load_mod
 from derta.models.precision import cpu_bf16_features
 from derta.models.refusal_tokens import add_special_tokens, init_new_embeddings
 from derta.models.templates import resolve_template
+from derta.train.attention import use_row_attention
 from derta.train.circuit import CircuitBreakerTrainer
 from derta.train.collators import PACKING_ATTENTION, EpochCallback, EpochRows, PackCollator, PadCollator
 from derta.train.config import DertaConfig
@@ -311,6 +312,7 @@ def _make_trainer(config: DertaConfig, model, dtype: str, tokenizer, data: _Data
         and config.padding_free
         and getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
     )
+    row_attention = packing and config.row_attention and use_row_attention(model)
     if not data.dpo and config.padding_free and not packing and config.train_sampling_strategy == "random":
         # The next best thing to packing: rows of similar length share a batch (less padding).
         config.train_sampling_strategy = "group_by_length"
@@ -341,6 +343,7 @@ def _make_trainer(config: DertaConfig, model, dtype: str, tokenizer, data: _Data
             callbacks=[EpochCallback(dataset), *callbacks],
             reference_model=reference,
         )
+    trainer.row_attention = row_attention
     if config.disable_tqdm:
         trainer.remove_callback(PrinterCallback)  # quiet: the log still goes to derta_train.json
     elif not show_progress():  # piped into a log: the loss lines without the bar's redraws
@@ -421,6 +424,7 @@ def _record(config: DertaConfig, trainer, model_name: str, data_path: str, data:
         "cpu_bf16": getattr(trainer, "cpu_bf16", False),  # resolved: whether autocast ran (never for DPO)
         "cpu_bf16_features": cpu_bf16_features(),
         "trunk_cache": trunk_record(trainer),
+        "row_attention": getattr(trainer, "row_attention", False),
         "processes": config.world_size,
         "steps": trainer.state.global_step,
         "train_loss": loss,

@@ -79,6 +79,8 @@ class DemoConfig:
     cpu_bf16: str = "off"
     # GiB for the frozen layers' states kept per row (train.trunk; with --model's LoRA on the top layers); 0: off.
     trunk_cache_gb: float = TRAIN_DEFAULTS["trunk_cache_gb"]
+    # Packed batches attend row by row instead of under one block mask (train.attention); False: transformers' sdpa.
+    row_attention: bool = TRAIN_DEFAULTS["row_attention"]
     # Circuit Breakers: steps of rerouting alone before the retain loss enters (train.circuit). 0 on the tiny model,
     # whose rerouting starts under the paper's schedule; with --model 70 (a fifth of its 350 steps): SmolLM2's large
     # hidden states keep the rerouting at the frozen states otherwise (docs/baselines.md).

@@ -151,6 +151,7 @@ def _train_stage(
         max_length=cfg.max_length,
         cpu_bf16=cfg.cpu_bf16,
         trunk_cache_gb=cfg.trunk_cache_gb,
+        row_attention=cfg.row_attention,
         disable_tqdm=False,
         **lora,
     )
@@ -262,12 +263,13 @@ def _check(out: Path, cfg: DemoConfig) -> None:
 
 def same_run(recorded: dict, now: dict, out: Path | None = None) -> bool:
     """Whether a directory's recorded settings are this run's. The recipes are not part of a run's identity: each
-    recipe's model and evaluation have their own directories, so a rerun with other recipes reuses those it shares
-    and trains only the new ones. Nor is the trunk cache's budget, which changes speed, not results, nor Circuit
-    Breakers' warm-up while the directory `out` holds no rerouted model (no model in it read the setting).
-    A run recorded before `cpu_bf16` existed ran in float32 (off)."""
+        recipe's model and evaluation have their own directories, so a rerun with other recipes reuses those it shares
+        and trains only the new ones. Nor are the trunk cache's budget and row attention, which change speed (and float
+    rounding), not results, nor Circuit
+        Breakers' warm-up while the directory `out` holds no rerouted model (no model in it read the setting).
+        A run recorded before `cpu_bf16` existed ran in float32 (off)."""
     recorded = {"cpu_bf16": "off", "cb_warmup_steps": 0, **recorded}
-    neutral = ("recipes", "trunk_cache_gb")
+    neutral = ("recipes", "trunk_cache_gb", "row_attention")
     rerouted = [name for name, recipe in RECIPES.items() if "reroute" in recipe.kinds]
     if out is None or not any((out / "models" / name).exists() for name in rerouted):
         neutral += ("cb_warmup_steps",)
@@ -330,18 +332,21 @@ def _evaluate_stage(name: str, path: Path, out: Path, cfg: DemoConfig, data, fac
 
 
 def speedups(cfg: DemoConfig, models: dict[str, Path]) -> dict:
-    """Which speedups this run used: CPU bf16 as set and as each training resolved it, and the trunk cache as each
-    training used it or why not (derta_train.json)."""
-    trained, trunk = {}, {}
+    """Which speedups this run used: CPU bf16 as set and as each training resolved it, the trunk cache as each
+    training used it or why not, and whether each attended row by row (derta_train.json)."""
+    trained, trunk, rows = {}, {}, {}
     for name, path in models.items():
         info = path / "derta_train.json"
         if name != "base" and info.is_file():
             record = json.loads(info.read_text())
             trained[name] = bool(record.get("cpu_bf16", False))
             trunk[name] = record.get("trunk_cache", {"used": False, "off": "trained before the cache existed"})
+            rows[name] = bool(record.get("row_attention", False))
     return {
         "trunk_cache_gb": cfg.trunk_cache_gb,
         "training_trunk_cache": trunk,
+        "row_attention_setting": cfg.row_attention,
+        "training_row_attention": rows,
         "cpu_bf16_setting": cfg.cpu_bf16,
         "cpu_bf16_features": cpu_bf16_features(),
         "generation_cpu_bf16": bool(generation_precision(cfg.cpu_bf16)),

@@ -194,25 +194,39 @@ def _examples_markdown(rows: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def _speedups_markdown(sp: dict) -> list[str]:
+    """The report's lines on which speedups ran: precision, the frozen-trunk cache, row attention."""
+    lines: list[str] = []
+    bf16 = [name for name, on in sp["training_cpu_bf16"].items() if on]
+    lines += [
+        f"Precision (`--cpu-bf16 {sp['cpu_bf16_setting']}`; CPU bf16 hardware: "
+        f"{', '.join(sp['cpu_bf16_features']) or 'none'}): training in "
+        f"{'bf16 autocast for ' + ', '.join(bf16) if bf16 else 'float32'}, generation (evaluation, anchors, triples) in "
+        f"{'bf16 autocast' if sp['generation_cpu_bf16'] else 'float32'}.",
+        "",
+    ]
+    if trunk := sp.get("training_trunk_cache"):
+        used = [name for name, t in trunk.items() if t["used"]]
+        unused = [f"{name} ({t.get('off') or 'no batch reused'})" for name, t in trunk.items() if not t["used"]]
+        parts = [f"reused the frozen layers' states for {', '.join(used)}"] if used else []
+        parts += [f"not for {', '.join(unused)}"] if unused else []
+        lines += [f"Frozen-trunk cache (`--trunk-cache-gb {sp['trunk_cache_gb']:g}`): {'; '.join(parts)}.", ""]
+    if (attended := sp.get("training_row_attention")) is not None:
+        on = [name for name, used in attended.items() if used]
+        lines += [
+            f"Row attention (`--row-attention {'on' if sp['row_attention_setting'] else 'off'}`): "
+            f"{'packed rows attended one by one for ' + ', '.join(on) if on else 'not used'}.",
+            "",
+        ]
+    return lines
+
+
 def render_markdown(report: dict, cfg: DemoConfig) -> str:
     rows = [(model_title("base"), report["base"])] + [(model_title(r), m) for r, m in report["recipes"].items()]
     fr = [str(f) for f in cfg.prefill_fractions]
     lines = ["# derta demo: refusal position bias and DeRTa", "", _intro(report, cfg), ""]
     if sp := report.get("speedups"):
-        bf16 = [name for name, on in sp["training_cpu_bf16"].items() if on]
-        lines += [
-            f"Precision (`--cpu-bf16 {sp['cpu_bf16_setting']}`; CPU bf16 hardware: "
-            f"{', '.join(sp['cpu_bf16_features']) or 'none'}): training in "
-            f"{'bf16 autocast for ' + ', '.join(bf16) if bf16 else 'float32'}, generation (evaluation, anchors, triples) in "
-            f"{'bf16 autocast' if sp['generation_cpu_bf16'] else 'float32'}.",
-            "",
-        ]
-        if trunk := sp.get("training_trunk_cache"):
-            used = [name for name, t in trunk.items() if t["used"]]
-            unused = [f"{name} ({t.get('off') or 'no batch reused'})" for name, t in trunk.items() if not t["used"]]
-            parts = [f"reused the frozen layers' states for {', '.join(used)}"] if used else []
-            parts += [f"not for {', '.join(unused)}"] if unused else []
-            lines += [f"Frozen-trunk cache (`--trunk-cache-gb {sp['trunk_cache_gb']:g}`): {'; '.join(parts)}.", ""]
+        lines += _speedups_markdown(sp)
     lines += _main_table(rows, fr, cfg)
     lines += _interval_table(rows, fr)
     lines += _extras_markdown(rows)
