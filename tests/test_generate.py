@@ -172,3 +172,29 @@ def test_cpu_bf16_generation_is_a_switch_and_a_recorded_setting(tiny_model, tiny
     base = dict(out="o", prompts=["q"], model="m")
     assert "cpu_bf16" not in EvalConfig(**base).manifest(["q"], ["none"], "keyword", None)
     assert EvalConfig(**base, cpu_bf16="on").manifest(["q"], ["none"], "keyword", None)["cpu_bf16"] is True
+
+
+def test_bf16_generation_keeps_one_cast_of_each_weight(tiny_model, tiny_tokenizer):
+    """Autocast keeps a bf16 copy of each weight for a whole generate call only outside inference mode; inside it,
+    every weight is cast again at every decoding step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = [GenInput(q) for q in QUESTIONS]
+    backend = make_backend("hf", tiny_model, tiny_tokenizer, len(inputs), 8, cpu_bf16="on")
+    seen = []
+    hook = tiny_model.model.layers[0].register_forward_hook(lambda *a: seen.append(torch.is_inference_mode_enabled()))
+    try:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            backend.generate(inputs)
+    finally:
+        hook.remove()
+    assert len(seen) > 2 and not any(seen)  # the prompt's forward and one per new token, none in inference mode
+    weights = {tuple(m.weight.shape) for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)}
+    linears = sum(isinstance(m, torch.nn.Linear) for m in tiny_model.modules())
+    # Weights are the 2-D tensors cast (activations are 3-D): each at most once per generate call.
+    weight_casts = sum(
+        e.count
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key == "aten::_to_copy" and e.input_shapes and tuple(e.input_shapes[0]) in weights
+    )
+    assert 0 < weight_casts <= linears
