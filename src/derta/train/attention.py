@@ -3,9 +3,9 @@
 A packed batch is one sequence whose position_ids restart at every row (train.collators.PackCollator).
 transformers' sdpa runs it as one attention over all L positions under a block-diagonal mask: the kernel scores
 all L² pairs however short the rows are (the bench's DeRTa-like batches on SmolLM2: 8 rows, 660-790 packed tokens,
-5.6-6.5x the pairs the rows have), and the L x L mask is built again at every forward. Here the same kernel runs once per row with its
-causal flag: Σ n² pairs, no mask. Any other batch (padding, a KV cache, several sequences) goes to transformers'
-sdpa unchanged, so a model switched to it still generates and evaluates as before.
+5.6-6.5x the pairs the rows have), and the L x L mask is built again at every forward. Here the same kernel runs
+once per row with its causal flag: Σ n² pairs, no mask. Any other batch (padding, a KV cache, several sequences)
+goes to transformers' sdpa unchanged, so a model switched to it still generates and evaluates as before.
 
 The result is the masked attention's up to float rounding (tested against it, loss and gradients). The switch
 lives in the loaded model object only: a saved config.json does not record the attention implementation.
