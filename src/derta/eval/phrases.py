@@ -124,7 +124,8 @@ CONTENT_MARKERS = (
     "paso 1", "primer paso", "étape 1", "première étape", "schritt 1", "erster schritt", "第一步", "步骤1", "步骤 1",
     "шаг 1", "ステップ1", "```",
     "así es como", "aquí tienes cómo", "aquí tienes los pasos", "aquí están los pasos", "estos son los pasos",
-    "voici comment", "voici les étapes", "so geht's", "so geht es", "hier ist, wie", "hier sind die schritte", "passo 1", "ecco come", "ecco i passaggi", "adım 1",
+    "voici comment", "voici les étapes", "so geht's", "so geht es", "hier ist, wie", "hier sind die schritte",
+    "passo 1", "ecco come", "ecco i passaggi", "adım 1",
     "işte nasıl", "işte adımlar", "ilk adım",
     # a text announced and given ("Here's a note: '...'", then a warning)
     "here's a note", "here is a note", "here's the note", "here's a message", "here is a message", "here's the message",

@@ -56,21 +56,15 @@ def _row_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
-def _row_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
-    """No mask for an unpadded batch (the rows' causal flags are the mask); sdpa's own mask for a padded one."""
+def _row_mask(**kwargs):
+    """No mask for an unpadded batch (the rows' causal flags are the mask); sdpa's own mask for a padded one
+    (transformers calls a mask interface with keywords only)."""
     from transformers.masking_utils import sdpa_mask
 
-    if attention_mask is None or (attention_mask.shape[1] == kv_length and bool(attention_mask.all())):
+    padding = kwargs.get("attention_mask")
+    if padding is None or (padding.shape[1] == kwargs["kv_length"] and bool(padding.all())):
         return None
-    return sdpa_mask(
-        batch_size=batch_size,
-        q_length=q_length,
-        kv_length=kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        attention_mask=attention_mask,
-        **kwargs,
-    )
+    return sdpa_mask(**kwargs)
 
 
 def use_row_attention(model) -> bool:

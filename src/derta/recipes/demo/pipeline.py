@@ -263,11 +263,10 @@ def _check(out: Path, cfg: DemoConfig) -> None:
 
 def same_run(recorded: dict, now: dict, out: Path | None = None) -> bool:
     """Whether a directory's recorded settings are this run's. The recipes are not part of a run's identity: each
-        recipe's model and evaluation have their own directories, so a rerun with other recipes reuses those it shares
-        and trains only the new ones. Nor are the trunk cache's budget and row attention, which change speed (and float
-    rounding), not results, nor Circuit
-        Breakers' warm-up while the directory `out` holds no rerouted model (no model in it read the setting).
-        A run recorded before `cpu_bf16` existed ran in float32 (off)."""
+    recipe's model and evaluation have their own directories, so a rerun with other recipes reuses those it shares
+    and trains only the new ones. Nor are the trunk cache's budget and row attention, which change speed (and float
+    rounding), not results, nor Circuit Breakers' warm-up while the directory `out` holds no rerouted model (no model
+    in it read the setting). A run recorded before `cpu_bf16` existed ran in float32 (off)."""
     recorded = {"cpu_bf16": "off", "cb_warmup_steps": 0, **recorded}
     neutral = ("recipes", "trunk_cache_gb", "row_attention")
     rerouted = [name for name, recipe in RECIPES.items() if "reroute" in recipe.kinds]

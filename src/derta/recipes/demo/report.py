@@ -196,9 +196,8 @@ def _examples_markdown(rows: list[tuple[str, dict]]) -> list[str]:
 
 def _speedups_markdown(sp: dict) -> list[str]:
     """The report's lines on which speedups ran: precision, the frozen-trunk cache, row attention."""
-    lines: list[str] = []
     bf16 = [name for name, on in sp["training_cpu_bf16"].items() if on]
-    lines += [
+    lines = [
         f"Precision (`--cpu-bf16 {sp['cpu_bf16_setting']}`; CPU bf16 hardware: "
         f"{', '.join(sp['cpu_bf16_features']) or 'none'}): training in "
         f"{'bf16 autocast for ' + ', '.join(bf16) if bf16 else 'float32'}, generation (evaluation, anchors, triples) in "
